@@ -1,0 +1,3 @@
+from .params import NSAParams
+
+__all__ = ["NSAParams"]

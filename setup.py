@@ -1,0 +1,12 @@
+"""Package layout: `specsa` lives in python/specsa, `specsa.kernels` in the top-level kernels/.
+
+Kept in setup.py because setuptools' static `packages.find` cannot rename a discovered
+top-level folder (kernels/ -> specsa.kernels); everything else is in pyproject.toml.
+"""
+from setuptools import find_packages, setup
+
+_kernels = find_packages(".", include=["kernels", "kernels.*"])
+setup(
+    packages=find_packages("python") + ["specsa." + p for p in _kernels],
+    package_dir={"specsa": "python/specsa", "specsa.kernels": "kernels"},
+)
