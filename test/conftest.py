@@ -3,6 +3,15 @@ from __future__ import annotations
 
 import os
 
+# Without a GPU, Triton kernels run in the interpreter; it is chosen when a kernel is
+# decorated, so this must happen before any test module imports specsa.kernels.
+try:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import pytest
 import torch
 
