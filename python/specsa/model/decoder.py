@@ -1,0 +1,183 @@
+"""NSA decoder: a Llama/Qwen2-family transformer whose attention is NSA.
+
+One forward serves prefill chunks, decode steps and tree verification: each request brings
+a block of new tokens with parents inside the block (`BlockInput`). The forward reads the
+committed context from the paged cache, WRITES NOTHING, and returns logits plus a
+`PendingKV`; the runtime then calls `cache.commit(rid, pending, accepted_nodes)`.
+
+    model = load_model("ckpt/")                       # specsa.model.load
+    cache = model.new_cache(CacheConfig(page_size=16, num_pages=64))
+    cache.add_request(0)
+    logits, pending = model(cache, [BlockInput(0, prompt_ids)])   # chain prefill
+    cache.commit(0, pending)                          # whole chain accepted
+    logits, pending = model(cache, [BlockInput(0, [7, 3, 5], parents=[-1, 0, 0])])  # tree
+    cache.commit(0, pending, [0, 2])                  # accept root, then its child 2
+"""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from specsa.config import CacheConfig, NSAConfig
+from specsa.kernels.nsa import TreeVisibility, build_tree_visibility
+
+from .attention import NSAAttention, RequestView
+from .block import BlockInput, BlockError, as_list, normalise_parents
+from .cache import BlockMeta, PagedKVCache, PendingKV
+from .config import ModelConfig
+from .rope import Rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as HF Llama: keeps bf16 checkpoints numerically faithful
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, nsa: NSAConfig, **attn_kw):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = NSAAttention(cfg, nsa, **attn_kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Backbone(nn.Module):
+    """Holds the HF-named submodules (model.embed_tokens, model.layers.L..., model.norm)."""
+
+    def __init__(self, cfg: ModelConfig, nsa: NSAConfig, **attn_kw):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, nsa, **attn_kw)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class NSADecoder(nn.Module):
+    """Parameters are named exactly as in HF checkpoints (plus the native NSA names of
+    CONTRACTS.md section 5), so a state dict loads one-to-one."""
+
+    def __init__(self, cfg: ModelConfig, nsa: NSAConfig, *, gate_bias: bool = False,
+                 compress_bias: bool = False):
+        super().__init__()
+        self.cfg, self.nsa, self.params = cfg, nsa, nsa.params
+        self.model = Backbone(cfg, nsa, gate_bias=gate_bias, compress_bias=compress_bias)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, cache: CacheConfig) -> PagedKVCache:
+        return PagedKVCache(num_layers=self.cfg.num_layers, num_kv_heads=self.cfg.num_kv_heads,
+                            head_dim=self.cfg.head_dim, nsa=self.params, cache=cache,
+                            dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, cache: PagedKVCache, blocks: Sequence[BlockInput], *,
+                last_only: bool = False) -> tuple[torch.Tensor, PendingKV]:
+        """Run the new blocks of several requests in one batch.
+
+        Args:
+            cache: committed context of every request (read only here).
+            blocks: one `BlockInput` per request (distinct rids, each already in the cache).
+            last_only: return logits only for the last node of each block (prefill / decode).
+        Returns:
+            logits: [N, V] float32 (N = total nodes, blocks concatenated in order) or [B, V]
+            with last_only; pending: `PendingKV` to pass to `cache.commit`.
+        """
+        views, tokens, positions = self._plan(cache, blocks)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        h = self.model.embed_tokens(tokens)
+        ks, vs, cks, cvs = [], [], [], []
+        for i, layer in enumerate(self.model.layers):
+            a, k, v, ck, cv = layer.self_attn(layer.input_layernorm(h), cos, sin, cache, i, views)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            ks.append(k)
+            vs.append(v)
+            cks.append(ck)
+            cvs.append(cv)
+        if last_only:
+            h = h[torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
+        logits = self.lm_head(self.model.norm(h)).float()
+        metas = {rv.rid: BlockMeta(offset=rv.offset, prefix_len=rv.prefix_len,
+                                   parents=tuple(rv.parents.tolist()), cmp_offset=rv.cmp_offset,
+                                   close_nodes=tuple(rv.vis.cmp_nodes.tolist()),
+                                   cmp_index=tuple(rv.vis.cmp_idx.tolist()))
+                 for rv in views}
+        pending = PendingKV(k=torch.stack(ks), v=torch.stack(vs), ck=torch.stack(cks),
+                            cv=torch.stack(cvs), blocks=metas)
+        return logits, pending
+
+    def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput]
+              ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor]:
+        """Host-side geometry of the batch: flat tokens, positions and one view per request."""
+        if not blocks:
+            raise BlockError("forward: empty batch")
+        dev = self.device
+        views, toks, poss, seen = [], [], [], set()
+        offset = cmp_offset = 0
+        for b in blocks:
+            if b.rid in seen:
+                raise BlockError(f"forward: request {b.rid} appears twice in one batch")
+            seen.add(b.rid)
+            ids = as_list(b.tokens)
+            if not ids:
+                raise BlockError(f"forward: request {b.rid} has an empty block")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise BlockError(f"forward: request {b.rid}: token id {bad[0]} outside the "
+                                 f"vocabulary [0, {self.cfg.vocab_size})")
+            parents = torch.tensor(normalise_parents(b.rid, len(ids), b.parents),
+                                   dtype=torch.int64)
+            P = cache.length(b.rid)
+            vis = build_tree_visibility(P, parents, self.params)
+            kv_slots, cmp_slots = cache.committed_slots(b.rid)
+            views.append(RequestView(
+                rid=b.rid, offset=offset, n=len(ids), prefix_len=P, parents=parents.to(dev),
+                vis=_to_device(vis, dev), kv_slots=kv_slots, cmp_slots=cmp_slots,
+                cmp_offset=cmp_offset))
+            toks.extend(ids)
+            poss.append(vis.q_pos)
+            offset += len(ids)
+            cmp_offset += int(vis.cmp_nodes.numel())
+        return (views, torch.tensor(toks, dtype=torch.int64, device=dev),
+                torch.cat(poss).to(dev))
+
+
+def _to_device(vis: TreeVisibility, dev: torch.device) -> TreeVisibility:
+    if dev.type == "cpu":
+        return vis
+    moved = {f.name: getattr(vis, f.name) for f in fields(vis)}
+    return replace(vis, **{k: t.to(dev) for k, t in moved.items() if isinstance(t, torch.Tensor)})

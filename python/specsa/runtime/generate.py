@@ -1,0 +1,166 @@
+"""Autoregressive NSA generation for a batch of requests (the `--mode ar` baseline).
+
+Phase 1, chunked prefill: every step feeds each still-prefilling request its next chunk of
+at most `chunk_size` prompt tokens (a chain block) and commits it; the last chunk's logits
+give the first generated token. Phase 2, decode: every step feeds each live request its
+last sampled token (a one-node block), commits it and samples the next. A request stops at
+a stop token (kept in its output) or after max_new_tokens, and its pages are freed at once.
+
+    results, stats = generate(model, [ids_a, ids_b], SamplingConfig(max_new_tokens=32))
+    results[0].tokens, stats.decode_tokens_per_s
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from specsa.config import CacheConfig, ConfigError, SamplingConfig
+from specsa.model.block import BlockInput
+from specsa.model.cache import PagedKVCache
+from specsa.model.decoder import NSADecoder
+
+from .sampling import make_generator, sample
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[int]         # generated tokens (a final stop token included)
+    prompt_tokens: int
+    finish_reason: str        # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    steps: int                # forward passes in total
+    prefill_steps: int
+    decode_steps: int
+    prefill_s: float
+    decode_s: float
+    prefill_tokens: int
+    decode_tokens: int        # tokens sampled by decode steps (first tokens come from prefill)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "prefill_steps": self.prefill_steps,
+                "decode_steps": self.decode_steps, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "prefill_tokens": self.prefill_tokens,
+                "decode_tokens": self.decode_tokens,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def cache_for(model: NSADecoder, total_tokens: Sequence[int], page_size: int = 16) -> CacheConfig:
+    """A cache exactly large enough for requests of these total lengths."""
+    pages = sum(-(-n // page_size) for n in total_tokens)
+    return CacheConfig(page_size=page_size, num_pages=max(pages, 1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)   # honest wall-clock timings of async kernels
+
+
+def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+             cache: PagedKVCache | None = None, page_size: int = 16, chunk_size: int = 256
+             ) -> tuple[list[GenerationResult], GenerationStats]:
+    """Generate for every prompt (token id lists of any, different lengths).
+
+    cache: an existing cache to run in (its free-page count is restored at the end);
+    default: a new one sized to prompts + max_new_tokens with `page_size`.
+    Raises CacheFullError (naming the sizes) when a request cannot fit.
+    """
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}")
+    prompts = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"prompt {i} is empty (need at least one token)")
+    totals = [len(p) + sampling.max_new_tokens for p in prompts]
+    if cache is None:
+        cache = model.new_cache(cache_for(model, totals, page_size))
+    for i, n in enumerate(totals):
+        cache.check_fits(n, f"request {i} (prompt {len(prompts[i])} + max_new_tokens "
+                            f"{sampling.max_new_tokens})")
+    gen = make_generator(sampling.seed, model.device)
+    stop = set(sampling.stop_token_ids)
+    rids = _fresh_rids(cache, len(prompts))
+    out: list[list[int]] = [[] for _ in prompts]
+    reason = ["length"] * len(prompts)
+    dev = model.device
+    for r in rids:
+        cache.add_request(r)
+    try:
+        # -- phase 1: chunked prefill ------------------------------------------------------
+        _sync(dev)
+        t0 = time.perf_counter()
+        done = [0] * len(prompts)
+        prefill_steps = 0
+        live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
+        while any(done[i] < len(prompts[i]) for i in live):
+            batch = [i for i in live if done[i] < len(prompts[i])]
+            blocks = [BlockInput(rids[i], prompts[i][done[i]:done[i] + chunk_size]) for i in batch]
+            logits, pending = model(cache, blocks, last_only=True)
+            for i, b in zip(batch, blocks):
+                cache.commit(rids[i], pending)
+                done[i] += len(b.tokens)
+            finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
+            if finished:
+                toks = sample(logits[finished], sampling, gen).tolist()
+                for j, t in zip(finished, toks):
+                    out[batch[j]].append(t)
+            prefill_steps += 1
+        _sync(dev)
+        prefill_s = time.perf_counter() - t0
+        # -- phase 2: decode ---------------------------------------------------------------
+        live = [i for i in live if not _finished(out[i], sampling, stop, reason, i)]
+        decode_steps = decode_tokens = 0
+        t0 = time.perf_counter()
+        while live:
+            logits, pending = model(cache, [BlockInput(rids[i], [out[i][-1]]) for i in live],
+                                    last_only=True)
+            toks = sample(logits, sampling, gen).tolist()
+            for i, t in zip(live, toks):
+                cache.commit(rids[i], pending)
+                out[i].append(t)
+            decode_steps += 1
+            decode_tokens += len(live)
+            for i in [i for i in live if _finished(out[i], sampling, stop, reason, i)]:
+                cache.free_request(rids[i])
+                rids[i] = None
+            live = [i for i in live if rids[i] is not None]
+        _sync(dev)
+        decode_s = time.perf_counter() - t0
+    finally:
+        for r in rids:
+            if r is not None and cache.has(r):
+                cache.free_request(r)
+    results = [GenerationResult(tokens=out[i], prompt_tokens=len(prompts[i]),
+                                finish_reason=reason[i]) for i in range(len(prompts))]
+    stats = GenerationStats(steps=prefill_steps + decode_steps, prefill_steps=prefill_steps,
+                            decode_steps=decode_steps, prefill_s=prefill_s, decode_s=decode_s,
+                            prefill_tokens=sum(len(p) for p in prompts),
+                            decode_tokens=decode_tokens)
+    return results, stats
+
+
+def _finished(toks: list[int], sampling: SamplingConfig, stop: set[int], reason: list[str],
+              i: int) -> bool:
+    if toks and toks[-1] in stop:
+        reason[i] = "stop"
+        return True
+    return len(toks) >= sampling.max_new_tokens
+
+
+def _fresh_rids(cache: PagedKVCache, n: int) -> list[int]:
+    base = max(cache.requests(), default=-1) + 1
+    return list(range(base, base + n))
