@@ -1,0 +1,286 @@
+"""Refresh kernel: compressed attention + Eq. 9 block scores + GQA group sum + forced blocks +
+top-n, one launch, scores never written to HBM.
+
+Legend (FLA): i_ program ids / scalars, o_ offset vectors, m_ masks, p_ pointers, b_ on-chip
+blocks. Constexprs: HQ / HKV heads, G = HQ // HKV, BG its tile (>= 16 for tl.dot; padded heads
+are masked), D head dim (BD tile), L block l, DS stride d, LS selection block l', R = l'/d
+compressed tokens starting per selection block, PS page size, CPP compressed tokens per page,
+TOPN n (BN tile), INIT / LOCAL forced blocks, BS selection blocks per tile, BC = pow2(BS*R)
+compressed tokens per tile, MP provisional-list capacity per query (BP tile).
+
+One program = one query row x one KV head (its G query heads share the selection):
+  pass 1: online softmax over the committed compressed tokens (paged compressed cache, first
+          min(cmp_lens[req], num_cmp(t+1))) and the provisional ones visible to the row ->
+          max, sum, o_cmp (optional).
+  pass 2: walk the candidate selection blocks BS at a time; for each tile recompute
+          p = exp(s - lse) for the committed tokens that *start* in the tile's blocks, sum over
+          the G heads, map by overlap weights (Eq. 9; a token starting in the last block of a
+          tile spills into the next tile's first block: carried in a register), add the
+          provisional tokens' share, force init/local blocks to +inf, and merge the tile into
+          a running top-n held in registers by rank counting (ties -> lower block index).
+Overlap numerators are multiples of d (d | l, d | l'), so weights are exact small integers and
+the fp32 scores match the reference up to summation order; the selection equals it exactly
+except for scores within fp32 rounding of each other (never in practice on random data, and
+exact ties such as zero scores follow the documented lower-index rule).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.params import NSAParams
+from .blocks import cmp_slot_dev, num_cmp_dev
+
+NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: exp(-inf - NEG_BIG) = 0, never NaN
+
+
+@triton.jit
+def _load_cmp_tile(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
+                   HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
+                   L: tl.constexpr, DS: tl.constexpr):
+    # compressed tokens o_c [BC] of one request, KV head i_h -> [BC, BD]
+    i_lp, i_s = cmp_slot_dev(o_c, PS, L, DS)
+    b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
+    o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D                                   # [BC]
+    return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
+
+
+@triton.jit
+def _overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr):
+    # |[start, start+l) intersect [j*l', (j+1)*l')| / d, exact integer as fp32 (broadcasting)
+    lo = tl.maximum(o_start, o_blk * LS)
+    hi = tl.minimum(o_start + L, (o_blk + 1) * LS)
+    return (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    # F32: fp32 inputs (ieee, so selections match the fp32 reference; no tf32) or the CPU
+    # interpreter (its bf16 dot is wrong); else tensor-core MMA with fp32 accumulation
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _gt(v_a, i_a, v_b, i_b):
+    # (v_a, i_a) ranks above (v_b, i_b): higher score, ties -> lower block index
+    return (v_a > v_b) | ((v_a == v_b) & (i_a < i_b))
+
+
+@triton.jit
+def score_topk_kernel(
+    q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
+    prov_k, prov_v, prov_cidx, prov_vis, sel, o_cmp, lse, scale, stride_bt,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
+    R: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, TOPN: tl.constexpr, BN: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+    MP: tl.constexpr, BP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr,
+    F32: tl.constexpr,
+):
+    i_q, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_req = tl.load(q_req + i_q).to(tl.int64)
+    i_t = tl.load(q_pos + i_q)
+    n_c = tl.minimum(tl.load(cmp_lens + i_req), num_cmp_dev(i_t + 1, L, DS))
+    p_bt = block_table + i_req * stride_bt
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_hq = i_q * HQ + i_h * G + o_g                                                # [BG]
+    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
+    o_bc = tl.arange(0, BC)
+
+    # ---- pass 1: softmax statistics (and o_cmp) over committed + provisional tokens ----
+    b_m = tl.full([BG], NEG_BIG, tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BD], tl.float32)
+    for i0 in range(0, n_c, BC):
+        o_c = i0 + o_bc
+        m_c = o_c < n_c
+        b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * scale                               # [BG, BC]
+        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp(b_s - b_mn[:, None])                                          # [BG, BC]
+        b_a = tl.exp(b_m - b_mn)
+        b_l = b_l * b_a + tl.sum(b_p, 1)
+        if WITH_OUT:
+            b_v = _load_cmp_tile(cv_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+            b_pv = _dot(b_p.to(b_v.dtype), b_v, F32)
+            b_acc = b_acc * b_a[:, None] + b_pv                                    # [BG, BD]
+        b_m = b_mn
+    if HAS_PROV:
+        o_p = tl.arange(0, BP)
+        b_r = tl.load(prov_vis + i_q * MP + o_p, mask=o_p < MP, other=-1).to(tl.int64)  # [BP]
+        m_p = b_r >= 0
+        o_pr = (tl.where(m_p, b_r, 0) * HKV + i_h) * D                             # [BP]
+        b_pk = tl.load(prov_k + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+        b_pst = tl.load(prov_cidx + tl.where(m_p, b_r, 0), mask=m_p, other=0) * DS  # [BP] start
+        b_sp = _dot(b_q, tl.trans(b_pk), F32) * scale                             # [BG, BP]
+        b_sp = tl.where(m_p[None, :], b_sp, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
+        b_p = tl.exp(b_sp - b_mn[:, None])
+        b_a = tl.exp(b_m - b_mn)
+        b_l = b_l * b_a + tl.sum(b_p, 1)
+        if WITH_OUT:
+            b_pv_ = tl.load(prov_v + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+            b_pv = _dot(b_p.to(b_pv_.dtype), b_pv_, F32)
+            b_acc = b_acc * b_a[:, None] + b_pv
+        b_m = b_mn
+    m_any = b_l > 0                                                                # [BG]
+    b_lse = tl.where(m_any, b_m + tl.log(tl.where(m_any, b_l, 1.)), 0.)           # [BG]
+    if WITH_OUT:
+        b_o = tl.where(m_any[:, None], b_acc / tl.where(m_any, b_l, 1.)[:, None], 0.)
+        tl.store(o_cmp + o_hq[:, None] * D + o_d[None, :], b_o.to(o_cmp.dtype.element_ty),
+                 mask=m_g[:, None] & m_d[None, :])
+        tl.store(lse + o_hq, tl.where(m_any, b_lse, float("-inf")), mask=m_g)
+
+    # ---- pass 2: block scores tile by tile, running top-n in registers ----
+    if HAS_PROV:
+        b_pp = tl.where(m_g[:, None] & m_p[None, :], tl.exp(b_sp - b_lse[:, None]), 0.)
+        b_pps = tl.sum(b_pp, 0)                                                    # [BP]
+    i_cur = i_t // LS
+    n_sel = i_cur + 1
+    o_bs = tl.arange(0, BS)
+    o_n = tl.arange(0, BN)
+    b_tv = tl.full([BN], -1.0, tl.float32)     # running top-n scores (rank order)
+    b_ti = tl.full([BN], -1, tl.int32)         # and block indices, -1 = empty
+    b_carry = tl.sum(tl.zeros([BS], tl.float32), 0)
+    for j0 in range(0, n_sel, BS):
+        o_j = j0 + o_bs                                                            # [BS]
+        o_c = j0 * R + o_bc                                                        # [BC]
+        m_c = (o_bc < BS * R) & (o_c < n_c)
+        b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * scale                               # [BG, BC]
+        b_p2 = tl.where(m_g[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.)
+        b_ps = tl.sum(b_p2, 0)                                                    # [BC]
+        o_st = o_c * DS                                                            # [BC]
+        b_sc = tl.sum(b_ps[:, None] * _overlap(o_st[:, None], o_j[None, :], L, LS, DS), 0)  # [BS]
+        b_sc += tl.where(o_bs == 0, b_carry, 0.)
+        b_carry = tl.sum(b_ps * _overlap(o_st, j0 + BS, L, LS, DS), 0)
+        if HAS_PROV:
+            b_sc += tl.sum(b_pps[:, None] * _overlap(b_pst[:, None], o_j[None, :], L, LS, DS), 0)
+        m_cand = o_j <= i_cur
+        m_forced = m_cand & ((o_j < INIT) | (o_j > i_cur - LOCAL))
+        b_sc = tl.where(m_cand, tl.where(m_forced, float("inf"), b_sc), -1.0)      # [BS]
+        b_si = tl.where(m_cand, o_j, -1)                                           # [BS]
+        # rank of every element in (running top-n U tile); the slot = its rank
+        r_a = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1) \
+            + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1)  # [BN]
+        r_b = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1) \
+            + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1)  # [BS]
+        s_a = r_a[:, None] == o_n[None, :]                                         # [BN, BN]
+        s_b = r_b[:, None] == o_n[None, :]                                         # [BS, BN]
+        b_tv_new = tl.maximum(tl.max(tl.where(s_a, b_tv[:, None], -1.0), 0),
+                              tl.max(tl.where(s_b, b_sc[:, None], -1.0), 0))
+        b_ti = tl.maximum(tl.max(tl.where(s_a, b_ti[:, None], -1), 0),
+                          tl.max(tl.where(s_b, b_si[:, None], -1), 0))
+        b_tv = b_tv_new
+    # the first TOPN slots hold the winners; report them sorted ascending, -1 padded
+    m_v = (b_ti >= 0) & (o_n < TOPN)
+    r_i = tl.sum((m_v[None, :] & (b_ti[None, :] < b_ti[:, None])).to(tl.int32), 1)  # [BN]
+    b_out = tl.max(tl.where(m_v[:, None] & (r_i[:, None] == o_n[None, :]), b_ti[:, None], -1), 0)
+    tl.store(sel + (i_q * HKV + i_h) * TOPN + o_n, b_out.to(sel.dtype.element_ty), mask=o_n < TOPN)
+
+
+def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
+               block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
+               cmp_lens: torch.Tensor, params: NSAParams, scale: float, page_size: int,
+               prov_k: torch.Tensor | None = None, prov_v: torch.Tensor | None = None,
+               prov_cidx: torch.Tensor | None = None, prov_vis: torch.Tensor | None = None,
+               with_out: bool | None = None, sel: torch.Tensor | None = None,
+               o_cmp: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+               block_sel: int = 16) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Selected blocks (and the compressed-branch output) of every query row, one launch.
+
+    Args:
+        q (torch.Tensor): shape [Nq, Hq, D], fp32 / fp16 / bf16; rows are decode queries, tree
+            verifier queries or prefill rows, in any mix of requests.
+        ck_cache, cv_cache (torch.Tensor): shape [num_pages, CPP, Hkv, D] paged compressed cache
+            (CONTRACTS.md section 4), CPP = ceil(page_size / d).
+        block_table (torch.Tensor): shape [B, max_pages] int32/int64.
+        q_req (torch.Tensor): shape [Nq] int, request (block_table row) of each query.
+        q_pos (torch.Tensor): shape [Nq] int, absolute position t of each query.
+        cmp_lens (torch.Tensor): shape [B] int, committed compressed tokens present in the cache
+            per request. Row uses tokens 0 .. min(cmp_lens[req], num_cmp(t+1)) - 1 (so a prefill
+            chunk passes num_cmp(chunk end) and causality comes from t).
+        params (NSAParams): geometry; scale (float): softmax scale; page_size (int): KV page size.
+        prov_k, prov_v (torch.Tensor | None): shape [Np, Hkv, D] provisional compressed tokens
+            (tree nodes closing a block, `compress_gather`).
+        prov_cidx (torch.Tensor | None): shape [Np] int, their compressed index i.
+        prov_vis (torch.Tensor | None): shape [Nq, MP] int, rows of prov_k visible to each query
+            (closed by the query or an ancestor), -1 padded. MP = max visible per query.
+        with_out (bool | None): also compute o_cmp and lse (needed by the gated combine);
+            default params.gated.
+        sel, o_cmp, lse: optional output buffers; # mutable.
+        block_sel (int): selection blocks per tile (power of two); both passes read
+            pow2(block_sel * l'/d) compressed tokens per step.
+    Returns:
+        (sel [Nq, Hkv, topn] int32 sorted ascending, -1 padded,
+         o_cmp [Nq, Hq, D] q.dtype or None (zeros where no compressed token exists),
+         lse [Nq, Hq] fp32 natural-log or None (-inf where none exists)).
+    CUDA graphs: no host sync; shapes come from tensor sizes only.
+
+    Example: t=40, l'=8, n=4, init=1, local=2 -> candidates 0..5, forced {0, 4, 5}; the best of
+    blocks 1..3 fills the last slot (tie -> lower index), e.g. sel row [0, 1, 4, 5].
+    """
+    nq, hq, dim = q.shape
+    _, cpp, hkv, _ = ck_cache.shape
+    if params.topn < params.init_blocks + params.local_blocks:
+        raise ValueError(f"score_topk: topn ({params.topn}) < init_blocks + local_blocks")
+    if params.block % params.stride or params.select % params.stride or params.block > params.select:
+        raise ValueError(f"score_topk: need d | l, d | l', l <= l' (got l={params.block}, "
+                         f"d={params.stride}, l'={params.select})")
+    if hq % hkv or ck_cache.shape[3] != dim or cv_cache.shape != ck_cache.shape:
+        raise ValueError(f"score_topk: q [Nq, Hq, D] {tuple(q.shape)} and ck/cv [pages, CPP, Hkv, D] "
+                         f"{tuple(ck_cache.shape)} disagree (Hq must be a multiple of Hkv)")
+    if cpp != params.cmp_per_page(page_size):
+        raise ValueError(f"score_topk: ck_cache has {cpp} slots per page, page_size {page_size} "
+                         f"needs {params.cmp_per_page(page_size)}")
+    for name, x in (("q", q), ("ck_cache", ck_cache), ("cv_cache", cv_cache), ("q_req", q_req),
+                    ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
+        if not x.is_contiguous():
+            raise ValueError(f"score_topk: {name} must be contiguous")
+    if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
+        raise ValueError("score_topk: q_req, q_pos must be [Nq] and cmp_lens [B]")
+    has_prov = prov_k is not None
+    if has_prov:
+        np_ = prov_k.shape[0]
+        if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
+                or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
+                or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
+                or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
+            raise ValueError("score_topk: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
+                             "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
+        mp = prov_vis.shape[1]
+        has_prov = mp > 0 and np_ > 0
+    with_out = params.gated if with_out is None else with_out
+    g = hq // hkv
+    sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device) if sel is None else sel
+    if with_out:
+        o_cmp = torch.empty_like(q) if o_cmp is None else o_cmp
+        lse = torch.empty(nq, hq, dtype=torch.float32, device=q.device) if lse is None else lse
+    if nq == 0:
+        return sel, o_cmp, lse
+    dummy = q.new_empty(1)
+    r = params.select // params.stride
+    score_topk_kernel[(nq, hkv)](
+        q=q, ck_cache=ck_cache, cv_cache=cv_cache, block_table=block_table, q_req=q_req,
+        q_pos=q_pos, cmp_lens=cmp_lens,
+        prov_k=prov_k if has_prov else dummy, prov_v=prov_v if has_prov else dummy,
+        prov_cidx=prov_cidx if has_prov else cmp_lens, prov_vis=prov_vis if has_prov else cmp_lens,
+        sel=sel, o_cmp=o_cmp if with_out else dummy, lse=lse if with_out else dummy,
+        scale=scale, stride_bt=block_table.stride(0),
+        HQ=hq, HKV=hkv, G=g, BG=max(16, triton.next_power_of_2(g)), D=dim,
+        BD=max(16, triton.next_power_of_2(dim)), L=params.block, DS=params.stride,
+        LS=params.select, R=r, PS=page_size, CPP=cpp, TOPN=params.topn,
+        BN=max(16, triton.next_power_of_2(params.topn)), INIT=params.init_blocks,
+        LOCAL=params.local_blocks, BS=block_sel,
+        BC=max(16, triton.next_power_of_2(block_sel * r)),
+        MP=prov_vis.shape[1] if has_prov else 1,
+        BP=max(16, triton.next_power_of_2(prov_vis.shape[1])) if has_prov else 16,
+        HAS_PROV=has_prov, WITH_OUT=with_out, F32=q.dtype == torch.float32 or q.device.type == "cpu")
+    return sel, o_cmp, lse

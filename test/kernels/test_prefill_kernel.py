@@ -1,0 +1,64 @@
+"""Chunked NSA prefill (kernels/prefill/chunked.py) vs the composed fp32 reference."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' @triton.jit
+
+import pytest  # noqa: E402
+from conftest import assert_close, poisoned  # noqa: E402
+from test_compress_kernel import DEFAULT, SMALL, learned, make_pool  # noqa: E402
+
+from specsa.kernels.commit.naive import naive_write_cmp  # noqa: E402
+from specsa.kernels.compression import compress  # noqa: E402
+from specsa.kernels.prefill import chunked_nsa_prefill, naive_nsa_prefill_rows  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+
+@pytest.mark.parametrize("params,ps,hkv,g,dim,dtype,lens,prefix,rows,learn", [
+    pytest.param(SMALL, 16, 2, 1, 64, torch.float32, [120, 70], [96, 0], 10, False, id="small-ps16-G1-fp32-union"),
+    pytest.param(replace(SMALL, gated=True), 1, 1, 6, 64, torch.float32, [90], [60], 12, True,
+                 id="small-ps1-G6-fp32-gated-learned"),
+    pytest.param(SMALL, 16, 1, 4, 128, torch.bfloat16, [150], [100], 8, False, id="small-ps16-G4-bf16-union"),
+    pytest.param(DEFAULT, 64, 1, 4, 64, torch.float32, [1100], [1090], 4, False, id="default-ps64-G4-fp32-ctx1100"),
+])
+def test_chunked_prefill(params, ps, hkv, g, dim, dtype, lens, prefix, rows, learn):
+    cw = learned(hkv, params.block, dim) if learn else None
+    pool = make_pool(lens, ps, hkv, dim, dtype, params, fill_cmp=False)
+    wk, bk, wv, bv = cw if cw is not None else (None,) * 4
+    for b, p in enumerate(prefix):   # compressed tokens of the prefix exist; the chunk's do not
+        nc = params.num_cmp(p)
+        ck = compress(pool["k"][b], params, wk, bk)[:nc]
+        cv = compress(pool["v"][b], params, wv, bv)[:nc]
+        naive_write_cmp(pool["ck_cache"], pool["cv_cache"], pool["block_table"][b], list(range(nc)),
+                        ck, cv, ps, params)
+    hq, scale = hkv * g, dim ** -0.5
+    q_req, q_pos = [], []
+    for b, (p, n) in enumerate(zip(prefix, lens)):
+        pos = sorted(set(torch.randint(p, n, (rows,)).tolist()) | {n - 1})
+        q_req += [b] * len(pos)
+        q_pos += pos
+    nq = len(q_pos)
+    q = torch.randn(nq, hq, dim).to(dtype)
+    gates = torch.rand(nq, hq, 3) if params.gated else None
+    out = poisoned(nq, hq, dim, dtype=dtype)
+    sel = torch.full((nq, hkv, params.topn), -7, dtype=torch.int32)
+    q_req_t = torch.tensor(q_req, dtype=torch.int32)
+    chunked_nsa_prefill(q, pool["k_cache"], pool["v_cache"], pool["ck_cache"], pool["cv_cache"],
+                        pool["block_table"], q_req_t, torch.tensor(q_pos, dtype=torch.int32),
+                        torch.tensor(prefix, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                        params, scale, cw=cw, gates=gates, out=out, sel=sel, compress_programs=2)
+    for b in range(len(lens)):
+        rr = (q_req_t == b).nonzero().squeeze(1)
+        o_ref, s_ref = naive_nsa_prefill_rows(q[rr].float(), pool["k"][b], pool["v"][b],
+                                              [q_pos[i] for i in rr.tolist()], params, scale, cw,
+                                              None if gates is None else gates[rr])
+        same = (sel[rr] == s_ref.to(torch.int32)).all(-1).all(-1)                  # [rows]
+        if dtype == torch.float32:
+            assert bool(same.all()), f"request {b}: selection differs at rows {(~same).nonzero().tolist()}"
+        else:   # bf16 compressed cache vs fp32 reference compression: allow rare flips
+            assert same.float().mean() >= 0.75, f"request {b}: too many selection flips"
+        assert_close(out[rr][same], o_ref[same], dtype, f"prefill out request {b}")
