@@ -1,0 +1,372 @@
+"""Fused NSA verification / decode: selected + window branches + (gated | union) combine in one
+launch over a paged KV cache plus a contiguous draft tail, split-KV with an (o, lse) merge.
+
+One kernel serves every schedule (kernels/selection/{independent,exact_merged,shared_index}.py),
+decode (T = 1) and dense tree verification (kernels/dense/): a program owns one group of C
+verifier queries x G heads of one KV head (a [R = C*G, D] Q tile, R padded to a power of two
+>= 16 for the MMA) and one split of the group's key space:
+  1. selected blocks, committed part (positions < P): the group's block list (its own selection
+     when C = 1, else the on-chip union of the C sorted lists with a per-block ownership bitmask;
+     non-owned rows are masked to -inf). Union combine skips tokens inside every row's window
+     (the window pass covers them) so each token enters the softmax once.
+  2. committed window [win_lo, P), per-row window mask; DENSE: all of [0, P), no mask.
+  3. the draft tail (split 0 only): the request's T tree nodes, ancestor bitmask per row; the
+     tree mask is applied only here.
+Gated combine keeps two accumulators (slc, win) and mixes them with o_cmp through the gates.
+
+Legend (FLA naming): HQ, HKV, G = HQ // HKV, D head dim (BD padded), R rows per program,
+C queries per group, S selection block l', BS token tile of pass 1 (= S padded), BN token tile
+of pass 2, TP draft-tail tile, W window, PS page size, NSPLIT splits of the key loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.merge import merge_splits
+from ..common.params import NSAParams
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class VerifyGeometry:
+    """Device metadata of one verification (or decode) step; built once per step by
+    `specsa.metadata` / `build_geometry`, read by every layer. All int32 unless noted.
+
+    req_P [B] committed length; req_off [B] first global query (= draft-tail row) of the request;
+    req_T [B] tree size; block_table [B, max_pages]; q_pos [Nq] absolute position;
+    q_anc [Nq] int64 ancestor bitmask over request-local node ids (bit u: node u, self incl.);
+    order [Nq] flat slot -> global query; sel_src [Nq] flat slot -> query whose selection the
+    slot uses (itself, or the group representative for SHARED_INDEX); g_req/g_start/g_len/
+    g_winlo [NG] per group (g_len 0 marks an unused slot). Ints: C max group length,
+    t_max max tree size, num_splits, direct (True: C == 1, read selections in place).
+    """
+
+    req_P: torch.Tensor
+    req_off: torch.Tensor
+    req_T: torch.Tensor
+    block_table: torch.Tensor
+    q_pos: torch.Tensor
+    q_anc: torch.Tensor
+    order: torch.Tensor
+    sel_src: torch.Tensor
+    g_req: torch.Tensor
+    g_start: torch.Tensor
+    g_len: torch.Tensor
+    g_winlo: torch.Tensor
+    C: int
+    t_max: int
+    num_splits: int
+    direct: bool
+
+    @property
+    def num_groups(self) -> int:
+        return self.g_len.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q_pos.shape[0]
+
+
+@triton.jit
+def _online(m_i, l_i, acc, s, mask, v, DT: tl.constexpr, IEEE: tl.constexpr):
+    # s: [R, N] logits in log2 units; masked entries excluded; rows with nothing yet keep -inf.
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _qk(q, k, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    return o, lse
+
+
+@triton.jit(do_not_specialize=["stride_bt", "NQ", "NSPLIT"])
+def _nsa_verify_fwd_kernel(
+        Q, KN, VN, KC, VC, BT, REQ_P, REQ_OFF, REQ_T, QPOS, QANC, ORDER, SELSRC,
+        G_REQ, G_START, G_LEN, G_WINLO, SEL, UIDX, UOWN, UCNT, OCMP, GATES, OUT, OPART, LPART,
+        sm_scale, stride_bt, NQ, NSPLIT,
+        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+        BD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+        TP: tl.constexpr, W: tl.constexpr, TOPN: tl.constexpr, CAP: tl.constexpr,
+        PS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
+        DENSE: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr):
+    i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g_len = tl.load(G_LEN + i_g)
+    if g_len == 0:
+        return
+    g_start = tl.load(G_START + i_g)
+    i_b = tl.load(G_REQ + i_g)
+    P = tl.load(REQ_P + i_b)
+    DT = Q.dtype.element_ty
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # ---- rows: r = c * G + gh ------------------------------------------------------------
+    o_r = tl.arange(0, R)
+    o_c = o_r // G
+    m_r = o_c < g_len                                                    # [R]
+    i_q = tl.load(ORDER + g_start + o_c, mask=m_r, other=0)              # [R] global query
+    i_src = tl.load(SELSRC + g_start + o_c, mask=m_r, other=0)           # [R] selection row
+    i_hq = i_h * G + o_r % G                                             # [R] query head
+    t_r = tl.load(QPOS + i_q, mask=m_r, other=0)                         # [R]
+    t_max = tl.max(tl.where(m_r, t_r, 0), 0)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    p_q = Q + (i_q * HQ + i_hq)[:, None] * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)      # [R, BD]
+    b_q = (b_q * qk_scale).to(DT)
+
+    m_a = tl.full([R], float("-inf"), tl.float32)
+    l_a = tl.zeros([R], tl.float32)
+    acc_a = tl.zeros([R, BD], tl.float32)      # union, or gated selected branch, or dense
+    m_w = tl.full([R], float("-inf"), tl.float32)
+    l_w = tl.zeros([R], tl.float32)
+    acc_w = tl.zeros([R, BD], tl.float32)      # gated window branch
+    row_kv = HKV * D
+    p_bt = BT + i_b * stride_bt
+
+    # ---- pass 1: selected blocks, committed positions ------------------------------------
+    if not DENSE:
+        if DIRECT:
+            q0 = tl.load(SELSRC + g_start)
+            p_list = SEL + (q0 * HKV + i_h) * TOPN
+            n_blk = TOPN
+        else:
+            p_list = UIDX + (i_g * HKV + i_h) * CAP
+            n_blk = tl.load(UCNT + i_g * HKV + i_h)
+        chunk = tl.cdiv(n_blk, NSPLIT)
+        lo = i_s * chunk
+        hi = tl.minimum(lo + chunk, n_blk)
+        o_n = tl.arange(0, BS)
+        for i in range(lo, hi):
+            blk = tl.load(p_list + i)
+            pos = blk * S + o_n                                          # [BS]
+            m_t = (o_n < S) & (pos < P) & (blk >= 0)
+            if not GATED:
+                # tokens in every row's window are read by pass 2 instead
+                m_t = m_t & (pos < t_max - W + 1)
+            page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
+            off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D              # [BS]
+            b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_s = _qk(b_q, b_k, IEEE)                                    # [R, BS]
+            m_s = m_t[None, :] & m_r[:, None]
+            if not DIRECT:
+                own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i)
+                m_s = m_s & (((own >> o_c.to(tl.int64)) & 1) != 0)[:, None]
+            if not GATED:
+                m_s = m_s & (pos[None, :] < t_r[:, None] - W + 1)
+            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
+
+    # ---- pass 2: committed window (dense: the whole committed prefix) --------------------
+    if DENSE:
+        w_lo = 0
+    else:
+        w_lo = tl.load(G_WINLO + i_g)
+    n_tile = tl.cdiv(tl.maximum(P - w_lo, 0), BN)
+    chunk2 = tl.cdiv(n_tile, NSPLIT)
+    lo2 = i_s * chunk2
+    hi2 = tl.minimum(lo2 + chunk2, n_tile)
+    o_n2 = tl.arange(0, BN)
+    for i in range(lo2, hi2):
+        pos = w_lo + i * BN + o_n2                                       # [BN]
+        m_t = pos < P
+        page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
+        off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D
+        b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_s = _qk(b_q, b_k, IEEE)                                        # [R, BN]
+        m_s = m_t[None, :] & m_r[:, None]
+        if not DENSE:
+            m_s = m_s & (pos[None, :] >= t_r[:, None] - W + 1)
+        if GATED:
+            m_w, l_w, acc_w = _online(m_w, l_w, acc_w, b_s, m_s, b_v, DT, IEEE)
+        else:
+            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
+
+    # ---- pass 3: draft tail, tree (ancestor) mask ----------------------------------------
+    if i_s == 0:
+        t_off = tl.load(REQ_OFF + i_b)
+        n_t = tl.load(REQ_T + i_b)
+        o_j = tl.arange(0, TP)
+        m_j = o_j < n_t
+        pos_j = tl.load(QPOS + t_off + o_j, mask=m_j, other=0)           # [TP]
+        off_j = (t_off + o_j) * row_kv + i_h * D
+        b_k = tl.load(KN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(VN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
+        b_s = _qk(b_q, b_k, IEEE)                                        # [R, TP]
+        anc = tl.load(QANC + i_q, mask=m_r, other=0)                     # [R] int64
+        vis = ((anc[:, None] >> o_j[None, :].to(tl.int64)) & 1) != 0
+        vis = vis & m_j[None, :] & m_r[:, None]
+        if DENSE:
+            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis, b_v, DT, IEEE)
+        else:
+            # which of the tail's selection blocks (b0 .. b0+63) each row selected
+            b0 = P // S
+            bits = tl.zeros([R], tl.int64)
+            for k in tl.static_range(TOPN):
+                sv = tl.load(SEL + (i_src * HKV + i_h) * TOPN + k, mask=m_r, other=-1)
+                dv = sv - b0
+                ok = (sv >= 0) & (dv >= 0) & (dv < 64)
+                bits = bits | tl.where(ok, tl.full([R], 1, tl.int64) << tl.maximum(dv, 0).to(tl.int64), 0)
+            db = tl.maximum(pos_j // S - b0, 0).to(tl.int64)
+            member = ((bits[:, None] >> db[None, :]) & 1) != 0
+            in_win = pos_j[None, :] >= t_r[:, None] - W + 1
+            if GATED:
+                m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & member, b_v, DT, IEEE)
+                m_w, l_w, acc_w = _online(m_w, l_w, acc_w, b_s, vis & in_win, b_v, DT, IEEE)
+            else:
+                m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & (member | in_win), b_v, DT, IEEE)
+
+    # ---- epilogue ------------------------------------------------------------------------
+    o_a, lse_a = _finish(m_a, l_a, acc_a)
+    m_o = m_r[:, None] & m_d[None, :]
+    p_row = (i_q * HQ + i_hq)
+    if FINAL:
+        if GATED:
+            o_w, lse_w = _finish(m_w, l_w, acc_w)
+            g0 = tl.load(GATES + p_row * 3 + 0, mask=m_r, other=0.0).to(tl.float32)
+            g1 = tl.load(GATES + p_row * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
+            g2 = tl.load(GATES + p_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+            b_c = tl.load(OCMP + p_row[:, None] * D + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+            o_a = g0[:, None] * b_c + g1[:, None] * o_a + g2[:, None] * o_w
+        tl.store(OUT + p_row[:, None] * D + o_d[None, :], o_a.to(OUT.dtype.element_ty), mask=m_o)
+    else:
+        NB: tl.constexpr = 2 if GATED else 1
+        base = (i_s * NB) * NQ * HQ + p_row                              # [R]
+        tl.store(OPART + base[:, None] * D + o_d[None, :], o_a, mask=m_o)
+        tl.store(LPART + base, lse_a, mask=m_r)
+        if GATED:
+            o_w, lse_w = _finish(m_w, l_w, acc_w)
+            base_w = base + NQ * HQ
+            tl.store(OPART + base_w[:, None] * D + o_d[None, :], o_w, mask=m_o)
+            tl.store(LPART + base_w, lse_w, mask=m_r)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo: VerifyGeometry,
+                        params: NSAParams, o_cmp, gates, dense: bool) -> None:
+    """Shape / dtype checks with messages naming the problem (no device syncs)."""
+    nq, hq, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache/v_cache must both be [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    hkv = k_cache.shape[2]
+    if hq % hkv or k_cache.shape[3] != d:
+        raise ValueError(f"q [Nq, Hq={hq}, D={d}] does not fit cache Hkv={hkv}, D={k_cache.shape[3]}")
+    if k_new.shape != (nq, hkv, d) or v_new.shape != k_new.shape:
+        raise ValueError(f"k_new/v_new must be [Nq={nq}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
+    if nq != geo.num_queries:
+        raise ValueError(f"q has {nq} queries but the plan has {geo.num_queries}")
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if not dense:
+        if sel is None or sel.shape != (nq, hkv, params.topn) or sel.dtype != torch.int32:
+            raise ValueError(f"sel must be int32 [Nq={nq}, Hkv={hkv}, topn={params.topn}], got "
+                             f"{None if sel is None else (tuple(sel.shape), sel.dtype)}")
+        if params.gated and (o_cmp is None or gates is None):
+            raise ValueError("params.gated is True (gated combine) but o_cmp or gates is None")
+        if not params.gated and gates is not None:
+            raise ValueError("gates given but params.gated is False (union combine)")
+        if params.gated and (o_cmp.shape != q.shape or gates.shape != (nq, hq, 3)):
+            raise ValueError(f"o_cmp must be [Nq, Hq, D] and gates [Nq, Hq, 3], got "
+                             f"{tuple(o_cmp.shape)}, {tuple(gates.shape)}")
+
+
+def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, geo: VerifyGeometry,
+                   params: NSAParams, scale: float, sel: torch.Tensor | None = None,
+                   union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
+                   dense: bool = False, out: torch.Tensor | None = None,
+                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+    """Launch the fused kernel (+ the split merge when geo.num_splits > 1).
+
+    Args:
+        q (torch.Tensor): shape [Nq, HQ, D] (bf16 / fp16 / fp32), one row per verifier query.
+        k_new, v_new (torch.Tensor): shape [Nq, HKV, D], the draft tail's keys / values.
+        k_cache, v_cache (torch.Tensor): shape [num_pages, page_size, HKV, D].
+        geo (VerifyGeometry): step metadata.
+        sel (torch.Tensor): shape [Nq, HKV, topn] int32, sorted ascending, -1 padded.
+        union: (idx [NG, HKV, CAP] int32, own [NG, HKV, CAP] int64, cnt [NG, HKV] int32) from
+            `specsa.kernels.common.index.merge_group_selections`; needed unless geo.direct/dense.
+        o_cmp [Nq, HQ, D], gates [Nq, HQ, 3] (sigmoid values): gated combine only.
+        out (torch.Tensor | None): shape [Nq, HQ, D]  # mutable
+        workspace: (o_part [NSPLIT*NB*Nq*HQ*D] fp32, lse_part [NSPLIT*NB*Nq*HQ] fp32), fixed
+            buffers for CUDA graphs; allocated here when None.
+    Returns:
+        out [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs; grid fixed by geo.
+    """
+    check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo, params, o_cmp, gates, dense)
+    nq, hq, d = q.shape
+    hkv, ps = k_cache.shape[2], k_cache.shape[1]
+    g = hq // hkv
+    gated = params.gated and not dense
+    nsplit = geo.num_splits
+    if out is None:
+        out = torch.empty_like(q)
+    rows = _pow2(geo.C * g)
+    direct = geo.direct or dense
+    if not direct and union is None:
+        raise ValueError("a merged schedule (group size C > 1) needs the union index from "
+                         "merge_group_selections")
+    uidx, uown, ucnt = union if union is not None else (geo.order, geo.q_anc, geo.order)
+    cap = uidx.shape[-1] if union is not None else 1
+    nb = 2 if gated else 1
+    if nsplit > 1:
+        if workspace is None:
+            workspace = (torch.empty(nsplit * nb * nq * hq * d, device=q.device, dtype=torch.float32),
+                         torch.empty(nsplit * nb * nq * hq, device=q.device, dtype=torch.float32))
+        opart, lpart = workspace
+    else:
+        opart = lpart = out
+    dummy = q
+    bd = _pow2(d)
+    if num_warps is None:
+        num_warps = 8 if rows * bd >= 128 * 128 else 4
+    _nsa_verify_fwd_kernel[(geo.num_groups, hkv, nsplit)](
+        Q=q, KN=k_new, VN=v_new, KC=k_cache, VC=v_cache, BT=geo.block_table,
+        REQ_P=geo.req_P, REQ_OFF=geo.req_off, REQ_T=geo.req_T, QPOS=geo.q_pos, QANC=geo.q_anc,
+        ORDER=geo.order, SELSRC=geo.sel_src, G_REQ=geo.g_req, G_START=geo.g_start,
+        G_LEN=geo.g_len, G_WINLO=geo.g_winlo, SEL=sel if sel is not None else geo.order,
+        UIDX=uidx, UOWN=uown, UCNT=ucnt,
+        OCMP=o_cmp if gated else dummy, GATES=gates if gated else dummy, OUT=out,
+        OPART=opart, LPART=lpart, sm_scale=float(scale), stride_bt=geo.block_table.stride(0),
+        NQ=nq, HQ=hq, HKV=hkv, G=g, D=d, BD=bd, R=rows, S=params.select,
+        BS=_pow2(params.select), BN=64, TP=_pow2(geo.t_max), W=params.window,
+        TOPN=params.topn if sel is not None else 1, CAP=cap, PS=ps, NSPLIT=nsplit,
+        DIRECT=direct, GATED=gated, DENSE=dense, FINAL=nsplit == 1,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    if nsplit > 1:
+        merge_splits(opart, lpart, nsplit, nb, out, o_cmp if gated else None,
+                     gates if gated else None)
+    return out

@@ -1,0 +1,34 @@
+"""EXACT_MERGED verification (SSV §4.2): queries flattened (CHAIN / BFS / DFS) and cut into
+groups of C; a program's Q tile is C queries x G heads. The group's C sorted selections are
+merged on the device into one ascending union with a per-block ownership bitmask
+(kernels/common/index.py); the verify kernel reads each union block, the committed window
+and the draft tail once per group and masks non-owned blocks to -inf per row. Equal to
+INDEPENDENT up to accumulation order.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common.index import merge_group_selections
+from ..common.params import NSAParams
+from ..fused.verify import VerifyGeometry, nsa_verify_fwd
+
+
+def exact_merged_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, sel: torch.Tensor,
+                        geo: VerifyGeometry, params: NSAParams, scale: float,
+                        o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None,
+                        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        union_buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                        ) -> torch.Tensor:
+    """Grouped exact verification.
+
+    Args: as `independent_verify`; geo built with group_size C (1..64) and shared=False;
+        union_buf: fixed (idx, own, cnt) buffers for `merge_group_selections`  # mutable
+    Returns:
+        out [Nq, HQ, D]. Two launches (+1 merge when split): union, fused verify. Graph safe.
+    """
+    union = merge_group_selections(sel, geo.sel_src, geo.g_start, geo.g_len, geo.C, out=union_buf)
+    return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, params, scale, sel=sel,
+                          union=union, o_cmp=o_cmp, gates=gates, out=out, workspace=workspace)

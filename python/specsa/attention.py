@@ -1,0 +1,170 @@
+"""FlashInfer-style NSA verification API: `plan()` once per verification step, `run()` per layer.
+
+    verifier = NSAVerifier(NSAConfig(), num_q_heads=32, num_kv_heads=8, head_dim=128,
+                           device="cuda", graph_buffers=True)
+    plan = verifier.plan(parents, prefix_lens, block_table,
+                         schedule=Schedule.EXACT_MERGED, traversal=Traversal.BFS)
+    for layer in range(num_layers):
+        sel, o_cmp = refresh(...)                        # per layer, on the device
+        verifier.run(q, k_new, v_new, k_cache[layer], v_cache[layer], sel,
+                     o_cmp=o_cmp, gates=gates, out=o)    # no host syncs: graph capturable
+
+plan() freezes what the host knows (tree topology, positions, page tables, group cuts, union
+capacity, split factor) into device buffers; selections are produced on the device per layer,
+so run() builds the group unions on the device (DESIGN.md section 4). With graph_buffers=True a
+plan of the same shape (batch, tree sizes, schedule) rewrites the previous plan's buffers in
+place, so a graph captured around run() replays with the new step's metadata.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal, parse_enum
+from specsa.kernels.common.index import merge_group_selections
+from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
+from specsa.metadata import VerifyPlan
+from specsa.schedule import (MAX_TREE, as_parents, default_group_size, default_num_splits,
+                             flatten)
+
+
+def unsupported_reason(schedule: Schedule, precision: PrecisionClass, sizes: Sequence[int],
+                       group_size: int, select: int) -> str | None:
+    """Why (schedule, precision, tree) cannot run, as a sentence; None when it can."""
+    if schedule is Schedule.SHARED_INDEX and precision not in (PrecisionClass.APPROX,
+                                                               PrecisionClass.APPROX_REUSE):
+        return (f"SHARED_INDEX is approximate and needs an APPROX precision class, but "
+                f"precision is {precision.value}")
+    if max(sizes) > MAX_TREE:
+        return f"a draft tree has {max(sizes)} nodes; verification supports at most {MAX_TREE}"
+    if not 1 <= group_size <= MAX_TREE:
+        return f"group size {group_size} is outside 1..{MAX_TREE} (int64 ownership masks)"
+    if (max(sizes) - 1) // select + 2 > 64:
+        return (f"a tree of {max(sizes)} nodes spans more than 64 selection blocks of {select} "
+                "tokens (the per-row tail membership mask has 64 bits)")
+    return None
+
+
+class NSAVerifier:
+    """Sparse NSA verification of draft trees over a paged KV cache (see module docstring)."""
+
+    def __init__(self, config: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device | str = "cuda", scale: float | None = None,
+                 graph_buffers: bool = False, num_warps: int | None = None,
+                 num_stages: int = 3) -> None:
+        if num_q_heads % num_kv_heads:
+            raise ConfigError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                              f"({num_kv_heads})")
+        self.config = config
+        self.params = config.params
+        self.hq, self.hkv, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.device = torch.device(device)
+        self.scale = head_dim ** -0.5 if scale is None else float(scale)
+        self.graph_buffers = graph_buffers
+        self.launch = {"num_warps": num_warps, "num_stages": num_stages}   # Triton launch knobs
+        self._plan: VerifyPlan | None = None
+        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if self.device.type == "cuda" else 0)
+
+    # -- per step -----------------------------------------------------------------------
+    def plan(self, parents: Sequence[Sequence[int] | torch.Tensor], prefix_lens: Sequence[int],
+             block_table: torch.Tensor, schedule: Schedule | str = Schedule.EXACT_MERGED,
+             traversal: Traversal | str = Traversal.BFS,
+             precision: PrecisionClass | str = PrecisionClass.STRICT,
+             group_size: int | None = None, num_splits: int | None = None) -> VerifyPlan:
+        """Freeze one step's geometry.
+
+        Args:
+            parents: per request, the draft tree's parent list (node 0 = root, -1).
+            prefix_lens: per request committed length P (host ints: the host scheduled them).
+            block_table (torch.Tensor): [B, max_pages] int32 on the device.
+            schedule / traversal / precision: specsa.config enums (or their strings).
+            group_size: C for the merged schedules (default: specsa.schedule.default_group_size);
+                INDEPENDENT uses 1.
+            num_splits: split-KV factor (default: two waves of the GPU; 1 on CPU).
+        Returns:
+            VerifyPlan, also kept as the plan `run()` uses. Raises ConfigError with a sentence
+            for unsupported combinations.
+        """
+        schedule = parse_enum(Schedule, schedule, "schedule")
+        traversal = parse_enum(Traversal, traversal, "traversal")
+        precision = parse_enum(PrecisionClass, precision, "precision")
+        pars = [as_parents(p) for p in parents]
+        if len(pars) != len(prefix_lens) or block_table.shape[0] < len(pars):
+            raise ConfigError(f"{len(pars)} trees, {len(prefix_lens)} prefix lengths and "
+                              f"{block_table.shape[0]} block-table rows do not match")
+        sizes = tuple(len(p) for p in pars)
+        g = self.hq // self.hkv
+        c = 1 if schedule is Schedule.INDEPENDENT else (group_size or default_group_size(g, sum(sizes)))
+        why = unsupported_reason(schedule, precision, sizes, c, self.params.select)
+        if why:
+            raise ConfigError(why)
+        orders = [flatten(p, traversal) for p in pars]
+        n_groups = sum(-(-t // c) for t in sizes)
+        if num_splits is None:
+            sel_tiles = self.params.topn * (1 if c == 1 else max(1, c // 2))
+            work = sel_tiles + -(-self.params.window // 64)
+            num_splits = default_num_splits(n_groups * self.hkv, work, self._num_sms)
+        geo = build_geometry(pars, [int(p) for p in prefix_lens], block_table, orders, c,
+                             self.params.window, num_splits,
+                             shared=schedule is Schedule.SHARED_INDEX)
+        plan = self._buffers(schedule, traversal, precision, c, num_splits, geo, sizes)
+        self._plan = plan
+        return plan
+
+    def _buffers(self, schedule, traversal, precision, c, nsplit, geo, sizes) -> VerifyPlan:
+        old = self._plan
+        reuse = (self.graph_buffers and old is not None and old.sizes == sizes
+                 and old.group_size == c and old.num_splits == nsplit
+                 and old.geometry.block_table.shape == geo.block_table.shape)
+        if reuse:
+            geo = copy_geometry_(old.geometry, geo)
+            union, workspace = old.union, old.workspace
+        else:
+            nq, ng, cap = geo.num_queries, geo.num_groups, c * self.params.topn
+            union = None if c == 1 else (
+                torch.empty(ng, self.hkv, cap, dtype=torch.int32, device=self.device),
+                torch.empty(ng, self.hkv, cap, dtype=torch.int64, device=self.device),
+                torch.empty(ng, self.hkv, dtype=torch.int32, device=self.device))
+            nb = 2 if self.params.gated else 1
+            workspace = None if nsplit == 1 else (
+                torch.empty(nsplit * nb * nq * self.hq * self.head_dim, device=self.device),
+                torch.empty(nsplit * nb * nq * self.hq, device=self.device))
+        return VerifyPlan(schedule=schedule, traversal=traversal, precision=precision,
+                          params=self.params, group_size=c, num_splits=nsplit, geometry=geo,
+                          union=union, workspace=workspace,
+                          union_capacity=c * self.params.topn, sizes=sizes,
+                          num_queries=geo.num_queries)
+
+    # -- per layer ----------------------------------------------------------------------
+    def run(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, sel: torch.Tensor,
+            o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
+            layer: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected + window + combine for every verifier query of the planned step.
+
+        Args:
+            q (torch.Tensor): [Nq, Hq, D], queries request-major, node order within a request.
+            k_new, v_new (torch.Tensor): [Nq, Hkv, D] the draft nodes' KV (not in the cache).
+            k_cache, v_cache: this layer's [num_pages, page_size, Hkv, D] (or per-layer lists,
+                indexed by `layer`).
+            sel (torch.Tensor): [Nq, Hkv, topn] int32 sorted, -1 padded (refresh kernel).
+            o_cmp [Nq, Hq, D], gates [Nq, Hq, 3] (sigmoid values): gated combine only.
+            out: [Nq, Hq, D]  # mutable
+        Returns:
+            out. No host syncs; launches: union (merged schedules), fused verify, split merge.
+        """
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("NSAVerifier.run() called before plan()")
+        if isinstance(k_cache, (list, tuple)):
+            k_cache, v_cache = k_cache[layer], v_cache[layer]
+        union = None
+        if plan.union is not None:
+            geo = plan.geometry
+            union = merge_group_selections(sel, geo.sel_src, geo.g_start, geo.g_len,
+                                           plan.group_size, out=plan.union)
+        return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, plan.geometry, self.params,
+                              self.scale, sel=sel, union=union, o_cmp=o_cmp, gates=gates,
+                              out=out, workspace=plan.workspace, **self.launch)

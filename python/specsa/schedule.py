@@ -1,0 +1,88 @@
+"""Verification schedule geometry on the host: flatten a draft tree (CHAIN / BFS / DFS) and cut
+the flat order into groups of C verifier queries (SSV §4.2). Pure functions of the tree shape;
+`specsa.attention.NSAVerifier.plan` calls them once per step.
+
+Why the order matters: EXACT_MERGED reads the union of a group's selections once, so adjacent
+queries should share blocks. BFS puts siblings together (same position, near-identical
+selections); DFS puts parent and child together (the child's selection extends the parent's).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from specsa.config import ConfigError, Traversal
+
+MAX_TREE = 64      # the tree mask is one int64 bitmask per query row
+# Q-tile rows per program (C x G). Every row computes every union block, so rows cost MMA work
+# growing with C while the bytes saved per query shrink. Measured on the H200 (64K, overlap
+# 0.5, bf16, benchmark/results/h200/kernels.json "tuning"): 16 rows win for T <= 16 and at
+# batch 1; 64 rows win for many queries (B=16, T=64: 698 vs 823 us).
+ROWS_SMALL, ROWS_LARGE, LARGE_STEP = 16, 64, 512
+
+
+def as_parents(parents: Sequence[int] | torch.Tensor) -> list[int]:
+    """Plain list of parent indices, validated: parents[0] = -1, parents[u] < u."""
+    par = [int(p) for p in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
+    if not par or par[0] != -1:
+        raise ConfigError("a draft tree needs node 0 as its root (parents[0] = -1)")
+    for u, p in enumerate(par[1:], start=1):
+        if not 0 <= p < u:
+            raise ConfigError(f"parents[{u}] = {p}: parents must precede children (0 <= p < u)")
+    return par
+
+
+def depths(par: list[int]) -> list[int]:
+    dep: list[int] = []
+    for p in par:
+        dep.append(0 if p < 0 else dep[p] + 1)
+    return dep
+
+
+def flatten(par: list[int], traversal: Traversal) -> list[int]:
+    """Flat order of the nodes (a permutation of range(T)).
+
+    Example: parents [-1, 0, 0, 1] -> BFS [0, 1, 2, 3], DFS [0, 1, 3, 2]; CHAIN refuses it.
+    """
+    kids: list[list[int]] = [[] for _ in par]
+    for u, p in enumerate(par):
+        if p >= 0:
+            kids[p].append(u)
+    if traversal is Traversal.CHAIN:
+        if any(len(k) > 1 for k in kids):
+            raise ConfigError("CHAIN traversal needs a chain, but the tree branches; use BFS or DFS")
+        return list(range(len(par)))
+    if traversal is Traversal.BFS:
+        order, head = [0], 0
+        while head < len(order):
+            order.extend(kids[order[head]])
+            head += 1
+        return order
+    order, stack = [], [0]
+    while stack:
+        u = stack.pop()
+        order.append(u)
+        stack.extend(reversed(kids[u]))
+    return order
+
+
+def cut_groups(order: list[int], group_size: int) -> list[list[int]]:
+    """Consecutive groups of at most C flat slots (the last one may be shorter)."""
+    if group_size < 1:
+        raise ConfigError(f"group size must be >= 1, got {group_size}")
+    return [order[i:i + group_size] for i in range(0, len(order), group_size)]
+
+
+def default_group_size(gqa: int, num_queries: int = 1) -> int:
+    """C such that C x G fills (without overflowing) the Q tile chosen for this step size."""
+    rows = ROWS_LARGE if num_queries >= LARGE_STEP else ROWS_SMALL
+    return max(1, min(MAX_TREE, rows // gqa))
+
+
+def default_num_splits(num_programs: int, work_tiles: int, num_sms: int) -> int:
+    """Split-KV factor: enough programs for two waves of the GPU, at least 2 tiles per split."""
+    if num_sms <= 0:
+        return 1
+    want = -(-2 * num_sms // max(1, num_programs))
+    return int(max(1, min(want, work_tiles // 2, 16)))
