@@ -33,6 +33,7 @@ class RunRequest:
     cache: CacheConfig
     chunk_size: int
     args: argparse.Namespace     # mode-specific flags (e.g. --draft for specsa)
+    tokenizer: object = None     # lets a draft checkpoint's tokenizer be checked against it
 
 
 def run_ar(req: RunRequest) -> dict:
@@ -47,7 +48,15 @@ def run_ar(req: RunRequest) -> dict:
 
 
 # name -> runner(RunRequest) -> dict with at least tokens, steps, decode_tokens_per_s
-MODES: dict[str, Callable[[RunRequest], dict]] = {"ar": run_ar}
+def run_specsa(req: RunRequest) -> dict:
+    """Speculative NSA generation (draft -> verify -> accept -> commit)."""
+    from specsa.runtime.spec_cli import run_spec_from_args
+
+    return run_spec_from_args(req.args, req.model, req.prompt_ids, req.sampling, req.cache,
+                              chunk_size=req.chunk_size, tokenizer=req.tokenizer)
+
+
+MODES: dict[str, Callable[[RunRequest], dict]] = {"ar": run_ar, "specsa": run_specsa}
 
 
 def _positive_int(flag: str):
@@ -82,6 +91,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=_positive_int("--chunk-size"), default=256,
                    help="prefill chunk size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from specsa.runtime.spec_cli import add_spec_args
+
+    add_spec_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +149,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     pages = args.num_pages or -(-total // args.page_size)
     cache = CacheConfig(page_size=args.page_size, num_pages=pages)
     report = MODES[args.mode](RunRequest(model=model, prompt_ids=ids, sampling=sampling,
-                                         cache=cache, chunk_size=args.chunk_size, args=args))
+                                         cache=cache, chunk_size=args.chunk_size, args=args,
+                                         tokenizer=tok))
     text = tok.decode(report["tokens"], skip_special_tokens=True)
     report = {"mode": args.mode, "model": str(model_dir), "prompt_tokens": len(ids),
               "text": text, **report, "nsa": model.nsa.to_dict(), "device": args.device,

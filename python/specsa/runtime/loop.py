@@ -1,0 +1,285 @@
+"""Speculative NSA generation for a batch: draft -> plan -> verify -> accept -> commit.
+
+    results, stats = speculative_generate(model, [ids], drafter, SamplingConfig(max_new_tokens=64))
+    results[0].tokens            # == generate(model, [ids], same sampling)[0][0].tokens (greedy)
+    stats.accept_histogram       # [k] = request-steps that accepted k draft tokens
+
+Per step and request, the context's last token is the root (emitted, KV not cached). The
+drafter proposes a tree below it; one target forward verifies the trees of all live requests
+(nothing is written to the cache); acceptance picks the root-to-leaf path and a bonus token;
+`cache.commit` stores the kept path's KV and provisional compressed tokens (reuse, no
+recompute) and everything else simply never reaches the cache. Prefill, stop tokens and
+max_new_tokens behave exactly as `specsa.runtime.generate` (same chunking, a stop token is
+kept and ends the request), so greedy output is token-identical to autoregressive NSA.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from specsa.config import ConfigError, SamplingConfig, Traversal
+from specsa.model.block import BlockInput
+from specsa.model.cache import PagedKVCache, PendingKV
+from specsa.model.decoder import NSADecoder
+from specsa.runtime.accept import Acceptance, greedy_accept, sample_accept, sampling_probs
+from specsa.runtime.drafters.base import Draft, DraftError, Drafter, DraftRequest
+from specsa.runtime.generate import GenerationResult, cache_for
+from specsa.runtime.sampling import make_generator, sample
+from specsa.runtime.tree import DraftTree
+
+# (request id, verified tree, target logits [T, V], acceptance): lets benchmarks and tests
+# observe every verify step without the loop knowing about them.
+StepHook = Callable[[int, DraftTree, torch.Tensor, Acceptance], None]
+
+
+@dataclass
+class SpecStats:
+    prefill_steps: int = 0
+    verify_steps: int = 0            # target forwards after prefill
+    request_steps: int = 0           # (request, verify step) pairs
+    decode_tokens: int = 0           # tokens emitted by verify steps (after truncation)
+    draft_tokens: int = 0            # draft nodes verified (roots excluded)
+    accept_histogram: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0            # wall time after prefill (draft + verify + accept)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def mean_accept_len(self) -> float:
+        """Tokens emitted per request-step before truncation: accepted drafts + the bonus."""
+        n = sum(self.accept_histogram)
+        return sum((k + 1) * c for k, c in enumerate(self.accept_histogram)) / n if n else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Emitted tokens per target forward per request (1.0 for autoregressive decoding)."""
+        return self.decode_tokens / self.request_steps if self.request_steps else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prefill_steps": self.prefill_steps, "verify_steps": self.verify_steps,
+                "request_steps": self.request_steps, "decode_tokens": self.decode_tokens,
+                "draft_tokens": self.draft_tokens, "accept_histogram": self.accept_histogram,
+                "mean_accept_len": self.mean_accept_len,
+                "tokens_per_forward": self.tokens_per_forward, "draft_s": self.draft_s,
+                "verify_s": self.verify_s, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], drafter: Drafter,
+                         sampling: SamplingConfig, *, cache: PagedKVCache | None = None,
+                         page_size: int = 16, chunk_size: int = 256,
+                         traversal: Traversal | None = None, hook: StepHook | None = None
+                         ) -> tuple[list[GenerationResult], SpecStats]:
+    """Generate for every prompt with speculative decoding.
+
+    traversal: renumber each tree in CHAIN / BFS / DFS order before verification (the order
+    the kernels flatten queries in); None keeps the drafter's order. Output is the same.
+    Raises DraftError if the drafter's vocabulary differs from the target's, CacheFullError
+    (naming the sizes) if a request or a verified tree cannot fit the cache.
+    """
+    prompts, cache = _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size)
+    gen = make_generator(sampling.seed, model.device)
+    acc_gen = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed + 7)
+    stats = SpecStats()
+    base = max(cache.requests(), default=-1) + 1
+    rids: list[int | None] = list(range(base, base + len(prompts)))
+    out: list[list[int]] = [[] for _ in prompts]
+    reason = ["length"] * len(prompts)
+    for r in rids:
+        cache.add_request(r)
+    try:
+        t0 = time.perf_counter()
+        live = _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats)
+        stats.prefill_s = time.perf_counter() - t0
+        live = _retire(live, out, rids, reason, sampling, cache, drafter)
+        t0 = time.perf_counter()
+        while live:
+            _step(model, cache, drafter, [(rids[i], prompts[i], out[i]) for i in live],
+                  sampling, traversal, acc_gen, stats, hook)
+            live = _retire(live, out, rids, reason, sampling, cache, drafter)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)   # honest wall time of async kernels
+        stats.decode_s = time.perf_counter() - t0
+    finally:
+        for r in rids:
+            if r is not None:
+                if cache.has(r):
+                    cache.free_request(r)
+                drafter.release(r)
+    return [GenerationResult(tokens=out[i], prompt_tokens=len(prompts[i]),
+                             finish_reason=reason[i]) for i in range(len(prompts))], stats
+
+
+def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
+          live: list[tuple[int, list[int], list[int]]], sampling: SamplingConfig,
+          traversal: Traversal | None, gen: torch.Generator | None, stats: SpecStats,
+          hook: StepHook | None) -> None:
+    """One speculative step for the live requests (rid, prompt, out); extends each out."""
+    rids = [rid for rid, _, _ in live]
+    drafts = _draft(drafter, [DraftRequest(rid, tuple(p + o)) for rid, p, o in live], stats)
+    trees = _plan(cache, drafts, rids, [sampling.max_new_tokens - len(o) for _, _, o in live],
+                  traversal)
+    t0 = time.perf_counter()
+    logits, pending = _verify(model, cache, rids, trees)
+    stats.verify_s += time.perf_counter() - t0
+    off = 0
+    for (rid, prompt, out), (tree, q, rep) in zip(live, trees):
+        rows = logits[off:off + tree.size]
+        off += tree.size
+        a = _accept(tree, q, rep, rows, sampling, gen)
+        kept = _kept_tokens(a.tokens, out, sampling)
+        _commit(cache, rid, pending, a.nodes[:len(kept)])
+        out.extend(kept)
+        stats.decode_tokens += len(kept)
+        stats.draft_tokens += tree.size - 1
+        _histogram_add(stats, a.accepted)
+        if hook is not None:
+            hook(rid, tree, rows, a)
+        drafter.observe(rid, prompt + out)
+    stats.verify_steps += 1
+    stats.request_steps += len(live)
+
+
+def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
+             ) -> tuple[list[list[int]], PagedKVCache]:
+    """Validate the inputs (clear errors) and size a cache when none is given."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}")
+    dv = drafter.vocab_size
+    if dv is not None and dv != model.cfg.vocab_size:
+        raise DraftError(f"drafter vocabulary size {dv} differs from the target's "
+                         f"{model.cfg.vocab_size}")
+    prompts = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"prompt {i} is empty (need at least one token)")
+    totals = [len(p) + sampling.max_new_tokens for p in prompts]
+    if cache is None:
+        cache = model.new_cache(cache_for(model, totals, page_size))
+    for i, n in enumerate(totals):
+        cache.check_fits(n, f"request {i} (prompt {len(prompts[i])} + max_new_tokens "
+                            f"{sampling.max_new_tokens})")
+    return prompts, cache
+
+
+# -- the five named steps -------------------------------------------------------------------
+def _draft(drafter: Drafter, reqs: list[DraftRequest], stats: SpecStats) -> list[Draft]:
+    t0 = time.perf_counter()
+    drafts = drafter.propose(reqs)
+    stats.draft_s += time.perf_counter() - t0
+    if len(drafts) != len(reqs):
+        raise DraftError(f"drafter returned {len(drafts)} drafts for {len(reqs)} requests")
+    for r, d in zip(reqs, drafts):
+        if d.tree.prefix_len != r.prefix_len or int(d.tree.tokens[0]) != r.root:
+            raise DraftError(f"request {r.rid}: draft tree is not rooted at the last token "
+                             f"{r.root} at position {r.prefix_len}")
+    return drafts
+
+
+def _plan(cache: PagedKVCache, drafts: list[Draft], rids: list[int], remaining: list[int],
+          traversal: Traversal | None) -> list[tuple[DraftTree, torch.Tensor | None, bool]]:
+    """Prune nodes that could only yield tokens past max_new_tokens, check the trees fit the
+    cache, and renumber them in the requested traversal order."""
+    plans = []
+    for rid, d, rem in zip(rids, drafts, remaining):
+        tree, q = d.tree, d.draft_probs
+        if int(tree.depth.max()) > rem - 1:
+            keep = (tree.depth <= rem - 1).nonzero().flatten()
+            tree, q = _subtree(tree, keep), None if q is None else q[keep]
+        cache.check_fits(cache.length(rid) + tree.size,
+                         f"verification of request {rid}'s draft tree ({tree.size} nodes after "
+                         f"{cache.length(rid)} committed tokens)")
+        if traversal is not None:
+            tree, perm = tree.permuted(traversal)
+            q = None if q is None else q[perm]
+        plans.append((tree, q, d.replacement))
+    return plans
+
+
+def _verify(model: NSADecoder, cache: PagedKVCache, rids: list[int],
+            trees: list[tuple[DraftTree, torch.Tensor | None, bool]]
+            ) -> tuple[torch.Tensor, PendingKV]:
+    """One target forward over every live request's tree (writes nothing to the cache)."""
+    return model(cache, [BlockInput(rid, t[0].tokens, t[0].parents) for rid, t in zip(rids, trees)])
+
+
+def _accept(tree: DraftTree, q: torch.Tensor | None, replacement: bool, logits: torch.Tensor,
+            sampling: SamplingConfig, gen: torch.Generator | None) -> Acceptance:
+    if sampling.greedy:
+        return greedy_accept(tree, logits)
+    return sample_accept(tree, sampling_probs(logits, sampling), q, gen, replacement)
+
+
+def _commit(cache: PagedKVCache, rid: int, pending: PendingKV, nodes: Sequence[int]) -> None:
+    """Kept path only: root + accepted drafts whose successor token was kept."""
+    cache.commit(rid, pending, list(nodes))
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats) -> list[int]:
+    """Chunked prefill exactly as specsa.runtime.generate does it (same chunks, same sampler
+    call), so the first token and the committed KV are identical."""
+    done = [0] * len(prompts)
+    live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
+    while any(done[i] < len(prompts[i]) for i in live):
+        batch = [i for i in live if done[i] < len(prompts[i])]
+        blocks = [BlockInput(rids[i], prompts[i][done[i]:done[i] + chunk_size]) for i in batch]
+        logits, pending = model(cache, blocks, last_only=True)
+        for i, b in zip(batch, blocks):
+            cache.commit(rids[i], pending)
+            done[i] += len(b.tokens)
+        finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
+        if finished:
+            for j, t in zip(finished, sample(logits[finished], sampling, gen).tolist()):
+                out[batch[j]].append(t)
+        stats.prefill_steps += 1
+    return live
+
+
+def _kept_tokens(emitted: Sequence[int], so_far: list[int], sampling: SamplingConfig) -> list[int]:
+    """Truncate at the first stop token (kept) and at max_new_tokens, as AR decoding stops."""
+    stop, kept = set(sampling.stop_token_ids), []
+    for t in emitted:
+        if len(so_far) + len(kept) >= sampling.max_new_tokens:
+            break
+        kept.append(int(t))
+        if t in stop:
+            break
+    return kept
+
+
+def _retire(live, out, rids, reason, sampling, cache, drafter) -> list[int]:
+    stop, still = set(sampling.stop_token_ids), []
+    for i in live:
+        if out[i] and out[i][-1] in stop:
+            reason[i] = "stop"
+        elif len(out[i]) < sampling.max_new_tokens:
+            still.append(i)
+            continue
+        cache.free_request(rids[i])
+        drafter.release(rids[i])
+        rids[i] = None
+    return still
+
+
+def _histogram_add(stats: SpecStats, k: int) -> None:
+    while len(stats.accept_histogram) <= k:
+        stats.accept_histogram.append(0)
+    stats.accept_histogram[k] += 1
+
+
+def _subtree(tree: DraftTree, keep: torch.Tensor) -> DraftTree:
+    """Nodes `keep` (ascending, closed under ancestors), renumbered."""
+    where = torch.full((tree.size,), -1, dtype=torch.long)
+    where[keep] = torch.arange(keep.numel())
+    par = tree.parents[keep]
+    return DraftTree(tokens=tree.tokens[keep], parents=torch.where(par < 0, par, where[par.clamp(min=0)]),
+                     prefix_len=tree.prefix_len, max_nodes=tree.max_nodes)

@@ -1,0 +1,77 @@
+"""`--mode specsa` flags and runner for specsa.cli (which owns the parser and the report).
+
+    --mode specsa --draft SPEC [--tree topk=K,depth=D,tokens=N | --gamma G] [--traversal T]
+
+SPEC: self:K | model:DIR | ngram:N | oracle:P (oracle: benchmark only; the runner first runs
+autoregressive generation to learn the continuation). The mode's JSON part adds
+accept_histogram, mean_accept_len and tokens_per_forward to the AR fields.
+"""
+from __future__ import annotations
+
+import argparse
+
+from specsa.config import CacheConfig, ConfigError, SamplingConfig, Traversal, parse_enum
+from specsa.runtime.tree import TreeSpec
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (--mode specsa)")
+    g.add_argument("--draft", default=None, metavar="SPEC",
+                   help="self:K (target's first K layers), model:DIR, ngram:N, "
+                        "oracle:P (benchmarks only)")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--tree", default=None, metavar="topk=K,depth=D,tokens=N",
+                       help="draft tree shape (EAGLE-2 style top-k expansion)")
+    shape.add_argument("--gamma", type=int, default=None, metavar="G",
+                       help="draft chain length (default 4)")
+    g.add_argument("--traversal", default=None, choices=[t.value for t in Traversal],
+                   help="verification flattening order (default: drafter order)")
+
+
+def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
+    if args.tree is not None:
+        return TreeSpec.parse(args.tree)
+    return TreeSpec.chain(4 if args.gamma is None else args.gamma)
+
+
+def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
+                       sampling: SamplingConfig, cache: CacheConfig, *, chunk_size: int = 256,
+                       tokenizer=None) -> dict:
+    """Run speculative generation for one prompt; returns the mode's part of the JSON report.
+    Raises ConfigError (subclasses: DraftError) for bad --draft / --tree / --gamma values."""
+    from specsa.runtime.drafters import parse_draft_spec
+    from specsa.runtime.drafters.build import build_drafter
+    from specsa.runtime.loop import speculative_generate
+
+    if not args.draft:
+        raise ConfigError("--mode specsa needs --draft SPEC (self:K, model:DIR, ngram:N, oracle:P)")
+    spec = parse_draft_spec(args.draft)
+    tree = tree_spec_from_args(args)
+    trav = None if args.traversal is None else parse_enum(Traversal, args.traversal, "--traversal")
+    drafter = build_drafter(spec, model, tree, sampling, cache, tokenizer=tokenizer,
+                            seed=sampling.seed, nsa_overrides=vars(args).get("nsa"))
+    if spec.kind == "oracle":
+        from specsa.runtime.generate import generate
+        truth = generate(model, [prompt_ids], sampling, chunk_size=chunk_size)[0][0].tokens
+        drafter.set_truth(0, list(prompt_ids) + truth)   # first request id of a fresh cache
+    kv = model.new_cache(CacheConfig(page_size=cache.page_size,
+                                     num_pages=cache.num_pages + _tree_pages(tree, cache)))
+    results, stats = speculative_generate(model, [prompt_ids], drafter, sampling, cache=kv,
+                                          chunk_size=chunk_size, traversal=trav)
+    d = stats.to_dict()
+    return {"tokens": results[0].tokens, "finish_reason": results[0].finish_reason,
+            "steps": stats.prefill_steps + stats.verify_steps, **d,
+            "draft": args.draft, "tree": {"topk": tree.topk, "depth": tree.depth,
+                                          "tokens": tree.tokens}}
+
+
+def run_specsa(req) -> dict:
+    """Runner for specsa.cli's MODES registry (req: specsa.cli.RunRequest)."""
+    return run_spec_from_args(req.args, req.model, req.prompt_ids, req.sampling, req.cache,
+                              chunk_size=req.chunk_size)
+
+
+def _tree_pages(tree: TreeSpec, cache: CacheConfig) -> int:
+    """Headroom so a full draft tree fits beside the committed tokens (the CLI sizes the
+    cache for prompt + max_new_tokens only)."""
+    return -(-(tree.tokens + 1) // cache.page_size)
