@@ -32,6 +32,8 @@ from specsa.runtime.tree import DraftTree
 
 # (request id, verified tree, target logits [T, V], acceptance): lets benchmarks and tests
 # observe every verify step without the loop knowing about them.
+MAX_TREE_NODES = 64
+
 StepHook = Callable[[int, DraftTree, torch.Tensor, Acceptance], None]
 
 
@@ -76,12 +78,15 @@ class SpecStats:
 def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], drafter: Drafter,
                          sampling: SamplingConfig, *, cache: PagedKVCache | None = None,
                          page_size: int = 16, chunk_size: int = 256,
-                         traversal: Traversal | None = None, hook: StepHook | None = None
-                         ) -> tuple[list[GenerationResult], SpecStats]:
+                         traversal: Traversal | None = None, hook: StepHook | None = None,
+                         controller=None) -> tuple[list[GenerationResult], SpecStats]:
     """Generate for every prompt with speculative decoding.
 
     traversal: renumber each tree in CHAIN / BFS / DFS order before verification (the order
     the kernels flatten queries in); None keeps the drafter's order. Output is the same.
+    controller: an `specsa.orchestrator.AdaptiveController`; it picks the draft shape (or no
+    speculation) and traversal per step from measured acceptance. Output is unchanged by it
+    in the STRICT class: it only changes what is drafted, never what is accepted.
     Raises DraftError if the drafter's vocabulary differs from the target's, CacheFullError
     (naming the sizes) if a request or a verified tree cannot fit the cache.
     """
@@ -101,9 +106,15 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
         stats.prefill_s = time.perf_counter() - t0
         live = _retire(live, out, rids, reason, sampling, cache, drafter)
         t0 = time.perf_counter()
+        if controller is not None and live:
+            controller.start(max(cache.length(rids[i]) for i in live), len(live))
         while live:
+            trav = traversal
+            if controller is not None:
+                trav = _apply_strategy(controller, drafter, cache, [rids[i] for i in live],
+                                       traversal)
             _step(model, cache, drafter, [(rids[i], prompts[i], out[i]) for i in live],
-                  sampling, traversal, acc_gen, stats, hook)
+                  sampling, trav, acc_gen, stats, hook, controller)
             live = _retire(live, out, rids, reason, sampling, cache, drafter)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)   # honest wall time of async kernels
@@ -121,16 +132,24 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
 def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
           live: list[tuple[int, list[int], list[int]]], sampling: SamplingConfig,
           traversal: Traversal | None, gen: torch.Generator | None, stats: SpecStats,
-          hook: StepHook | None) -> None:
+          hook: StepHook | None, controller=None) -> None:
     """One speculative step for the live requests (rid, prompt, out); extends each out."""
     rids = [rid for rid, _, _ in live]
-    drafts = _draft(drafter, [DraftRequest(rid, tuple(p + o)) for rid, p, o in live], stats)
+    reqs = [DraftRequest(rid, tuple(p + o)) for rid, p, o in live]
+    if controller is not None and not controller.strategy.speculate:
+        # the planner chose plain decoding: a root-only tree is one autoregressive step
+        drafts = [Draft(tree=DraftTree(tokens=[r.root], parents=[-1], prefix_len=r.prefix_len))
+                  for r in reqs]
+    else:
+        drafts = _draft(drafter, reqs, stats)
     trees = _plan(cache, drafts, rids, [sampling.max_new_tokens - len(o) for _, _, o in live],
                   traversal)
     t0 = time.perf_counter()
     logits, pending = _verify(model, cache, rids, trees)
     stats.verify_s += time.perf_counter() - t0
     off = 0
+    accepted: list[int] = []
+    depths: list[int] = []
     for (rid, prompt, out), (tree, q, rep) in zip(live, trees):
         rows = logits[off:off + tree.size]
         off += tree.size
@@ -144,8 +163,23 @@ def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
         if hook is not None:
             hook(rid, tree, rows, a)
         drafter.observe(rid, prompt + out)
+        accepted.append(a.accepted)
+        depths.append(int(tree.depth.max()))
+    if controller is not None:
+        controller.observe(accepted, depth=depths)
     stats.verify_steps += 1
     stats.request_steps += len(live)
+
+
+def _apply_strategy(controller, drafter: Drafter, cache: PagedKVCache, rids: list[int],
+                    traversal: Traversal | None) -> Traversal | None:
+    """Ask the controller for this step's strategy and point the drafter at its shape."""
+    from specsa.runtime.tree import TreeSpec
+
+    s = controller.next_strategy(max(cache.length(r) for r in rids), len(rids))
+    if s.speculate:
+        drafter.spec = TreeSpec(topk=s.topk, depth=s.depth, tokens=s.tokens)
+    return traversal if traversal is not None else s.traversal
 
 
 def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
@@ -163,7 +197,10 @@ def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
             raise ConfigError(f"prompt {i} is empty (need at least one token)")
     totals = [len(p) + sampling.max_new_tokens for p in prompts]
     if cache is None:
-        cache = model.new_cache(cache_for(model, totals, page_size))
+        # headroom for the largest draft tree verified beside the committed tokens (the
+        # orchestrator may change the shape between steps; kernels verify <= 64 nodes)
+        cache = model.new_cache(cache_for(model, [n + MAX_TREE_NODES for n in totals],
+                                          page_size))
     for i, n in enumerate(totals):
         cache.check_fits(n, f"request {i} (prompt {len(prompts[i])} + max_new_tokens "
                             f"{sampling.max_new_tokens})")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from specsa.config import CacheConfig, ConfigError, SamplingConfig, Traversal, parse_enum
+from pathlib import Path
+
+from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Traversal,
+                           parse_enum)
 from specsa.runtime.tree import TreeSpec
 
 
@@ -26,6 +29,14 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                        help="draft chain length (default 4)")
     g.add_argument("--traversal", default=None, choices=[t.value for t in Traversal],
                    help="verification flattening order (default: drafter order)")
+    g.add_argument("--plan", choices=("fixed", "auto"), default="fixed",
+                   help="auto: the orchestrator picks the draft shape (or no speculation) per "
+                        "step from --profile and measured acceptance, inside --precision")
+    g.add_argument("--profile", default=None, metavar="JSON",
+                   help="latency profile for --plan auto (default: configs/profiles/<device>/)")
+    g.add_argument("--precision", default="strict",
+                   choices=[c.value for c in PrecisionClass],
+                   help="precision class the orchestrator must stay inside")
 
 
 def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
@@ -56,13 +67,33 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
         drafter.set_truth(0, list(prompt_ids) + truth)   # first request id of a fresh cache
     kv = model.new_cache(CacheConfig(page_size=cache.page_size,
                                      num_pages=cache.num_pages + _tree_pages(tree, cache)))
+    controller = _controller(args, model) if args.plan == "auto" else None
     results, stats = speculative_generate(model, [prompt_ids], drafter, sampling, cache=kv,
-                                          chunk_size=chunk_size, traversal=trav)
+                                          chunk_size=chunk_size, traversal=trav,
+                                          controller=controller)
     d = stats.to_dict()
     return {"tokens": results[0].tokens, "finish_reason": results[0].finish_reason,
             "steps": stats.prefill_steps + stats.verify_steps, **d,
             "draft": args.draft, "tree": {"topk": tree.topk, "depth": tree.depth,
                                           "tokens": tree.tokens}}
+
+
+_PROFILES = Path(__file__).resolve().parents[3] / "configs" / "profiles"
+
+
+def _controller(args: argparse.Namespace, model):
+    """AdaptiveController from --profile (default: the repo's profile for this device)."""
+    from specsa.orchestrator import AdaptiveController, load_profile
+
+    path = args.profile
+    if path is None:
+        dev = "cpu" if model.device.type == "cpu" else "h200"
+        found = sorted((_PROFILES / dev).glob("*.json"))
+        if not found:
+            raise ConfigError(f"--plan auto: no profile under {_PROFILES / dev}; pass --profile")
+        path = found[0]
+    return AdaptiveController(load_profile(path), parse_enum(PrecisionClass, args.precision,
+                                                               "--precision"))
 
 
 def run_specsa(req) -> dict:

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 import torch
 
 from specsa.config import ConfigError
-from specsa.runtime.tree import DraftTree
+from specsa.runtime.tree import DraftTree, TreeSpec
 
 
 class DraftError(ConfigError):
@@ -52,6 +52,7 @@ class Draft:
 
 class Drafter(Protocol):
     vocab_size: int | None  # None: token-agnostic (lookup drafters)
+    spec: TreeSpec          # draft shape; the orchestrator may change it between steps
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         ...

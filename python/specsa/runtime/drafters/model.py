@@ -71,7 +71,6 @@ class ModelDrafter:
         self.vocab_size = model.cfg.vocab_size
         self.cache = model.new_cache(cache)
         self.cached: dict[int, list[int]] = {}
-        self.sample_chain = spec.is_chain and not sampling.greedy
 
     # -- protocol -------------------------------------------------------------------------
     def observe(self, rid: int, context: Sequence[int]) -> None:
@@ -81,6 +80,12 @@ class ModelDrafter:
         if rid in self.cached:
             self.cache.free_request(rid)
             del self.cached[rid]
+
+    @property
+    def sample_chain(self) -> bool:
+        """Sampled chains carry q for exact rejection sampling; trees draft top-k (point-mass
+        q). A property, so a planner that changes `spec` between steps stays exact."""
+        return self.spec.is_chain and not self.sampling.greedy
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         self._sync(requests)
