@@ -1,0 +1,98 @@
+"""SpecSA as an SGLang plugin (entry point group `sglang.srt.plugins`, pinned sglang==0.5.17).
+
+`register()` runs in every SGLang process before arguments are parsed and:
+- adds the `specsa` attention backend (NSA extend / decode / TARGET_VERIFY, backend.py);
+- registers the `SPECSA` speculative algorithm (algorithm.py) with its worker (worker.py), so
+  `python -m sglang.launch_server --model-path M --speculative-algo specsa` works;
+- lets `specsa` serve as an EAGLE draft attention backend (dense, torch; used on CPU);
+- works around 0.5.17's `get_draft_kv_pool` startup crash for workers without a draft runner;
+- only with SGLANG_PLATFORM=specsa_cpu: installs the torch fallbacks of cpu_fallbacks.py.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("specsa")
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    try:                                      # 0.5.23+
+        from sglang.srt.arg_groups.choices import add_attention_backend_choices
+    except ImportError:                       # 0.5.17: server_args.py:386
+        from sglang.srt.server_args import add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from .algorithm import BACKEND, SpecsaAlgo, record_user_backends
+    from .cpu_platform import selected as cpu_platform_selected
+
+    add_attention_backend_choices([BACKEND])
+
+    @register_attention_backend(BACKEND)
+    def _make_backend(runner):
+        from .backend import SpecsaAttnBackend
+        return SpecsaAttnBackend(runner)
+
+    @SpeculativeAlgorithm.register("SPECSA", supports_overlap=False, spec_class=SpecsaAlgo)
+    def _worker_cls(server_args):
+        from .worker import SpecsaWorker
+        return SpecsaWorker
+
+    HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory."
+                          "create_decode_backend", _draft_decode_backend, HookType.AROUND)
+    HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory."
+                          "create_draft_extend_backend", _draft_extend_backend, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__",
+                          record_user_backends, HookType.BEFORE)
+    _register_draft_kv_pool_fix(HookRegistry, HookType)
+    if cpu_platform_selected():
+        from . import cpu_fallbacks
+        cpu_fallbacks.install(HookRegistry, HookType)
+
+
+def _draft_backend_name(factory, phase_field: str) -> str | None:
+    sa = factory.server_args
+    return factory.draft_attn_backend or getattr(sa, phase_field, None) or sa.attention_backend
+
+
+def _draft_decode_backend(original, factory):
+    if _draft_backend_name(factory, "decode_attention_backend") != "specsa":
+        return original(factory)
+    if factory.speculative_num_steps <= 1:
+        return None
+    from .backend import SpecsaDraftDecodeBackend
+    return SpecsaDraftDecodeBackend(factory.draft_model_runner, factory.topk,
+                                    factory.speculative_num_steps)
+
+
+def _draft_extend_backend(original, factory):
+    if _draft_backend_name(factory, "prefill_attention_backend") != "specsa":
+        return original(factory)
+    from .backend import SpecsaAttnBackend
+    return SpecsaAttnBackend(factory.draft_model_runner, dense=True)
+
+
+def _register_draft_kv_pool_fix(HookRegistry, HookType) -> None:
+    # 0.5.17: Scheduler.init_disaggregation always calls kv_cache_builder.get_draft_kv_pool
+    # (scheduler.py:1288), which dereferences draft_worker.draft_worker.draft_runner and
+    # crashes for a spec worker without a draft TpModelWorker.
+    try:
+        import sglang.srt.mem_cache.kv_cache_builder as kcb
+    except ImportError:
+        return
+    if not hasattr(kcb, "get_draft_kv_pool"):
+        return
+
+    def _get_draft_kv_pool(original, *args, **kwargs):
+        dw = kwargs.get("draft_worker", args[0] if args else None)
+        if dw is not None and getattr(dw, "draft_worker", None) is None:
+            return None
+        return original(*args, **kwargs)
+    HookRegistry.register("sglang.srt.mem_cache.kv_cache_builder.get_draft_kv_pool",
+                          _get_draft_kv_pool, HookType.AROUND)

@@ -1,0 +1,132 @@
+"""Start and talk to real SGLang server processes (tests, examples, benchmarks, GPU check).
+
+    with launch_server(model_dir, port, ["--speculative-algo", "specsa"], cpu=True) as srv:
+        out = srv.generate(input_ids=[...], max_new_tokens=16)   # greedy
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from .cpu_platform import PLATFORM_NAME
+
+
+class ServerError(RuntimeError):
+    """The server process exited or did not become healthy; the message holds its log tail."""
+
+
+def _http(url: str, payload: dict | None = None, timeout: float = 600.0) -> tuple[int, dict | str]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        body, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def post(self, path: str, payload: dict | None = None, timeout: float = 600.0):
+        return _http(self.url + path, payload if payload is not None else {}, timeout)
+
+    def get(self, path: str, timeout: float = 60.0):
+        return _http(self.url + path, None, timeout)
+
+    def generate(self, *, input_ids=None, text=None, max_new_tokens: int = 16, **extra) -> dict:
+        """Greedy /generate; raises ServerError on a non-200 answer."""
+        body = {"sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                    "ignore_eos": True}, **extra}
+        body["input_ids" if input_ids is not None else "text"] = (
+            input_ids if input_ids is not None else text)
+        status, out = self.post("/generate", body)
+        if status != 200:
+            raise ServerError(f"/generate -> {status}: {out}")
+        return out
+
+    def wait_healthy(self, timeout: float = 600.0) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if not self.alive():
+                raise ServerError(f"server on port {self.port} exited:\n{self.log_tail()}")
+            try:
+                status, _ = self.get("/health_generate", timeout=30)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise ServerError(f"server on port {self.port} not healthy after {timeout}s:\n"
+                          f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)     # the group this launcher created
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def server_command(model: str, port: int, args: list[str], *, cpu: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
+           "--port", str(port), "--host", "127.0.0.1"]
+    if cpu:
+        cmd += ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "8192"]
+    return cmd + list(args)
+
+
+def start_server(model: str, port: int, args: list[str] = (), *, cpu: bool = True,
+                 env: dict | None = None, log_path: str | Path | None = None,
+                 cwd: str | None = None) -> Server:
+    """Launch `python -m sglang.launch_server` in its own process group (no wait)."""
+    full_env = dict(os.environ)
+    if cpu:
+        full_env["SGLANG_PLATFORM"] = PLATFORM_NAME
+        full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    log_path = Path(log_path or f"/tmp/specsa_sglang_{port}.log")
+    log = open(log_path, "w")
+    # cwd must not hold a folder named `specsa` (a namespace package would shadow the plugin)
+    proc = subprocess.Popen(server_command(model, port, list(args), cpu=cpu), env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=cwd or "/tmp")
+    return Server(proc, port, log_path)
+
+
+@contextmanager
+def launch_server(model: str, port: int, args: list[str] = (), *, cpu: bool = True,
+                  env: dict | None = None, log_path: str | Path | None = None,
+                  timeout: float = 600.0):
+    srv = start_server(model, port, args, cpu=cpu, env=env, log_path=log_path)
+    try:
+        srv.wait_healthy(timeout)
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,66 @@
+"""NSA settings of an SGLang server, parsed once at the plugin edge into `NSAConfig`.
+
+Sources, later ones override earlier ones:
+1. `NSAConfig()` defaults (training-free: union combine, mean compression);
+2. the checkpoint's `config.json["nsa"]` (CONTRACTS.md section 5);
+3. the environment variable `SPECSA_NSA`: `key=value,...` (the `--nsa` syntax of the specsa
+   CLI), a JSON object, or the path of a JSON file holding an object.
+
+SGLang owns the command line, so the environment variable is this plugin's "flag"; it is read
+here and nowhere below (STYLE.md section 6, item 9).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from specsa.config import Combine, Compression, ConfigError, NSAConfig
+
+ENV_NSA = "SPECSA_NSA"
+
+
+def _env_overrides(raw: str) -> dict | str:
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{ENV_NSA}: invalid JSON ({e})") from None
+    if text.endswith(".json") or os.path.isfile(text):
+        try:
+            with open(text) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{ENV_NSA}: cannot read JSON file {text!r} ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{ENV_NSA}: {text!r} must hold a JSON object")
+        return data.get("nsa", data)
+    return text
+
+
+def checkpoint_nsa(hf_config) -> dict | None:
+    """The `nsa` entry of a transformers config (config.json), or None."""
+    nsa = getattr(hf_config, "nsa", None)
+    if nsa is None and hasattr(hf_config, "to_dict"):
+        nsa = hf_config.to_dict().get("nsa")
+    if nsa is not None and not isinstance(nsa, dict):
+        raise ConfigError(f"config.json 'nsa' must be an object, got {type(nsa).__name__}")
+    return nsa
+
+
+def resolve_nsa_config(hf_config, env: dict | None = None) -> NSAConfig:
+    """NSAConfig for a checkpoint: defaults <- config.json["nsa"] <- $SPECSA_NSA."""
+    env = os.environ if env is None else env
+    cfg = NSAConfig()
+    ckpt = checkpoint_nsa(hf_config)
+    if ckpt:
+        cfg = NSAConfig.from_dict({**cfg.to_dict(), **ckpt})
+    raw = env.get(ENV_NSA, "")
+    if raw.strip():
+        cfg = cfg.with_overrides(_env_overrides(raw))
+    return cfg
+
+
+def is_native(cfg: NSAConfig) -> bool:
+    """Native NSA needs per-layer gate / compression weights from the checkpoint."""
+    return cfg.combine is Combine.GATED or cfg.compress is Compression.LEARNED
