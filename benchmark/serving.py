@@ -10,6 +10,7 @@ Requests are greedy random token ids (`--dataset-name random-ids`, no dataset do
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,21 @@ METRICS = ("completed", "duration", "total_input_tokens", "total_output_tokens",
            "median_itl_ms", "median_e2e_latency_ms", "accept_length")
 
 
+def _bench_env() -> dict:
+    """sglang.bench_serving imports every dataset module at start-up, and its MMMU module
+    needs HF `datasets`, which the H200 bundle leaves out. The random-ids dataset used here
+    never calls it, so a stub module that fails loudly if called is put on the path."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("datasets") is None:
+        stub = Path(tempfile.mkdtemp()) / "datasets"
+        stub.mkdir()
+        (stub / "__init__.py").write_text(
+            "def load_dataset(*a, **k):\n"
+            "    raise RuntimeError('HF datasets is not installed (stub from specsa benchmark)')\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(stub.parent)) if p)
+    return env
+
+
 def bench_serving(base_url: str, tokenizer: str, *, num_prompts: int, input_len: int,
                   output_len: int, concurrency: int, seed: int = 1) -> dict:
     """Run `python -m sglang.bench_serving` once; returns its result record (selected metrics)."""
@@ -35,7 +51,7 @@ def bench_serving(base_url: str, tokenizer: str, *, num_prompts: int, input_len:
            "--random-range-ratio", "1.0", "--num-prompts", str(num_prompts),
            "--max-concurrency", str(concurrency), "--seed", str(seed), "--output-file", str(out),
            "--disable-tqdm", "--warmup-requests", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd="/tmp")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd="/tmp", env=_bench_env())
     if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"bench_serving failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
                            f"{r.stderr[-3000:]}")

@@ -93,7 +93,8 @@ def main() -> None:
     prompts = [[rng.randrange(2, 512) for _ in range(rng.randrange(150, 300))]
                for _ in range(NUM_PROMPTS)]
     common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--grammar-backend", "none",
-              "--mem-fraction-static", "0.3", "--max-running-requests", "16"]
+              "--mem-fraction-static", "0.3", "--max-running-requests", "16",
+              "--disable-cuda-graph"]
     spec_args = ["--speculative-algo", "specsa", "--speculative-num-steps", "3",
                  "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "6"]
     result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
