@@ -90,6 +90,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache pages (default: exactly what the request needs)")
     p.add_argument("--chunk-size", type=_positive_int("--chunk-size"), default=256,
                    help="prefill chunk size")
+    p.add_argument("--attn-impl", choices=("auto", "torch", "triton"), default="auto",
+                   help="NSA core: torch (masked_nsa) or triton kernels; auto = triton on "
+                        "cuda, torch on cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     from specsa.runtime.spec_cli import add_spec_args
 
@@ -134,6 +137,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file, parser)
     model = load_model(model_dir, nsa_overrides=args.nsa, device=args.device,
                        dtype=getattr(torch, args.dtype))
+    try:
+        model.set_attn_impl(args.attn_impl)
+    except ConfigError as e:
+        parser.error(f"--attn-impl: {e}")
     tok = load_tokenizer(model_dir)
     ids = tok.encode(prompt, add_special_tokens=False)
     if not ids:
@@ -154,7 +161,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     text = tok.decode(report["tokens"], skip_special_tokens=True)
     report = {"mode": args.mode, "model": str(model_dir), "prompt_tokens": len(ids),
               "text": text, **report, "nsa": model.nsa.to_dict(), "device": args.device,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "attn_impl": model.attn_impl.value}
     if args.json:
         print(json.dumps(report))
     else:

@@ -1,23 +1,89 @@
-"""NSA self-attention layer of the decoder (Llama/Qwen2 projections + NSA core).
+"""NSA self-attention layer of the decoder (Llama/Qwen2 projections + NSA core), two paths.
 
-Projections, RoPE and the output projection are batched over all tokens of all requests;
-the NSA core runs per request (`masked_nsa` over that request's committed context + block),
-which is the CPU / eager path. Keys are post-RoPE (they are what the cache stores), scale is
-1/sqrt(head_dim) (DESIGN.md section 3).
+Projections, RoPE and the output projection are batched over all tokens of all requests.
+The NSA core has two implementations, chosen per model with `AttnImpl` (parsed at the edge:
+CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
+
+- TORCH (default on CPU): per request `masked_nsa` over that request's committed context +
+  block; the eager reference path (host syncs, not graph-capturable).
+- TRITON (default on CUDA; on CPU only under TRITON_INTERPRET=1, for tests): the kernels of
+  `specsa.kernels`, batched over requests. Per forward, `plan_triton_forward` freezes the host
+  geometry once (page tables, positions, provisional-token sources, the `NSAVerifier` plan);
+  per layer:
+    verify rows (decode steps, draft trees, chains of <= MAX_TREE tokens): provisional
+      compressed tokens of nodes closing a block (`compress_gather`, committed slots + the
+      path's tail rows), refresh (`score_topk`: committed compressed tokens from the paged
+      compressed cache + the visible provisional ones; o_cmp when gated), then selected +
+      window + combine (`NSAVerifier.run`). Nothing is written to the cache.
+    prefill rows (chains longer than TritonOptions.prefill_chain <= MAX_TREE, which only
+      prefill produces and which are committed whole): the chunk's K/V is written into its (reserved, not yet committed)
+      page slots, then `chunked_nsa_prefill` (compresses the chunk's closed blocks into the
+      compressed cache, refresh, selected + window). Commit then only advances the length.
+  The commit of verify blocks is `fused_commit` (accepted path's KV + its provisional
+  compressed tokens, every layer in one launch, no recompute): see `PagedKVCache.commit`.
+
+Keys are post-RoPE (they are what the cache stores), scale is 1/sqrt(head_dim) (DESIGN.md 3).
 """
 from __future__ import annotations
 
+import enum
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from specsa.config import Combine, Compression, NSAConfig
+from specsa.config import (Combine, Compression, ConfigError, NSAConfig, Schedule, Traversal,
+                           parse_enum)
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp
 
-from .cache import PagedKVCache
+from .cache import BlockMeta, PagedKVCache
 from .config import ModelConfig
 from .rope import apply_rotary
+
+# The verify kernel's tree mask is one int64 bitmask per row; longer chains are prefill chunks.
+MAX_TREE = 64
+
+
+class AttnImpl(enum.Enum):
+    TORCH = "torch"     # masked_nsa per request (reference, eager)
+    TRITON = "triton"   # specsa.kernels: score_topk + NSAVerifier / chunked prefill + fused commit
+
+
+def resolve_attn_impl(value: AttnImpl | str | None, device: torch.device | str) -> AttnImpl:
+    """AttnImpl from an enum / its string / None or "auto" (TRITON on CUDA, TORCH on CPU).
+    TRITON on a CPU needs the Triton interpreter (TRITON_INTERPRET=1, set before import)."""
+    dev = torch.device(device)
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return AttnImpl.TRITON if dev.type == "cuda" else AttnImpl.TORCH
+    impl = parse_enum(AttnImpl, value, "attn_impl")
+    if impl is AttnImpl.TRITON and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("attn_impl=triton on a CPU model needs the Triton interpreter: set "
+                          "TRITON_INTERPRET=1 before importing specsa (or use attn_impl=torch)")
+    if impl is AttnImpl.TRITON and dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"attn_impl=triton supports cuda (and cpu under the interpreter), "
+                          f"not {dev.type}")
+    return impl
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Knobs of the Triton path's verification (see `specsa.attention.NSAVerifier.plan`)."""
+
+    schedule: Schedule = Schedule.EXACT_MERGED
+    traversal: Traversal = Traversal.BFS
+    group_size: int | None = None
+    num_splits: int | None = None
+    # chains with more nodes than this are prefill chunks (chunked_nsa_prefill, written in
+    # place); at most MAX_TREE, the verify kernel's limit
+    prefill_chain: int = MAX_TREE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", parse_enum(Schedule, self.schedule, "schedule"))
+        object.__setattr__(self, "traversal", parse_enum(Traversal, self.traversal, "traversal"))
+        if not 1 <= self.prefill_chain <= MAX_TREE:
+            raise ConfigError(f"TritonOptions.prefill_chain must be in 1..{MAX_TREE} (the verify "
+                              f"kernel's tree limit), got {self.prefill_chain}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +101,194 @@ class RequestView:
     kv_slots: torch.Tensor         # [P] int64
     cmp_slots: torch.Tensor        # [num_cmp(P)] int64
     cmp_offset: int
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A subset of the batch's rows: `idx` [n] int64 on device, or None when it is all of them
+    (then no gather / scatter is needed)."""
+
+    idx: torch.Tensor | None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.idx is None else x.index_select(0, self.idx)
+
+    def put(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        if self.idx is None:
+            out.copy_(x)
+        else:
+            out.index_copy_(0, self.idx, x)
+
+
+@dataclass(frozen=True)
+class VerifyPart:
+    """Verify rows of a Triton forward (requests in batch order, nodes in block order)."""
+
+    rows: _Rows
+    block_table: torch.Tensor      # [Bv, max_pages] int32 (committed pages)
+    q_req: torch.Tensor            # [Nv] int32
+    q_pos: torch.Tensor            # [Nv] int32
+    cmp_lens: torch.Tensor         # [Bv] int32 num_cmp(P)
+    prov_idx: torch.Tensor | None  # [Np, l] int64 compress_gather sources (None: Np = 0)
+    prov_cidx: torch.Tensor | None  # [Np] int32
+    prov_vis: torch.Tensor | None  # [Nv, MP] int32, -1 padded
+    num_prov: int
+    verifier: object               # specsa.attention.NSAVerifier holding this step's plan
+
+
+@dataclass(frozen=True)
+class PrefillPart:
+    """Prefill-chunk rows of a Triton forward (written into their page slots first)."""
+
+    rows: _Rows
+    block_table: torch.Tensor      # [Bf, max_pages] int32 (pages up to P + n reserved)
+    q_req: torch.Tensor            # [Nf] int32
+    q_pos: torch.Tensor            # [Nf] int32
+    prefix_lens: torch.Tensor      # [Bf] int32
+    seq_lens: torch.Tensor         # [Bf] int32
+    slots: torch.Tensor            # [Nf] int64 flat raw-KV slot of every row
+
+
+@dataclass(frozen=True)
+class TritonForward:
+    """Everything a Triton forward needs from the host, built once per forward (no per-layer
+    host work): tokens, positions, last rows, block metas and the two row parts."""
+
+    tokens: torch.Tensor           # [N] int64
+    positions: torch.Tensor        # [N] int64
+    last_rows: torch.Tensor        # [B] int64, last node of each block
+    metas: dict[int, BlockMeta]
+    in_place: frozenset[int]       # rids whose block KV the forward writes into its pages
+    verify: VerifyPart | None
+    prefill: PrefillPart | None
+
+
+def _i32(x, dev) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+
+
+def _i64(x, dev) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+
+
+def _table(cache: PagedKVCache, rids: list[int], dev) -> torch.Tensor:
+    tables = [cache.block_table(r) for r in rids]
+    width = max(1, max(len(t) for t in tables))
+    return _i32([t + [0] * (width - len(t)) for t in tables], dev)
+
+
+def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], tuple[int, ...]]],
+                        nsa: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                        scale: float, device: torch.device,
+                        options: TritonOptions = TritonOptions()) -> TritonForward:
+    """Host geometry of one Triton forward.
+
+    Args:
+        cache: committed context (prefill blocks get their pages reserved here; their length
+            only moves at commit).
+        blocks: validated (rid, token ids, parents) per request, distinct rids.
+        nsa / heads / head_dim / scale: the model's attention geometry.
+        options: verification schedule knobs.
+    Returns:
+        TritonForward. A chain block longer than options.prefill_chain is a prefill chunk
+        (written in place); everything else is verified from the draft tail.
+    """
+    from specsa.attention import NSAVerifier
+
+    p = nsa.params
+    ps = cache.page_size
+    toks, poss, last, metas, in_place = [], [], [], {}, set()
+    v_rids, v_par, v_P, v_rows, v_qpos, v_qreq = [], [], [], [], [], []
+    f_rids, f_rows, f_qpos, f_qreq, f_P, f_len, f_slots = [], [], [], [], [], [], []
+    prov_idx, prov_cidx, prov_vis_rows = [], [], []
+    off = cmp_off = 0
+    for rid, ids, par in blocks:
+        n, P = len(ids), cache.length(rid)
+        depth = []
+        for u, q in enumerate(par):
+            depth.append(0 if q < 0 else depth[q] + 1)
+        pos = [P + d for d in depth]
+        chain = par == tuple(range(-1, n - 1))
+        if chain and n > options.prefill_chain:
+            cache.reserve(rid, P + n)
+            pages = cache.block_table(rid)
+            f_qreq.extend([len(f_rids)] * n)
+            f_rids.append(rid)
+            f_rows.extend(range(off, off + n))
+            f_qpos.extend(pos)
+            f_P.append(P)
+            f_len.append(P + n)
+            f_slots.extend(pages[t // ps] * ps + t % ps for t in pos)
+            in_place.add(rid)
+            metas[rid] = BlockMeta(offset=off, prefix_len=P, parents=par, cmp_offset=cmp_off,
+                                   close_nodes=(), cmp_index=())
+        else:
+            pages = cache.block_table(rid)
+            voff = len(v_rows)                    # first row of this request in the verify part
+            close, cidx = [], []
+            for v in range(n):
+                e = pos[v] - p.block + 1
+                if e < 0 or e % p.stride:
+                    continue
+                src, cur = [], v
+                for t in range(pos[v], e - 1, -1):   # the block's l sources, newest first
+                    if t >= P:
+                        src.append(-1 - (voff + cur))
+                        cur = par[cur]
+                    else:
+                        src.append(pages[t // ps] * ps + t % ps)
+                prov_idx.append(src[::-1])
+                prov_cidx.append(e // p.stride)
+                close.append(v)
+                cidx.append(e // p.stride)
+            rows_of = {v: cmp_off + j for j, v in enumerate(close)}
+            for u in range(n):                   # provisional tokens closed by u or an ancestor
+                seen, cur = [], u
+                while cur >= 0:
+                    if cur in rows_of:
+                        seen.append(rows_of[cur])
+                    cur = par[cur]
+                prov_vis_rows.append(seen[::-1])
+            v_qreq.extend([len(v_rids)] * n)
+            v_rids.append(rid)
+            v_par.append(list(par))
+            v_P.append(P)
+            v_rows.extend(range(off, off + n))
+            v_qpos.extend(pos)
+            metas[rid] = BlockMeta(offset=off, prefix_len=P, parents=par, cmp_offset=cmp_off,
+                                   close_nodes=tuple(close), cmp_index=tuple(cidx))
+            cmp_off += len(close)
+        toks.extend(ids)
+        poss.extend(pos)
+        off += n
+        last.append(off - 1)
+    dev = torch.device(device)
+    n_all = off
+    verify = prefill = None
+    if v_rids:
+        rows = _Rows(None if len(v_rows) == n_all else _i64(v_rows, dev))
+        bt = _table(cache, v_rids, dev)
+        verifier = NSAVerifier(nsa, num_q_heads, num_kv_heads, head_dim, device=dev, scale=scale)
+        verifier.plan(v_par, v_P, bt, schedule=options.schedule, traversal=options.traversal,
+                      group_size=options.group_size, num_splits=options.num_splits)
+        npv = len(prov_idx)
+        mp = max(1, max(len(r) for r in prov_vis_rows))
+        vis = [r + [-1] * (mp - len(r)) for r in prov_vis_rows]
+        verify = VerifyPart(
+            rows=rows, block_table=bt, q_req=_i32(v_qreq, dev), q_pos=_i32(v_qpos, dev),
+            cmp_lens=_i32([p.num_cmp(P) for P in v_P], dev),
+            prov_idx=_i64(prov_idx, dev) if npv else None,
+            prov_cidx=_i32(prov_cidx, dev) if npv else None,
+            prov_vis=_i32(vis, dev) if npv else None, num_prov=npv, verifier=verifier)
+    if f_rids:
+        rows = _Rows(None if len(f_rows) == n_all else _i64(f_rows, dev))
+        prefill = PrefillPart(
+            rows=rows, block_table=_table(cache, f_rids, dev), q_req=_i32(f_qreq, dev),
+            q_pos=_i32(f_qpos, dev), prefix_lens=_i32(f_P, dev), seq_lens=_i32(f_len, dev),
+            slots=_i64(f_slots, dev))
+    return TritonForward(tokens=_i64(toks, dev), positions=_i64(poss, dev),
+                         last_rows=_i64(last, dev), metas=metas, in_place=frozenset(in_place),
+                         verify=verify, prefill=prefill)
 
 
 class LearnedCompression(nn.Module):
@@ -64,10 +318,11 @@ class NSAAttention(nn.Module):
         self.compress_v = LearnedCompression(hkv, nsa.block, d, compress_bias) if learned else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: PagedKVCache, layer: int, views: list[RequestView]
+                cache: PagedKVCache, layer: int, views: list[RequestView] | TritonForward
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] (normed layer input) -> (out [N, hidden], k, v [N, Hkv, D] post-RoPE,
-        ck, cv [C, Hkv, D] provisional compressed tokens of all requests, in view order)."""
+        ck, cv [C, Hkv, D] provisional compressed tokens of all requests, in view order).
+        `views`: per-request views (TORCH path) or a TritonForward (TRITON path)."""
         n = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(n, self.hq, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(n, self.hkv, self.head_dim), cos, sin)
@@ -77,6 +332,10 @@ class NSAAttention(nn.Module):
             # row 3*h + c of gate_proj is gate c (cmp, slc, win) of head h (CONTRACTS.md 5)
             gates = torch.sigmoid(self.gate_proj(x).float()).view(n, self.hq, 3)
         o = torch.empty(n, self.hq, self.head_dim, dtype=x.dtype, device=x.device)
+        if isinstance(views, TritonForward):
+            ck, cv = self._triton(q.contiguous(), k.contiguous(), v.contiguous(), gates, cache,
+                                  layer, views, o)
+            return self.o_proj(o.view(n, -1)), k, v, ck, cv
         cks, cvs = [], []
         for rv in views:
             rows = slice(rv.offset, rv.offset + rv.n)
@@ -90,6 +349,54 @@ class NSAAttention(nn.Module):
             cks.append(pk)
             cvs.append(pv)
         return self.o_proj(o.view(n, -1)), k, v, torch.cat(cks), torch.cat(cvs)
+
+    def _cw(self):
+        if self.compress_k is None:
+            return None
+        return (self.compress_k.weight, self.compress_k.bias, self.compress_v.weight,
+                self.compress_v.bias)
+
+    def _triton(self, q, k, v, gates, cache: PagedKVCache, layer: int, fwd: TritonForward,
+                o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRITON path of one layer (no host syncs): writes o, returns the provisional
+        compressed tokens (ck, cv) [Np, Hkv, D] of the verify rows (PendingKV order)."""
+        from specsa.kernels.compression import compress_gather, score_topk
+        from specsa.kernels.prefill import chunked_nsa_prefill
+
+        p, cw = self.params, self._cw()
+        kc, vc, ckc, cvc = (cache.k_cache(layer), cache.v_cache(layer), cache.ck_cache(layer),
+                            cache.cv_cache(layer))
+        pk = k.new_empty(0, self.hkv, self.head_dim)
+        pv = v.new_empty(0, self.hkv, self.head_dim)
+        fp = fwd.prefill
+        if fp is not None:
+            # prefill chunks are committed whole: their K/V goes into the reserved page slots
+            # (beyond the committed length) before attention, as chunked_nsa_prefill needs
+            kf, vf = fp.rows.take(k), fp.rows.take(v)
+            flat = (-1, self.hkv, self.head_dim)
+            kc.view(flat).index_copy_(0, fp.slots, kf.to(kc.dtype))
+            vc.view(flat).index_copy_(0, fp.slots, vf.to(vc.dtype))
+            of, _ = chunked_nsa_prefill(
+                fp.rows.take(q), kc, vc, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos,
+                fp.prefix_lens, fp.seq_lens, p, self.scale, cw=cw,
+                gates=None if gates is None else fp.rows.take(gates).contiguous())
+            fp.rows.put(o, of)
+        vp = fwd.verify
+        if vp is not None:
+            qv, kv_, vv = vp.rows.take(q), vp.rows.take(k), vp.rows.take(v)
+            prov = {}
+            if vp.num_prov:
+                pk, pv = compress_gather(kc, vc, kv_, vv, vp.prov_idx, p, cw=cw)
+                prov = dict(prov_k=pk, prov_v=pv, prov_cidx=vp.prov_cidx, prov_vis=vp.prov_vis)
+            sel, o_cmp, _ = score_topk(qv, ckc, cvc, vp.block_table, vp.q_req, vp.q_pos,
+                                       vp.cmp_lens, p, self.scale, cache.page_size,
+                                       with_out=p.gated, **prov)
+            gv = None if gates is None else vp.rows.take(gates).contiguous()
+            if vp.rows.idx is None:
+                vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv, out=o)
+            else:
+                vp.rows.put(o, vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv))
+        return pk, pv
 
     def _provisional(self, kc, vc, kb, vb, rv: RequestView) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed tokens closed inside the block, cast to the cache dtype so that a

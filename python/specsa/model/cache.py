@@ -59,13 +59,19 @@ class BlockMeta:
 class PendingKV:
     """What a forward computed but did not store: for every layer the new tokens' K, V
     ([L, N, Hkv, D]) and the provisional compressed tokens ([L, C, Hkv, D], one per node that
-    closes a compression block), plus per-request `BlockMeta` keyed by request id."""
+    closes a compression block), plus per-request `BlockMeta` keyed by request id.
+    fused: produced by the TRITON path, committed with the fused commit kernel. in_place: rids
+    whose block K/V (and compressed tokens) that forward already wrote into their reserved
+    page slots beyond the committed length (TRITON prefill chunks): commit only moves the
+    length."""
 
     k: torch.Tensor
     v: torch.Tensor
     ck: torch.Tensor
     cv: torch.Tensor
     blocks: dict[int, BlockMeta] = field(default_factory=dict)
+    fused: bool = False
+    in_place: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -281,6 +287,17 @@ class PagedKVCache:
                              f"{meta.prefix_len}, cache now holds {req.length})")
         path = list(range(meta.num_nodes)) if accepted_nodes is None else list(accepted_nodes)
         _check_path(path, meta.parents, rid)
+        if rid in pending.in_place:
+            # K/V and compressed tokens of positions P..P+len(path)-1 are already in place;
+            # pages past the kept length go back (a truncated chunk leaves no trace)
+            keep = -(-(req.length + len(path)) // self.page_size)
+            self._free.extend(reversed(req.pages[keep:]))
+            del req.pages[keep:]
+            req.length += len(path)
+            return len(path)
+        if pending.fused:
+            self._commit_fused(rid, pending, meta, path)
+            return len(path)
         rows = torch.tensor([meta.offset + u for u in path], dtype=torch.int64,
                             device=pending.k.device)
         close = {u: meta.cmp_offset + j for j, u in enumerate(meta.close_nodes)}
@@ -289,6 +306,39 @@ class PagedKVCache:
         self.append(rid, pending.k[:, rows], pending.v[:, rows], pending.ck[:, crow],
                     pending.cv[:, crow])
         return len(path)
+
+
+    def _commit_fused(self, rid: int, pending: PendingKV, meta: BlockMeta, path: list[int]) -> None:
+        """`fused_commit` for every layer in one launch: layer l is request row l of a block
+        table over the [L * num_pages] page pool, its tail / provisional rows offset by l."""
+        from specsa.kernels.commit import fused_commit
+
+        req = self._req(rid)
+        P, a = req.length, len(path)
+        self.reserve(rid, P + a)
+        L, N, C = pending.k.shape[0], pending.k.shape[1], pending.ck.shape[1]
+        dev = self.device
+        lay = torch.arange(L, dtype=torch.int64)
+        pages = torch.tensor(req.pages, dtype=torch.int64)
+        bt = (pages[None, :] + lay[:, None] * self.num_pages).to(torch.int32)
+        rows = torch.tensor([meta.offset + u for u in path], dtype=torch.int64)
+        close = {u: meta.cmp_offset + j for j, u in enumerate(meta.close_nodes)}
+        crow = torch.tensor([close[u] for u in path if u in close], dtype=torch.int64)
+        cidx = torch.zeros(max(C, 1), dtype=torch.int32)
+        for u, i in zip(meta.close_nodes, meta.cmp_index):
+            cidx[close[u]] = i
+        hkv, d = self.num_kv_heads, self.head_dim
+        pool = (L * self.num_pages, -1, hkv, d)
+        prov_k = pending.ck.reshape(L * C, hkv, d) if C else pending.k.new_zeros(L, hkv, d)
+        prov_v = pending.cv.reshape(L * C, hkv, d) if C else pending.v.new_zeros(L, hkv, d)
+        fused_commit(self.k.view(pool), self.v.view(pool), self.ck.view(pool), self.cv.view(pool),
+                     bt.to(dev), torch.full((L,), P, dtype=torch.int32, device=dev),
+                     pending.k.reshape(L * N, hkv, d), pending.v.reshape(L * N, hkv, d),
+                     (rows[None, :] + lay[:, None] * N).to(dev),
+                     prov_k.contiguous(), prov_v.contiguous(),
+                     cidx.repeat(L).to(dev),
+                     (crow[None, :] + lay[:, None] * max(C, 1)).to(dev), self.nsa)
+        req.length = P + a
 
 
 def _check_path(path: list[int], parents: tuple[int, ...], rid: int) -> None:

@@ -2,8 +2,10 @@
 
 One forward serves prefill chunks, decode steps and tree verification: each request brings
 a block of new tokens with parents inside the block (`BlockInput`). The forward reads the
-committed context from the paged cache, WRITES NOTHING, and returns logits plus a
-`PendingKV`; the runtime then calls `cache.commit(rid, pending, accepted_nodes)`.
+committed context from the paged cache, writes nothing committed, and returns logits plus a
+`PendingKV`; the runtime then calls `cache.commit(rid, pending, accepted_nodes)`. (On the
+TRITON path a prefill chunk longer than 64 tokens is written into its reserved page slots
+beyond the committed length, which only commit makes visible; see model/attention.py.)
 
     model = load_model("ckpt/")                       # specsa.model.load
     cache = model.new_cache(CacheConfig(page_size=16, num_pages=64))
@@ -24,7 +26,8 @@ from torch import nn
 from specsa.config import CacheConfig, NSAConfig
 from specsa.kernels.nsa import TreeVisibility, build_tree_visibility
 
-from .attention import NSAAttention, RequestView
+from .attention import (AttnImpl, NSAAttention, RequestView, TritonForward, TritonOptions,
+                        plan_triton_forward, resolve_attn_impl)
 from .block import BlockInput, BlockError, as_list, normalise_parents
 from .cache import BlockMeta, PagedKVCache, PendingKV
 from .config import ModelConfig
@@ -89,6 +92,23 @@ class NSADecoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        self._attn_impl: AttnImpl | None = None      # None: TRITON on CUDA, TORCH on CPU
+        self.triton_options = TritonOptions()
+
+    @property
+    def attn_impl(self) -> AttnImpl:
+        """The NSA core in use (see `specsa.model.attention`)."""
+        return resolve_attn_impl(self._attn_impl, self.device)
+
+    def set_attn_impl(self, impl: AttnImpl | str | None,
+                      options: TritonOptions | None = None) -> "NSADecoder":
+        """Choose the NSA core: AttnImpl / "torch" / "triton" / None or "auto" (device default).
+        Raises ConfigError (e.g. triton on CPU without TRITON_INTERPRET=1)."""
+        resolved = resolve_attn_impl(impl, self.device)
+        self._attn_impl = None if impl is None or impl == "auto" else resolved
+        if options is not None:
+            self.triton_options = options
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -103,9 +123,18 @@ class NSADecoder(nn.Module):
                             head_dim=self.cfg.head_dim, nsa=self.params, cache=cache,
                             dtype=self.dtype, device=self.device)
 
+    def plan_triton(self, cache: PagedKVCache, blocks: Sequence[BlockInput]) -> TritonForward:
+        """Host geometry of a TRITON-path forward (reusable: `forward(..., plan=)` then runs
+        without host work, e.g. under CUDA-graph capture). Prefill chunks reserve pages."""
+        cfg = self.cfg
+        return plan_triton_forward(cache, self._validated(blocks), self.nsa, cfg.num_heads,
+                                   cfg.num_kv_heads, cfg.head_dim, cfg.scale, self.device,
+                                   self.triton_options)
+
     @torch.inference_mode()
     def forward(self, cache: PagedKVCache, blocks: Sequence[BlockInput], *,
-                last_only: bool = False) -> tuple[torch.Tensor, PendingKV]:
+                last_only: bool = False, plan: TritonForward | None = None
+                ) -> tuple[torch.Tensor, PendingKV]:
         """Run the new blocks of several requests in one batch.
 
         Args:
@@ -116,7 +145,12 @@ class NSADecoder(nn.Module):
             logits: [N, V] float32 (N = total nodes, blocks concatenated in order) or [B, V]
             with last_only; pending: `PendingKV` to pass to `cache.commit`.
         """
-        views, tokens, positions = self._plan(cache, blocks)
+        if plan is None and self.attn_impl is AttnImpl.TRITON:
+            plan = self.plan_triton(cache, blocks)
+        if plan is not None:
+            views, tokens, positions = plan, plan.tokens, plan.positions
+        else:
+            views, tokens, positions = self._plan(cache, blocks)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         h = self.model.embed_tokens(tokens)
         ks, vs, cks, cvs = [], [], [], []
@@ -129,8 +163,13 @@ class NSADecoder(nn.Module):
             cks.append(ck)
             cvs.append(cv)
         if last_only:
-            h = h[torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
+            h = h[plan.last_rows if plan is not None else
+                  torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
         logits = self.lm_head(self.model.norm(h)).float()
+        if plan is not None:
+            return logits, PendingKV(k=torch.stack(ks), v=torch.stack(vs), ck=torch.stack(cks),
+                                     cv=torch.stack(cvs), blocks=dict(plan.metas), fused=True,
+                                     in_place=plan.in_place)
         metas = {rv.rid: BlockMeta(offset=rv.offset, prefix_len=rv.prefix_len,
                                    parents=tuple(rv.parents.tolist()), cmp_offset=rv.cmp_offset,
                                    close_nodes=tuple(rv.vis.cmp_nodes.tolist()),
@@ -143,11 +182,31 @@ class NSADecoder(nn.Module):
     def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput]
               ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor]:
         """Host-side geometry of the batch: flat tokens, positions and one view per request."""
+        dev = self.device
+        views, toks, poss = [], [], []
+        offset = cmp_offset = 0
+        for rid, ids, par in self._validated(blocks):
+            parents = torch.tensor(par, dtype=torch.int64)
+            P = cache.length(rid)
+            vis = build_tree_visibility(P, parents, self.params)
+            kv_slots, cmp_slots = cache.committed_slots(rid)
+            views.append(RequestView(
+                rid=rid, offset=offset, n=len(ids), prefix_len=P, parents=parents.to(dev),
+                vis=_to_device(vis, dev), kv_slots=kv_slots, cmp_slots=cmp_slots,
+                cmp_offset=cmp_offset))
+            toks.extend(ids)
+            poss.append(vis.q_pos)
+            offset += len(ids)
+            cmp_offset += int(vis.cmp_nodes.numel())
+        return (views, torch.tensor(toks, dtype=torch.int64, device=dev),
+                torch.cat(poss).to(dev))
+
+    def _validated(self, blocks: Sequence[BlockInput]
+                   ) -> list[tuple[int, list[int], tuple[int, ...]]]:
+        """(rid, token ids, parents) per block, with clear errors for malformed input."""
         if not blocks:
             raise BlockError("forward: empty batch")
-        dev = self.device
-        views, toks, poss, seen = [], [], [], set()
-        offset = cmp_offset = 0
+        out, seen = [], set()
         for b in blocks:
             if b.rid in seen:
                 raise BlockError(f"forward: request {b.rid} appears twice in one batch")
@@ -159,21 +218,8 @@ class NSADecoder(nn.Module):
             if bad:
                 raise BlockError(f"forward: request {b.rid}: token id {bad[0]} outside the "
                                  f"vocabulary [0, {self.cfg.vocab_size})")
-            parents = torch.tensor(normalise_parents(b.rid, len(ids), b.parents),
-                                   dtype=torch.int64)
-            P = cache.length(b.rid)
-            vis = build_tree_visibility(P, parents, self.params)
-            kv_slots, cmp_slots = cache.committed_slots(b.rid)
-            views.append(RequestView(
-                rid=b.rid, offset=offset, n=len(ids), prefix_len=P, parents=parents.to(dev),
-                vis=_to_device(vis, dev), kv_slots=kv_slots, cmp_slots=cmp_slots,
-                cmp_offset=cmp_offset))
-            toks.extend(ids)
-            poss.append(vis.q_pos)
-            offset += len(ids)
-            cmp_offset += int(vis.cmp_nodes.numel())
-        return (views, torch.tensor(toks, dtype=torch.int64, device=dev),
-                torch.cat(poss).to(dev))
+            out.append((b.rid, ids, normalise_parents(b.rid, len(ids), b.parents)))
+        return out
 
 
 def _to_device(vis: TreeVisibility, dev: torch.device) -> TreeVisibility:
