@@ -3,7 +3,17 @@
 against the memory floor, over contexts, tree sizes / shapes, batch and selection overlap.
 
     python benchmark/kernels.py --out $OUT            # H200: < 8 minutes, one call
+    python benchmark/kernels.py --out $OUT --only refresh,fullstep   # just the new sections
     TRITON_INTERPRET=1 python benchmark/kernels.py --smoke --out /tmp/b   # CPU plumbing check
+
+Sections (--only, comma list; default all): correctness, decode, head, sweep, grid, d64, tune,
+refresh (the refresh kernel alone: per-row `score_topk` vs grouped `score_topk_grouped`, batch 1
+decode and batch 16 x T=64 tree rows, with selection agreement), fullstep (a full verification
+step = refresh + sparse attention: INDEPENDENT = per-row score_topk + independent verify,
+EXACT_MERGED = grouped refresh + exact_merged verify, 64K, T in {16, 64}, batch 1 and 16,
+overlap ~0.5, floor = compressed tokens + window + union of selected blocks each read once).
+The verify half of fullstep uses the synthetic selections (controlled overlap), the refresh half
+writes its own selection buffer: the refresh's time does not depend on which blocks win.
 
 Writes kernels.json (rewritten after every point, so a failure keeps earlier results) and PNG
 plots. Floors: bytes that must move / measured copy bandwidth. "attn" bytes = the union over a
@@ -32,6 +42,8 @@ from timing import L2Flush, bench, copy_bandwidth  # noqa: E402
 from specsa.attention import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
+from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
+from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402
 from specsa.schedule import default_num_splits, flatten  # noqa: E402
@@ -170,7 +182,9 @@ class Bench:
         self.flush = L2Flush(DEV) if DEV == "cuda" else None
         self.cache = {}
         self.t0 = time.time()
-        self.results = {"meta": {}, "correctness": [], "points": [], "decode": [], "errors": []}
+        self.results = {"meta": {}, "correctness": [], "points": [], "decode": [], "errors": [],
+                        "refresh": [], "fullstep": []}
+        self.cmp_cache = {}
 
     def caches(self, d: int, tokens_per_req: int, batch: int):
         key = d
@@ -365,6 +379,158 @@ class Bench:
                                              "floor_attn_us", "over_floor_attn")}, flush=True)
         self.save()
 
+    # ------------------------------------------------------------ refresh / full step ----
+    def refresh_inputs(self, case, params, d, with_prov=True):
+        """score_topk(_grouped) keyword arguments for every verifier row of `case`: random
+        compressed caches (times do not depend on values) sharing the case's block table,
+        committed compressed counts, and the trees' provisional tokens (nodes closing a block)."""
+        kc = case["k_cache"]
+        cpp = params.cmp_per_page(self.ps)
+        key = (kc.shape[0], cpp, d)
+        if key not in self.cmp_cache:
+            self.cmp_cache.clear()
+            shape = (kc.shape[0], cpp, self.hkv, d)
+            self.cmp_cache[key] = (torch.randn(shape, device=DEV, dtype=self.args.dtype),
+                                   torch.randn(shape, device=DEV, dtype=self.args.dtype))
+        ckc, cvc = self.cmp_cache[key]
+        q_req, q_pos, vis_rows, prov_cidx = [], [], [], []
+        for b, (P, par) in enumerate(zip(case["prefix_lens"], case["parents"])):
+            vis = build_tree_visibility(P, torch.tensor(par), params)
+            base = len(prov_cidx)
+            prov_cidx += vis.cmp_idx.tolist()
+            nodes = vis.cmp_nodes.tolist()
+            for u in range(len(par)):
+                q_req.append(b)
+                q_pos.append(int(vis.q_pos[u]))
+                vis_rows.append([base + r for r, v in enumerate(nodes) if bool(vis.ancestors[u, v])])
+        i32 = dict(dtype=torch.int32, device=DEV)
+        kw = dict(ck_cache=ckc, cv_cache=cvc, block_table=case["block_table"],
+                  q_req=torch.tensor(q_req, **i32), q_pos=torch.tensor(q_pos, **i32),
+                  cmp_lens=torch.tensor([params.num_cmp(P) for P in case["prefix_lens"]], **i32),
+                  params=params, scale=d ** -0.5, page_size=self.ps)
+        mp = max(len(r) for r in vis_rows)
+        if with_prov and prov_cidx and mp > 0:
+            pv = torch.full((len(q_req), mp), -1, dtype=torch.int32)
+            for i, r in enumerate(vis_rows):
+                pv[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+            npv = len(prov_cidx)
+            kw.update(prov_k=torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
+                      prov_v=torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
+                      prov_cidx=torch.tensor(prov_cidx, **i32), prov_vis=pv.to(DEV))
+        return kw
+
+    def refresh_fns(self, case, params, d, group_size=None, num_splits=None):
+        """{"old": per-row score_topk, "grouped": score_topk_grouped} writing fixed buffers;
+        groups = the request's rows in flat order, cut every C rows (C*G <= 64 rows by default)."""
+        kw = self.refresh_inputs(case, params, d)
+        q = case["q"]
+        nq, hq, _ = q.shape
+        g = hq // self.hkv
+        c = group_size or max(1, min(64, 64 // g))
+        with_out = params.gated
+        bufs = {name: (torch.empty(nq, self.hkv, params.topn, dtype=torch.int32, device=DEV),
+                       torch.empty_like(q) if with_out else None,
+                       torch.empty(nq, hq, device=DEV) if with_out else None) for name in ("old", "grouped")}
+        order, g_start, g_len = [], [], []
+        off = 0
+        for t, ordr in zip(case["sizes"], case["orders"]):
+            for s0 in range(0, t, c):
+                g_start.append(len(order))
+                g_len.append(len(ordr[s0:s0 + c]))
+                order.extend(off + u for u in ordr[s0:s0 + c])
+            off += t
+        i32 = dict(dtype=torch.int32, device=DEV)
+        groups = (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
+        if num_splits is None:
+            from importlib import import_module
+            stg = import_module("specsa.kernels.compression.score_topk_grouped")
+            nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
+            num_splits = stg.default_refresh_splits(len(g_len) * self.hkv,
+                                                    -(-max(case["prefix_lens"]) // params.select) + 1,
+                                                    params, nsm)
+        ws = refresh_workspace(nq, hq, self.hkv, d, params, num_splits, with_out, DEV) if num_splits > 1 else None
+        so, oo, lo = bufs["old"]
+        sg, og, lg = bufs["grouped"]
+        fns = {"old": lambda: score_topk(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo),
+               "grouped": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg,
+                                                     group_size=c, groups=groups, num_splits=num_splits,
+                                                     workspace=ws)}
+        info = {"refresh_group_size": c, "refresh_num_splits": num_splits,
+                "refresh_groups": len(g_len), "provisional_tokens": int(kw.get("prov_cidx", torch.zeros(0)).numel())}
+        return fns, bufs, info
+
+    def refresh(self, ctx, t, batch, d):
+        """Refresh kernels alone: old vs grouped, times, floor (compressed K (+V gated) once per
+        request) and how many (row, KV head) selections agree exactly (bf16: rare near-tie flips)."""
+        params = self.args.nsa.params
+        case = self.case(ctx, t, t == 1, batch, 0.5, d, params, seed=11 + t + batch)
+        fns, bufs, info = self.refresh_fns(case, params, d)
+        elt = torch.finfo(self.args.dtype).bits // 8
+        cmp_bytes = sum(params.num_cmp(P) for P in case["prefix_lens"]) * self.hkv * d * elt \
+            * (2 if params.gated else 1)
+        qb = case["q"].numel() * elt
+        rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "gated": params.gated, **info,
+               "floor_bytes": cmp_bytes + qb, "floor_us": (cmp_bytes + qb) / self.bw * 1e6}
+        for name, fn in fns.items():
+            try:
+                fn()
+                rec[name] = bench(fn, self.flush, reps=self.args.reps)
+                rec[name]["over_floor"] = rec[name]["median_us"] / rec["floor_us"]
+            except Exception as e:
+                rec[name] = {"error": repr(e)[:300]}
+                self.results["errors"].append({"what": f"refresh {name}", "traceback": traceback.format_exc()[-2000:]})
+        try:
+            a, b = bufs["old"][0], bufs["grouped"][0]
+            rec["sel_rows_equal"] = f"{int((a == b).all(-1).sum())}/{a.shape[0] * a.shape[1]}"
+        except Exception as e:
+            rec["sel_rows_equal"] = repr(e)[:200]
+        m = lambda n: rec[n].get("median_us") if isinstance(rec.get(n), dict) else None
+        if m("old") and m("grouped"):
+            rec["speedup_grouped_vs_old"] = m("old") / m("grouped")
+        self.results["refresh"].append(rec)
+        print("refresh", {k: rec[k] for k in ("ctx", "T", "batch", "floor_us", "sel_rows_equal")},
+              {n: m(n) for n in fns}, flush=True)
+        self.save()
+
+    def fullstep(self, ctx, t, batch, d, overlap=0.5):
+        """A full verification step: refresh + sparse verification, INDEPENDENT (per-row refresh,
+        per-query attention) vs EXACT_MERGED (grouped refresh, grouped attention)."""
+        params = self.args.nsa.params
+        case = self.case(ctx, t, False, batch, overlap, d, params, seed=ctx + t + batch + 5)
+        vfns, _ = self.variants(case, params, d, Traversal.BFS)
+        rfns, _, info = self.refresh_fns(case, params, d)
+        fb = floor_bytes(case["sel"], case["prefix_lens"], case["sizes"], params, self.hq, self.hkv, d)
+        elt = torch.finfo(self.args.dtype).bits // 8
+        cmp_bytes = sum(params.num_cmp(P) for P in case["prefix_lens"]) * self.hkv * d * elt \
+            * (2 if params.gated else 1)
+        step_bytes = fb["attn_bytes"] + cmp_bytes
+        rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "gated": params.gated, "overlap_target": overlap,
+               "overlap_measured": measured_overlap(case["sel"].cpu(), case["orders"], case["sizes"], params.topn),
+               **info, "attn_bytes": fb["attn_bytes"], "cmp_bytes": cmp_bytes, "step_bytes": step_bytes,
+               "floor_step_us": step_bytes / self.bw * 1e6}
+        pairs = {"independent": (rfns["old"], vfns["independent"]),
+                 "exact_merged": (rfns["grouped"], vfns["exact_merged"]),
+                 "refresh_old": (rfns["old"], None), "refresh_grouped": (rfns["grouped"], None),
+                 "verify_independent": (None, vfns["independent"]),
+                 "verify_exact_merged": (None, vfns["exact_merged"])}
+        for name, (rf, vf) in pairs.items():
+            fn = (lambda rf=rf, vf=vf: (rf() if rf else None, vf() if vf else None))
+            try:
+                rec[name] = bench(fn, self.flush, reps=self.args.reps)
+            except Exception as e:
+                rec[name] = {"error": repr(e)[:300]}
+                self.results["errors"].append({"what": f"fullstep {name}", "traceback": traceback.format_exc()[-2000:]})
+        m = lambda n: rec[n].get("median_us") if isinstance(rec.get(n), dict) else None
+        if m("independent") and m("exact_merged"):
+            rec["speedup_merged_vs_independent"] = m("independent") / m("exact_merged")
+        if m("exact_merged"):
+            rec["merged_over_floor_step"] = m("exact_merged") / rec["floor_step_us"]
+        self.results["fullstep"].append(rec)
+        print(f"fullstep ctx={ctx} T={t} B={batch} ov={rec['overlap_measured']:.2f} "
+              f"floor={rec['floor_step_us']:.1f} " + " ".join(f"{n}={m(n):.1f}" for n in pairs if m(n))
+              + f" speedup={rec.get('speedup_merged_vs_independent')}", flush=True)
+        self.save()
+
     def guarded(self, what, fn, *a):
         if time.time() - self.t0 > self.args.budget_s:
             self.results["errors"].append({"what": what, "skipped": "time budget", "args": repr(a)})
@@ -376,6 +542,9 @@ class Bench:
             print(f"FAILED {what}: {tb}", flush=True)
             self.results["errors"].append({"what": what, "traceback": tb[-2000:]})
             self.save()
+
+
+SECTIONS = ("correctness", "decode", "head", "refresh", "fullstep", "sweep", "grid", "d64", "tune")
 
 
 def summary(results) -> dict:
@@ -396,6 +565,12 @@ def summary(results) -> dict:
     for d in results["decode"]:
         if d["batch"] == 16 and d["d"] == 128 and d.get("split_mult") == 1:
             out[f"decode_B16_{'gated' if d['gated'] else 'union'}_over_floor_attn"] = d["over_floor_attn"]
+    for f in results.get("fullstep", []):
+        key = f"T{f['T']}_B{f['batch']}"
+        out[f"fullstep_merged_vs_independent_{key}"] = f.get("speedup_merged_vs_independent")
+        out[f"fullstep_merged_over_floor_step_{key}"] = f.get("merged_over_floor_step")
+    for r in results.get("refresh", []):
+        out[f"refresh_grouped_vs_old_T{r['T']}_B{r['batch']}"] = r.get("speedup_grouped_vs_old")
     out["targets"] = {"merged_vs_independent_T64 (B1, B16)": ">= 6.86",
                       "merged_over_floor_attn B16 64K": "<= 1.5",
                       "merged_vs_dense_T16": ">= 3", "decode_B16_over_floor": "<= 1.5"}
@@ -491,7 +666,12 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--tune", action="store_true", help="also sweep num_warps / num_stages")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new point after this")
+    ap.add_argument("--only", default="", help="comma list of sections: " + ",".join(SECTIONS))
     args = ap.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if only - set(SECTIONS):
+        ap.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
+    want = lambda sec: (not only and sec != "tune") or sec in only
     args.dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     if args.smoke:
         args.hq, args.hkv = 8, 2
@@ -511,32 +691,46 @@ def main() -> None:
     b.results["meta"]["copy_bandwidth_Bps"] = b.bw
     print("meta", b.results["meta"], flush=True)
     t0 = b.t0 = time.time()
-    for d in ds[:1]:
+    if want("correctness"):
+        for d in ds[:1]:
+            for gated in (False, True):
+                b.guarded(f"correctness d={d} gated={gated}", b.correctness, d, gated, ov_ctx, 16, 2)
+        b.guarded("correctness d64", b.correctness, ds[-1], False, ov_ctx, 16, 2)
+    if want("decode"):
         for gated in (False, True):
-            b.guarded(f"correctness d={d} gated={gated}", b.correctness, d, gated, ov_ctx, 16, 2)
-    b.guarded("correctness d64", b.correctness, ds[-1], False, ov_ctx, 16, 2)
-    for gated in (False, True):
-        for d in ds:
-            for mult in (1, 2, 4):
-                b.guarded(f"decode d={d} gated={gated}", b.decode, dec_ctx, 16, d, gated, mult)
-    b.guarded("decode b1", b.decode, dec_ctx, 1, ds[0], False)
+            for d in ds:
+                for mult in (1, 2, 4):
+                    b.guarded(f"decode d={d} gated={gated}", b.decode, dec_ctx, 16, d, gated, mult)
+        b.guarded("decode b1", b.decode, dec_ctx, 1, ds[0], False)
     # headline points first, so a time-out still leaves them
-    for t in (64, 16):
-        for bb in batches:
-            b.guarded("head", b.point, ov_ctx, t, False, bb, 0.5, ds[0], "head")
-    for ov in sweep:
-        for t in (16, 64) if not args.smoke else (16,):
+    if want("head"):
+        for t in (64, 16):
             for bb in batches:
-                b.guarded("sweep", b.point, ov_ctx, t, False, bb, ov, ds[0], "overlap")
-    for ctx in ctxs:
-        for t in ts:
-            for chain in (False, True):
+                b.guarded("head", b.point, ov_ctx, t, False, bb, 0.5, ds[0], "head")
+    # refresh kernels alone (old per-row vs grouped), then the full verification step
+    if want("refresh"):
+        for t, bb in ((1, 1), (64, 16), (64, 1), (1, 16)) if not args.smoke else ((1, 1), (4, 2)):
+            b.guarded(f"refresh T={t} B={bb}", b.refresh, ov_ctx, t, bb, ds[0])
+    if want("fullstep"):
+        for t in (64, 16) if not args.smoke else (4,):
+            for bb in batches:
+                b.guarded(f"fullstep T={t} B={bb}", b.fullstep, ov_ctx, t, bb, ds[0])
+    if want("sweep"):
+        for ov in sweep:
+            for t in (16, 64) if not args.smoke else (16,):
                 for bb in batches:
-                    b.guarded("grid", b.point, ctx, t, chain, bb, 0.5, ds[0], "grid")
-    for t in (16, 64):
-        for bb in batches:
-            b.guarded("d64", b.point, ov_ctx, t, False, bb, 0.5, ds[-1], "d64")
-    if not args.smoke and args.tune:
+                    b.guarded("sweep", b.point, ov_ctx, t, False, bb, ov, ds[0], "overlap")
+    if want("grid"):
+        for ctx in ctxs:
+            for t in ts:
+                for chain in (False, True):
+                    for bb in batches:
+                        b.guarded("grid", b.point, ctx, t, chain, bb, 0.5, ds[0], "grid")
+    if want("d64"):
+        for t in (16, 64):
+            for bb in batches:
+                b.guarded("d64", b.point, ov_ctx, t, False, bb, 0.5, ds[-1], "d64")
+    if not args.smoke and (args.tune or "tune" in only):
         b.guarded("tune", b.tune)
     b.results["meta"]["wall_s"] = time.time() - t0
     b.results["summary"] = summary(b.results)

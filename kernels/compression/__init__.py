@@ -5,3 +5,6 @@ from .blocks import compress_gather, compress_paged
 from .score_topk import score_topk
 
 __all__ += ["compress_gather", "compress_paged", "score_topk"]
+from .score_topk_grouped import refresh_groups, refresh_workspace, score_topk_grouped
+
+__all__ += ["refresh_groups", "refresh_workspace", "score_topk_grouped"]
