@@ -26,7 +26,6 @@ The raw components are kept in metadata.components so the composition can be aud
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_close, poisoned, requires_cuda
-from test_fused import DEV, SMALL, make_case, reference
+from test_fused import DEV, make_case, reference
 
 from specsa.attention import NSAVerifier
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from specsa.config import CacheConfig, Combine, Compression, NSAConfig
+from specsa.config import CacheConfig, Combine, NSAConfig
 from specsa.kernels.nsa import naive_nsa_prefill, naive_nsa_tree
 from specsa.model import BlockInput, load_model
 from specsa.model.rope import apply_rotary
@@ -124,7 +124,8 @@ def test_batch_of_different_lengths_equals_separate(sparse_model):
     m = sparse_model
     a, b = torch.randint(0, 512, (97,)), torch.randint(0, 512, (130,))
     cache = m.new_cache(CacheConfig(page_size=16, num_pages=60))
-    ra, rb = _prefill(m, cache, 0, a[:60]), _prefill(m, cache, 1, b)
+    _prefill(m, cache, 0, a[:60])
+    rb = _prefill(m, cache, 1, b)
     cache.add_request(2)
     cache.add_request(3)
     _, pend = m(cache, [BlockInput(2, a[:60])])

@@ -70,6 +70,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)   # honest wall-clock timings of async kernels
 
 
+def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[int]],
+            rids: Sequence[int], out: list[list[int]], sampling: SamplingConfig,
+            gen: torch.Generator | None, chunk_size: int) -> tuple[list[int], int]:
+    """Chunked prefill of every prompt (chunks of `chunk_size`, committed whole); the last
+    chunk's logits give each request its first token, appended to out[i]  # mutable.
+    Shared by autoregressive and speculative generation so both commit identical KV and
+    sample the identical first token. Returns (indices of live requests, forward passes)."""
+    done = [0] * len(prompts)
+    steps = 0
+    live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
+    while any(done[i] < len(prompts[i]) for i in live):
+        batch = [i for i in live if done[i] < len(prompts[i])]
+        blocks = [BlockInput(rids[i], list(prompts[i][done[i]:done[i] + chunk_size]))
+                  for i in batch]
+        logits, pending = model(cache, blocks, last_only=True)
+        for i, b in zip(batch, blocks):
+            cache.commit(rids[i], pending)
+            done[i] += len(b.tokens)
+        finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
+        if finished:
+            for j, t in zip(finished, sample(logits[finished], sampling, gen).tolist()):
+                out[batch[j]].append(t)
+        steps += 1
+    return live, steps
+
+
 def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              cache: PagedKVCache | None = None, page_size: int = 16, chunk_size: int = 256
              ) -> tuple[list[GenerationResult], GenerationStats]:
@@ -103,22 +129,8 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
         # -- phase 1: chunked prefill ------------------------------------------------------
         _sync(dev)
         t0 = time.perf_counter()
-        done = [0] * len(prompts)
-        prefill_steps = 0
-        live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
-        while any(done[i] < len(prompts[i]) for i in live):
-            batch = [i for i in live if done[i] < len(prompts[i])]
-            blocks = [BlockInput(rids[i], prompts[i][done[i]:done[i] + chunk_size]) for i in batch]
-            logits, pending = model(cache, blocks, last_only=True)
-            for i, b in zip(batch, blocks):
-                cache.commit(rids[i], pending)
-                done[i] += len(b.tokens)
-            finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
-            if finished:
-                toks = sample(logits[finished], sampling, gen).tolist()
-                for j, t in zip(finished, toks):
-                    out[batch[j]].append(t)
-            prefill_steps += 1
+        live, prefill_steps = prefill(model, cache, prompts, rids, out, sampling, gen,
+                                      chunk_size)
         _sync(dev)
         prefill_s = time.perf_counter() - t0
         # -- phase 2: decode ---------------------------------------------------------------

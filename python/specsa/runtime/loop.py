@@ -26,8 +26,8 @@ from specsa.model.cache import PagedKVCache, PendingKV
 from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import Acceptance, greedy_accept, sample_accept, sampling_probs
 from specsa.runtime.drafters.base import Draft, DraftError, Drafter, DraftRequest
-from specsa.runtime.generate import GenerationResult, cache_for
-from specsa.runtime.sampling import make_generator, sample
+from specsa.runtime.generate import GenerationResult, cache_for, prefill
+from specsa.runtime.sampling import make_generator
 from specsa.runtime.tree import DraftTree
 
 # (request id, verified tree, target logits [T, V], acceptance): lets benchmarks and tests
@@ -262,22 +262,9 @@ def _commit(cache: PagedKVCache, rid: int, pending: PendingKV, nodes: Sequence[i
 
 # -- helpers --------------------------------------------------------------------------------
 def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats) -> list[int]:
-    """Chunked prefill exactly as specsa.runtime.generate does it (same chunks, same sampler
-    call), so the first token and the committed KV are identical."""
-    done = [0] * len(prompts)
-    live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
-    while any(done[i] < len(prompts[i]) for i in live):
-        batch = [i for i in live if done[i] < len(prompts[i])]
-        blocks = [BlockInput(rids[i], prompts[i][done[i]:done[i] + chunk_size]) for i in batch]
-        logits, pending = model(cache, blocks, last_only=True)
-        for i, b in zip(batch, blocks):
-            cache.commit(rids[i], pending)
-            done[i] += len(b.tokens)
-        finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
-        if finished:
-            for j, t in zip(finished, sample(logits[finished], sampling, gen).tolist()):
-                out[batch[j]].append(t)
-        stats.prefill_steps += 1
+    """Chunked prefill exactly as autoregressive generation does it (the same function)."""
+    live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size)
+    stats.prefill_steps += steps
     return live
 
 
