@@ -4,10 +4,15 @@ A random-weight decoder with Llama-3-8B attention shapes (Hq=32, Hkv=8, D=128, h
 intermediate 14336, vocab 128256, bf16) but few layers, on the TRITON attention path. For each
 context length the prompt is prefilled once (chunked, timed); then every variant starts from
 that committed state (cache.rollback between variants):
-  ar                     one-token decode steps (the greedy continuation = the oracle's truth);
-  <shape>/<schedule>/p   speculative steps: oracle drafter (accepts each main-path token with
+  ar                     one-token decode steps (the greedy continuation = the oracle's truth;
+                         refresh: the first --refresh variant);
+  <shape>/<schedule>/<refresh>/p
+                         speculative steps: oracle drafter (accepts each main-path token with
                          probability p), chain or tree, verified with INDEPENDENT or
-                         EXACT_MERGED, greedy acceptance, fused commit.
+                         EXACT_MERGED, greedy acceptance, fused commit. The refresh kernel
+                         (TritonOptions.refresh) is grouped (score_topk_grouped on the
+                         verifier's groups); EXACT_MERGED is also timed with each --refresh
+                         variant (default: grouped and per_row score_topk).
 Per variant: median / p10 / p90 step latency (forward + accept + commit, synchronised), drafter
 time separately, emitted tokens per step, tokens/s, and (when capture works) the CUDA-graph
 replay time of one fixed forward (device time without host overhead). Results are written
@@ -31,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from specsa.config import CacheConfig, Combine, NSAConfig, Schedule
+from specsa.config import CacheConfig, Combine, NSAConfig, Schedule, parse_enum
 from specsa.model import BlockInput
-from specsa.model.attention import TritonOptions
+from specsa.model.attention import Refresh, TritonOptions
 from specsa.model.config import ModelConfig, RopeConfig
 from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import greedy_accept
@@ -59,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", default="chain4,chain8,tree2x4x14,tree4x3x24",
                    help="chainG or treeKxDxN (topk x depth x tokens)")
     p.add_argument("--schedules", default="independent,exact_merged")
+    p.add_argument("--refresh", default="grouped,per_row",
+                   help="refresh kernels timed for exact_merged (other schedules: the first)")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timing")
     p.add_argument("--tiny", action="store_true",
                    help="smoke test: tiny shapes and NSA params (CPU needs TRITON_INTERPRET=1)")
@@ -302,7 +309,8 @@ def main(argv=None) -> int:
     model = build_model(args)
     contexts = [int(c) for c in args.contexts.split(",")]
     shapes = args.shapes.split(",")
-    scheds = args.schedules.split(",")
+    scheds = [parse_enum(Schedule, s.strip(), "--schedules") for s in args.schedules.split(",")]
+    refreshes = [parse_enum(Refresh, r.strip(), "--refresh") for r in args.refresh.split(",")]
     probs = [float(x) for x in args.accept.split(",")]
     for ctx in contexts:
         cache = None
@@ -322,9 +330,10 @@ def main(argv=None) -> int:
                                        "tokens_per_s": ctx * args.batch / t})
             print(f"[{ctx}] prefill {t:.2f}s", flush=True)
             save()
-            model.set_attn_impl("triton", TritonOptions())
+            model.set_attn_impl("triton", TritonOptions(refresh=refreshes[0]))
             ar, truth = run_ar(model, cache, rids, prompts, args.ar_steps, args.warmup)
-            results["variants"].append({"context": ctx, "name": "ar", **ar})
+            results["variants"].append({"context": ctx, "name": "ar",
+                                        "refresh": refreshes[0].value, **ar})
             print(f"[{ctx}] ar {ar['median_ms']:.2f} ms/step {ar['tokens_per_s']:.1f} tok/s",
                   flush=True)
             if not args.no_graph:
@@ -345,15 +354,17 @@ def main(argv=None) -> int:
             continue
         for shape in shapes:
             spec = _shape(shape)
-            for sched in scheds:
-                model.set_attn_impl("triton", TritonOptions(schedule=sched))
+            for sched, refresh in ((s, r) for s in scheds for r in
+                                   (refreshes if s is Schedule.EXACT_MERGED else refreshes[:1])):
+                model.set_attn_impl("triton", TritonOptions(schedule=sched, refresh=refresh))
                 for p in probs:
-                    name = f"{shape}/{sched}/p{p}"
+                    name = f"{shape}/{sched.value}/{refresh.value}/p{p}"
                     try:
                         st = run_spec(model, cache, rids, prompts, truth, spec, p, args.steps,
                                       args.warmup)
-                        row = {"context": ctx, "name": name, "shape": shape, "schedule": sched,
-                               "accept_prob": p, **st,
+                        row = {"context": ctx, "name": name, "shape": shape,
+                               "schedule": sched.value,
+                               "refresh": refresh.value, "accept_prob": p, **st,
                                "speedup_vs_ar": st["tokens_per_s"] / ar["tokens_per_s"]}
                         if not args.no_graph and p == probs[0]:
                             try:

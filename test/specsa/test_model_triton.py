@@ -13,7 +13,7 @@ import torch
 from conftest import assert_close
 from specsa.config import CacheConfig, ConfigError, SamplingConfig
 from specsa.model import BlockInput, load_model
-from specsa.model.attention import AttnImpl, TritonOptions, resolve_attn_impl
+from specsa.model.attention import AttnImpl, Refresh, TritonOptions, resolve_attn_impl
 from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate
@@ -144,11 +144,13 @@ def test_greedy_ar_tokens_identical(tmp_path_factory, native):
     assert got == ref
 
 
-@pytest.mark.parametrize("native,spec", [
-    pytest.param(False, TreeSpec(topk=2, depth=3, tokens=6), id="union-tree"),
-    pytest.param(True, TreeSpec.chain(3), id="gated-chain"),
+@pytest.mark.parametrize("native,spec,refresh", [
+    pytest.param(False, TreeSpec(topk=2, depth=3, tokens=6), "grouped", id="union-tree"),
+    # the per-row score_topk refresh (TritonOptions.refresh), kept for benchmarks
+    pytest.param(False, TreeSpec(topk=2, depth=3, tokens=6), "per_row", id="union-tree-per_row"),
+    pytest.param(True, TreeSpec.chain(3), "grouped", id="gated-chain"),
 ])
-def test_speculative_triton_equals_ar_torch(tmp_path_factory, native, spec):
+def test_speculative_triton_equals_ar_torch(tmp_path_factory, native, spec, refresh):
     m = _model(tmp_path_factory, native, 4)
     prompt = torch.randint(0, m.cfg.vocab_size, (70,)).tolist()
     sampling = SamplingConfig(max_new_tokens=10)
@@ -156,7 +158,7 @@ def test_speculative_triton_equals_ar_torch(tmp_path_factory, native, spec):
     ref = generate(m, [prompt], sampling, chunk_size=48)[0][0].tokens
     drafter = OracleDrafter(0.7, spec, m.cfg.vocab_size, seed=1)
     drafter.set_truth(0, prompt + ref)
-    m.set_attn_impl("triton", TritonOptions(**OPTS))
+    m.set_attn_impl("triton", TritonOptions(refresh=refresh, **OPTS))
     res, stats = speculative_generate(m, [prompt], drafter, sampling, chunk_size=48)
     assert res[0].tokens == ref
     assert stats.verify_steps < len(ref)       # some drafts were accepted
@@ -173,3 +175,7 @@ def test_attn_impl_parsing(monkeypatch):
         resolve_attn_impl("triton", "cpu")
     with pytest.raises(ConfigError, match="prefill_chain"):
         TritonOptions(prefill_chain=65)
+    assert TritonOptions().refresh is Refresh.GROUPED
+    assert TritonOptions(refresh="PER_ROW").refresh is Refresh.PER_ROW
+    with pytest.raises(ConfigError, match="refresh"):
+        TritonOptions(refresh="fused")

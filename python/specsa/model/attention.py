@@ -12,9 +12,11 @@ CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
   per layer:
     verify rows (decode steps, draft trees, chains of <= MAX_TREE tokens): provisional
       compressed tokens of nodes closing a block (`compress_gather`, committed slots + the
-      path's tail rows), refresh (`score_topk`: committed compressed tokens from the paged
-      compressed cache + the visible provisional ones; o_cmp when gated), then selected +
-      window + combine (`NSAVerifier.run`). Nothing is written to the cache.
+      path's tail rows), refresh (`score_topk_grouped` over the NSAVerifier plan's query
+      groups, so each compressed key is read once per group, decode rows being groups of 1;
+      or per row with `score_topk`, TritonOptions.refresh: committed compressed tokens from
+      the paged compressed cache + the visible provisional ones; o_cmp when gated), then
+      selected + window + combine (`NSAVerifier.run`). Nothing is written to the cache.
     prefill rows (chains longer than TritonOptions.prefill_chain <= MAX_TREE, which only
       prefill produces and which are committed whole): the chunk's K/V is written into its (reserved, not yet committed)
       page slots, then `chunked_nsa_prefill` (compresses the chunk's closed blocks into the
@@ -47,7 +49,14 @@ MAX_TREE = 64
 
 class AttnImpl(enum.Enum):
     TORCH = "torch"     # masked_nsa per request (reference, eager)
-    TRITON = "triton"   # specsa.kernels: score_topk + NSAVerifier / chunked prefill + fused commit
+    TRITON = "triton"   # specsa.kernels: refresh + NSAVerifier / chunked prefill + fused commit
+
+
+class Refresh(enum.Enum):
+    """Refresh kernel of the Triton path's verify rows (same selections and o_cmp)."""
+
+    GROUPED = "grouped"   # score_topk_grouped on the verifier plan's groups (keys read once per group)
+    PER_ROW = "per_row"   # score_topk, one program per (row, KV head): kept for benchmarks
 
 
 def resolve_attn_impl(value: AttnImpl | str | None, device: torch.device | str) -> AttnImpl:
@@ -77,9 +86,11 @@ class TritonOptions:
     # chains with more nodes than this are prefill chunks (chunked_nsa_prefill, written in
     # place); at most MAX_TREE, the verify kernel's limit
     prefill_chain: int = MAX_TREE
+    refresh: Refresh = Refresh.GROUPED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_enum(Schedule, self.schedule, "schedule"))
+        object.__setattr__(self, "refresh", parse_enum(Refresh, self.refresh, "refresh"))
         object.__setattr__(self, "traversal", parse_enum(Traversal, self.traversal, "traversal"))
         if not 1 <= self.prefill_chain <= MAX_TREE:
             raise ConfigError(f"TritonOptions.prefill_chain must be in 1..{MAX_TREE} (the verify "
@@ -134,6 +145,10 @@ class VerifyPart:
     prov_vis: torch.Tensor | None  # [Nv, MP] int32, -1 padded
     num_prov: int
     verifier: object               # specsa.attention.NSAVerifier holding this step's plan
+    # grouped refresh: the plan's (order [Nv], g_start [NG], g_len [NG]) int32 cuts and its C;
+    # None: per-row score_topk
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    group_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -269,8 +284,13 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         rows = _Rows(None if len(v_rows) == n_all else _i64(v_rows, dev))
         bt = _table(cache, v_rids, dev)
         verifier = NSAVerifier(nsa, num_q_heads, num_kv_heads, head_dim, device=dev, scale=scale)
-        verifier.plan(v_par, v_P, bt, schedule=options.schedule, traversal=options.traversal,
-                      group_size=options.group_size, num_splits=options.num_splits)
+        plan = verifier.plan(v_par, v_P, bt, schedule=options.schedule,
+                             traversal=options.traversal, group_size=options.group_size,
+                             num_splits=options.num_splits)
+        geo = plan.geometry
+        # the refresh reuses the verifier's groups (rows request-major in node order, as the
+        # verify rows here); a request of one node (decode) is a group of 1
+        grouped = options.refresh is Refresh.GROUPED
         npv = len(prov_idx)
         mp = max(1, max(len(r) for r in prov_vis_rows))
         vis = [r + [-1] * (mp - len(r)) for r in prov_vis_rows]
@@ -279,7 +299,9 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
             cmp_lens=_i32([p.num_cmp(P) for P in v_P], dev),
             prov_idx=_i64(prov_idx, dev) if npv else None,
             prov_cidx=_i32(prov_cidx, dev) if npv else None,
-            prov_vis=_i32(vis, dev) if npv else None, num_prov=npv, verifier=verifier)
+            prov_vis=_i32(vis, dev) if npv else None, num_prov=npv, verifier=verifier,
+            groups=(geo.order, geo.g_start, geo.g_len) if grouped else None,
+            group_size=geo.C if grouped else 1)
     if f_rids:
         rows = _Rows(None if len(f_rows) == n_all else _i64(f_rows, dev))
         prefill = PrefillPart(
@@ -360,7 +382,7 @@ class NSAAttention(nn.Module):
                 o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TRITON path of one layer (no host syncs): writes o, returns the provisional
         compressed tokens (ck, cv) [Np, Hkv, D] of the verify rows (PendingKV order)."""
-        from specsa.kernels.compression import compress_gather, score_topk
+        from specsa.kernels.compression import compress_gather, score_topk, score_topk_grouped
         from specsa.kernels.prefill import chunked_nsa_prefill
 
         p, cw = self.params, self._cw()
@@ -388,9 +410,14 @@ class NSAAttention(nn.Module):
             if vp.num_prov:
                 pk, pv = compress_gather(kc, vc, kv_, vv, vp.prov_idx, p, cw=cw)
                 prov = dict(prov_k=pk, prov_v=pv, prov_cidx=vp.prov_cidx, prov_vis=vp.prov_vis)
-            sel, o_cmp, _ = score_topk(qv, ckc, cvc, vp.block_table, vp.q_req, vp.q_pos,
-                                       vp.cmp_lens, p, self.scale, cache.page_size,
-                                       with_out=p.gated, **prov)
+            args = (qv, ckc, cvc, vp.block_table, vp.q_req, vp.q_pos, vp.cmp_lens, p,
+                    self.scale, cache.page_size)
+            if vp.groups is not None:
+                sel, o_cmp, _ = score_topk_grouped(*args, with_out=p.gated,
+                                                   group_size=vp.group_size, groups=vp.groups,
+                                                   **prov)
+            else:
+                sel, o_cmp, _ = score_topk(*args, with_out=p.gated, **prov)
             gv = None if gates is None else vp.rows.take(gates).contiguous()
             if vp.rows.idx is None:
                 vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv, out=o)
