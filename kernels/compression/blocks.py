@@ -215,7 +215,7 @@ def compress_gather(k_cache: torch.Tensor, v_cache: torch.Tensor,
     Args:
         k_cache, v_cache (torch.Tensor): shape [num_pages, PS, Hkv, D], the paged pool.
         k_tail, v_tail (torch.Tensor): shape [Nt, Hkv, D], contiguous draft keys/values.
-        idx (torch.Tensor): shape [Nc, l] int32/int64, oldest source first. idx >= 0: pool
+        idx (torch.Tensor): shape [Nc, l] int32 (int64 is converted), oldest source first. idx >= 0: pool
             slot page * PS + offset; idx < 0: tail row -1 - idx. (A block closing at tree node
             v mixes committed slots and v's ancestors in the tail.)
         params (NSAParams): block l.
@@ -239,6 +239,14 @@ def compress_gather(k_cache: torch.Tensor, v_cache: torch.Tensor,
     nc = idx.shape[0]
     if idx.dim() != 2 or idx.shape[1] != params.block or not idx.is_contiguous():
         raise ValueError(f"idx must be contiguous [Nc, l={params.block}], got {tuple(idx.shape)}")
+    if idx.dtype == torch.int64:
+        # Triton 3.6 fails to compile this kernel for sm_90 with an int64 index tensor and
+        # 16-byte-aligned pointers (TritonGPURemoveLayoutConversions); slots fit in int32.
+        if k_cache.shape[0] * k_cache.shape[1] >= 2 ** 31:
+            raise ValueError("compress_gather: pool has >= 2**31 slots; int32 indices overflow")
+        idx = idx.to(torch.int32)
+    elif idx.dtype != torch.int32:
+        raise ValueError(f"idx must be int32 or int64, got {idx.dtype}")
     out_k = torch.empty(nc, hkv, dim, dtype=k_tail.dtype, device=k_tail.device) if out_k is None else out_k
     out_v = torch.empty(nc, hkv, dim, dtype=v_tail.dtype, device=v_tail.device) if out_v is None else out_v
     for name, o in (("out_k", out_k), ("out_v", out_v)):

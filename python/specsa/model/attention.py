@@ -140,7 +140,7 @@ class VerifyPart:
     q_req: torch.Tensor            # [Nv] int32
     q_pos: torch.Tensor            # [Nv] int32
     cmp_lens: torch.Tensor         # [Bv] int32 num_cmp(P)
-    prov_idx: torch.Tensor | None  # [Np, l] int64 compress_gather sources (None: Np = 0)
+    prov_idx: torch.Tensor | None  # [Np, l] int32 compress_gather sources (None: Np = 0)
     prov_cidx: torch.Tensor | None  # [Np] int32
     prov_vis: torch.Tensor | None  # [Nv, MP] int32, -1 padded
     num_prov: int
@@ -297,7 +297,7 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         verify = VerifyPart(
             rows=rows, block_table=bt, q_req=_i32(v_qreq, dev), q_pos=_i32(v_qpos, dev),
             cmp_lens=_i32([p.num_cmp(P) for P in v_P], dev),
-            prov_idx=_i64(prov_idx, dev) if npv else None,
+            prov_idx=_i32(prov_idx, dev) if npv else None,
             prov_cidx=_i32(prov_cidx, dev) if npv else None,
             prov_vis=_i32(vis, dev) if npv else None, num_prov=npv, verifier=verifier,
             groups=(geo.order, geo.g_start, geo.g_len) if grouped else None,
