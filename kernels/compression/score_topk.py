@@ -246,6 +246,11 @@ def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
             raise ValueError(f"score_topk: {name} must be contiguous")
     if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
         raise ValueError("score_topk: q_req, q_pos must be [Nq] and cmp_lens [B]")
+    for name, x in (("q_req", q_req), ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
+        # int64 here makes a loop bound change type inside the kernel, which the GPU compiler
+        # rejects (the interpreter does not): say so instead of failing in the compiler
+        if x.dtype != torch.int32:
+            raise ValueError(f"score_topk: {name} must be int32, got {x.dtype}")
     has_prov = prov_k is not None
     if has_prov:
         np_ = prov_k.shape[0]
