@@ -186,6 +186,48 @@ def score_topk_kernel(
     tl.store(sel + (i_q * HKV + i_h) * TOPN + o_n, b_out.to(sel.dtype.element_ty), mask=o_n < TOPN)
 
 
+def check_refresh_args(what: str, q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
+                       params: NSAParams, page_size: int, prov_k, prov_v, prov_cidx,
+                       prov_vis) -> bool:
+    """Validate the refresh kernels' common arguments (shapes, contiguity, int32 row metadata,
+    NSA geometry) with errors that name the argument; returns whether provisional tokens are
+    present. Shared by `score_topk` and `score_topk_grouped`."""
+    nq, hq, dim = q.shape
+    _, cpp, hkv, _ = ck_cache.shape
+    if params.topn < params.init_blocks + params.local_blocks:
+        raise ValueError(f"{what}: topn ({params.topn}) < init_blocks + local_blocks")
+    if params.block % params.stride or params.select % params.stride or params.block > params.select:
+        raise ValueError(f"{what}: need d | l, d | l', l <= l' (got l={params.block}, "
+                         f"d={params.stride}, l'={params.select})")
+    if hq % hkv or ck_cache.shape[3] != dim or cv_cache.shape != ck_cache.shape:
+        raise ValueError(f"{what}: q [Nq, Hq, D] {tuple(q.shape)} and ck/cv [pages, CPP, Hkv, D] "
+                         f"{tuple(ck_cache.shape)} disagree (Hq must be a multiple of Hkv)")
+    if cpp != params.cmp_per_page(page_size):
+        raise ValueError(f"{what}: ck_cache has {cpp} slots per page, page_size {page_size} "
+                         f"needs {params.cmp_per_page(page_size)}")
+    for name, x in (("q", q), ("ck_cache", ck_cache), ("cv_cache", cv_cache), ("q_req", q_req),
+                    ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
+        if not x.is_contiguous():
+            raise ValueError(f"{what}: {name} must be contiguous")
+    if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
+        raise ValueError(f"{what}: q_req, q_pos must be [Nq] and cmp_lens [B]")
+    for name, x in (("q_req", q_req), ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
+        # int64 here makes a loop bound change type inside the kernel, which the GPU compiler
+        # rejects (the interpreter does not): say so instead of failing in the compiler
+        if x.dtype != torch.int32:
+            raise ValueError(f"{what}: {name} must be int32, got {x.dtype}")
+    if prov_k is None:
+        return False
+    np_ = prov_k.shape[0]
+    if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
+            or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
+            or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
+            or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
+        raise ValueError(f"{what}: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
+                         "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
+    return prov_vis.shape[1] > 0 and np_ > 0
+
+
 def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
                block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
                cmp_lens: torch.Tensor, params: NSAParams, scale: float, page_size: int,
@@ -229,39 +271,9 @@ def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
     """
     nq, hq, dim = q.shape
     _, cpp, hkv, _ = ck_cache.shape
-    if params.topn < params.init_blocks + params.local_blocks:
-        raise ValueError(f"score_topk: topn ({params.topn}) < init_blocks + local_blocks")
-    if params.block % params.stride or params.select % params.stride or params.block > params.select:
-        raise ValueError(f"score_topk: need d | l, d | l', l <= l' (got l={params.block}, "
-                         f"d={params.stride}, l'={params.select})")
-    if hq % hkv or ck_cache.shape[3] != dim or cv_cache.shape != ck_cache.shape:
-        raise ValueError(f"score_topk: q [Nq, Hq, D] {tuple(q.shape)} and ck/cv [pages, CPP, Hkv, D] "
-                         f"{tuple(ck_cache.shape)} disagree (Hq must be a multiple of Hkv)")
-    if cpp != params.cmp_per_page(page_size):
-        raise ValueError(f"score_topk: ck_cache has {cpp} slots per page, page_size {page_size} "
-                         f"needs {params.cmp_per_page(page_size)}")
-    for name, x in (("q", q), ("ck_cache", ck_cache), ("cv_cache", cv_cache), ("q_req", q_req),
-                    ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
-        if not x.is_contiguous():
-            raise ValueError(f"score_topk: {name} must be contiguous")
-    if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
-        raise ValueError("score_topk: q_req, q_pos must be [Nq] and cmp_lens [B]")
-    for name, x in (("q_req", q_req), ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
-        # int64 here makes a loop bound change type inside the kernel, which the GPU compiler
-        # rejects (the interpreter does not): say so instead of failing in the compiler
-        if x.dtype != torch.int32:
-            raise ValueError(f"score_topk: {name} must be int32, got {x.dtype}")
-    has_prov = prov_k is not None
-    if has_prov:
-        np_ = prov_k.shape[0]
-        if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
-                or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
-                or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
-                or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
-            raise ValueError("score_topk: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
-                             "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
-        mp = prov_vis.shape[1]
-        has_prov = mp > 0 and np_ > 0
+    has_prov = check_refresh_args("score_topk", q, ck_cache, cv_cache, block_table, q_req, q_pos,
+                                  cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
+                                  prov_vis)
     with_out = params.gated if with_out is None else with_out
     g = hq // hkv
     sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device) if sel is None else sel

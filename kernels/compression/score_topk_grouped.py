@@ -49,6 +49,7 @@ import triton.language as tl
 
 from ..common.params import NSAParams
 from .blocks import cmp_slot_dev, num_cmp_dev
+from .score_topk import check_refresh_args
 
 NEG_BIG = tl.constexpr(-1.0e30)      # finite "no max yet": exp2(NEG_BIG - m) = 0, never NaN
 
@@ -567,35 +568,11 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     nq, hq, dim = q.shape
     _, cpp, hkv, _ = ck_cache.shape
     what = "score_topk_grouped"
-    if params.topn < params.init_blocks + params.local_blocks:
-        raise ValueError(f"{what}: topn ({params.topn}) < init_blocks + local_blocks")
-    if params.block % params.stride or params.select % params.stride or params.block > params.select:
-        raise ValueError(f"{what}: need d | l, d | l', l <= l' (got l={params.block}, "
-                         f"d={params.stride}, l'={params.select})")
-    if hq % hkv or ck_cache.shape[3] != dim or cv_cache.shape != ck_cache.shape:
-        raise ValueError(f"{what}: q [Nq, Hq, D] {tuple(q.shape)} and ck/cv [pages, CPP, Hkv, D] "
-                         f"{tuple(ck_cache.shape)} disagree (Hq must be a multiple of Hkv)")
-    if cpp != params.cmp_per_page(page_size):
-        raise ValueError(f"{what}: ck_cache has {cpp} slots per page, page_size {page_size} "
-                         f"needs {params.cmp_per_page(page_size)}")
-    for name, x in (("q", q), ("ck_cache", ck_cache), ("cv_cache", cv_cache), ("q_req", q_req),
-                    ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
-        if not x.is_contiguous():
-            raise ValueError(f"{what}: {name} must be contiguous")
-    if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
-        raise ValueError(f"{what}: q_req, q_pos must be [Nq] and cmp_lens [B]")
+    has_prov = check_refresh_args(what, q, ck_cache, cv_cache, block_table, q_req, q_pos,
+                                  cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
+                                  prov_vis)
     if not 1 <= group_size <= 64:
         raise ValueError(f"{what}: group_size must be in 1..64, got {group_size}")
-    has_prov = prov_k is not None
-    if has_prov:
-        np_ = prov_k.shape[0]
-        if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
-                or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
-                or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
-                or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
-            raise ValueError(f"{what}: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
-                             "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
-        has_prov = prov_vis.shape[1] > 0 and np_ > 0
     with_out = params.gated if with_out is None else with_out
     g = hq // hkv
     sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device) if sel is None else sel
