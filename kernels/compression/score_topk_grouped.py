@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
+
 from ..common.params import NSAParams
 from .blocks import cmp_slot_dev, num_cmp_dev
 from .score_topk import check_refresh_args
@@ -63,23 +65,6 @@ def _load_cmp(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
     b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
     o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D
     return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
-
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    # F32: fp32 inputs (ieee: selections must match the fp32 reference) or the CPU interpreter
-    # (its bf16 dot is wrong); else tensor-core MMA, fp32 accumulation
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr):
-    # |[start, start+l) intersect [j*l', (j+1)*l')| / d as exact fp32 integers (broadcasting)
-    lo = tl.maximum(o_start, o_blk * LS)
-    hi = tl.minimum(o_start + L, (o_blk + 1) * LS)
-    return (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
 
 
 @triton.jit

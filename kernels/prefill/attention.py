@@ -16,13 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    # F32: fp32 inputs (ieee, no tf32) or the CPU interpreter (whose bf16 dot is wrong)
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+from ..common.tl_math import dot_f32 as _dot
 
 
 @triton.jit

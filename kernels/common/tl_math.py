@@ -1,0 +1,20 @@
+"""Small Triton device helpers shared by the NSA kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_f32(a, b, F32: tl.constexpr):
+    # F32: fp32 inputs (ieee, no tf32, so selections match the fp32 reference) or the CPU
+    # interpreter (whose bf16 dot is wrong); else tensor-core MMA with fp32 accumulation
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr):
+    # |[start, start+l) intersect [j*l', (j+1)*l')| / d (Eq. 9 weight), exact integer as fp32
+    lo = tl.maximum(o_start, o_blk * LS)
+    hi = tl.minimum(o_start + L, (o_blk + 1) * LS)
+    return (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
