@@ -12,8 +12,14 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+import dataclasses
+
 import pytest
 import torch
+
+# Where kernel tests put their tensors: the GPU when there is one (compiled kernels), else the
+# CPU (interpreted kernels). References may run on either; comparisons move both to the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Same strictness locally and in CI.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -23,7 +29,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what:
     """NaN-aware closeness: max-abs short-circuit, else RMS-relative error ratio."""
     dtype = dtype or actual.dtype
     tol = TOL[dtype]
-    a, e = actual.float(), expected.float()
+    a, e = actual.float().cpu(), expected.float().cpu()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     assert not torch.isnan(a).any(), f"{what}: output has NaN (unwritten tile?)"
     diff = (a - e).abs().max().item()
@@ -34,7 +40,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what:
     assert rms_err / rms_ref <= tol, f"{what}: max abs {diff:.3e}, rms ratio {rms_err / rms_ref:.3e} > {tol}"
 
 
-def poisoned(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+def poisoned(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """An output buffer filled with NaN, so an unwritten element fails the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -50,3 +56,49 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _to(x, dev):
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, (list, tuple)) and any(isinstance(y, torch.Tensor) for y in x):
+        return type(x)(_to(y, dev) for y in x)
+    if isinstance(x, dict):
+        return {k: _to(v, dev) for k, v in x.items()}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), dev)
+                                        for f in dataclasses.fields(x) if f.init})
+    return x
+
+
+def _copy_back(src, moved):
+    """In-place outputs: copy what the kernel wrote on the device into the caller's tensors."""
+    if isinstance(src, torch.Tensor):
+        back = moved.cpu()
+        if moved.data_ptr() != src.data_ptr() and not torch.equal(back, src):
+            src.copy_(back)
+    elif isinstance(src, (list, tuple)) and isinstance(moved, (list, tuple)):
+        for a, b in zip(src, moved):
+            _copy_back(a, b)
+    elif isinstance(src, dict):
+        for k in src:
+            _copy_back(src[k], moved[k])
+
+
+def on_device(fn):
+    """Run a kernel launcher written for CPU-built test tensors on DEV: tensor arguments (also
+    inside lists, dicts and dataclasses) go to DEV, every tensor argument is copied back
+    afterwards (the kernels write outputs in place), tensor results come back to the CPU.
+    On a CPU-only machine it returns fn itself (interpreted kernels take CPU tensors)."""
+    if DEV == "cpu":
+        return fn
+
+    def run(*args, **kwargs):
+        margs, mkw = _to(list(args), DEV), _to(dict(kwargs), DEV)
+        res = fn(*margs, **mkw)
+        _copy_back(list(args), margs)
+        _copy_back(dict(kwargs), mkw)
+        return _to(res, "cpu")
+
+    run.__name__ = getattr(fn, "__name__", "kernel")
+    return run

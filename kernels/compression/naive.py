@@ -27,19 +27,23 @@ def compress_blocks(blocks: torch.Tensor, weight: torch.Tensor | None = None,
     if blocks.dim() != 4:
         raise ValueError(f"compress_blocks: blocks must be [N, l, Hkv, D], got {tuple(blocks.shape)}")
     b = blocks.float()
-    if weight is None:
-        if bias is not None:
-            raise ValueError("compress_blocks: bias given without weight (MEAN mode has no bias)")
-        return b.mean(dim=1)
     n, l, hkv, dim = b.shape
-    if tuple(weight.shape) != (hkv, l):
+    if weight is None and bias is not None:
+        raise ValueError("compress_blocks: bias given without weight (MEAN mode has no bias)")
+    if weight is not None and tuple(weight.shape) != (hkv, l):
         raise ValueError(f"compress_blocks: weight must be [Hkv={hkv}, l={l}], got {tuple(weight.shape)}")
-    out = torch.einsum("nlhd,hl->nhd", b, weight.float())
-    if bias is not None:
-        if tuple(bias.shape) != (hkv, dim):
-            raise ValueError(f"compress_blocks: bias must be [Hkv={hkv}, D={dim}], got {tuple(bias.shape)}")
-        out = out + bias.float()
-    return out
+    if bias is not None and tuple(bias.shape) != (hkv, dim):
+        raise ValueError(f"compress_blocks: bias must be [Hkv={hkv}, D={dim}], got {tuple(bias.shape)}")
+    # An explicit left-to-right sum of elementwise terms: torch's mean/einsum pick reduction
+    # orders by shape and CPU ISA (N=1 vs N=7 differed on AVX-512), which would make the tree
+    # path's provisional token differ in the last bit from the one compressed at commit.
+    w = None if weight is None else weight.float().to(b.device)
+    out = b[:, 0] if w is None else b[:, 0] * w[None, :, 0, None]
+    for j in range(1, l):
+        out = out + (b[:, j] if w is None else b[:, j] * w[None, :, j, None])
+    if w is None:
+        return out / l
+    return out if bias is None else out + bias.float().to(b.device)
 
 
 def compress(k_seq: torch.Tensor, params: NSAParams, weight: torch.Tensor | None = None,

@@ -10,13 +10,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' @triton.jit
 
 import pytest  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, on_device  # noqa: E402
 from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.commit import fused_commit, naive_commit, naive_read_cmp, naive_read_kv  # noqa: E402
 from specsa.kernels.compression import compress  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.nsa.naive import tree_path  # noqa: E402
+
+# compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)
+fused_commit = on_device(fused_commit)
 
 
 def _same(a, b):

@@ -9,11 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' @triton.jit
 
 import pytest  # noqa: E402
-from conftest import assert_close, poisoned  # noqa: E402
+from conftest import assert_close, poisoned, on_device  # noqa: E402
 
 from specsa.kernels.commit.naive import naive_read_cmp, naive_write_cmp, naive_write_kv  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, compress_blocks, compress_gather, compress_paged  # noqa: E402
+
+# compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)
+compress_gather = on_device(compress_gather)
+compress_paged = on_device(compress_paged)
 
 SMALL = NSAParams(block=8, stride=4, select=16, topn=4, window=32)
 DEFAULT = NSAParams()

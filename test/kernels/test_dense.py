@@ -1,9 +1,8 @@
 """Dense paged tree verification kernel vs its fp32 reference (TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 import pytest
 import torch

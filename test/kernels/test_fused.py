@@ -2,10 +2,9 @@
 under TRITON_INTERPRET=1 on CPU. Also hosts the case builders the other verify tests import."""
 from __future__ import annotations
 
-import os
+
 import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from specsa.kernels.common.params import NSAParams
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode, naive_fused_tree
 from specsa.kernels.selection.naive import forced_blocks
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+from conftest import DEV  # noqa: E402
 SMALL = NSAParams(block=8, stride=4, select=8, topn=4, init_blocks=1, local_blocks=2, window=12)
 
 

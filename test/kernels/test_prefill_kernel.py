@@ -9,13 +9,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' @triton.jit
 
 import pytest  # noqa: E402
-from conftest import assert_close, poisoned  # noqa: E402
+from conftest import assert_close, poisoned, on_device  # noqa: E402
 from test_compress_kernel import DEFAULT, SMALL, learned, make_pool  # noqa: E402
 
 from specsa.kernels.commit.naive import naive_write_cmp  # noqa: E402
 from specsa.kernels.compression import compress  # noqa: E402
 from specsa.kernels.prefill import chunked_nsa_prefill, naive_nsa_prefill_rows  # noqa: E402
 from dataclasses import replace  # noqa: E402
+
+# compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)
+chunked_nsa_prefill = on_device(chunked_nsa_prefill)
 
 
 @pytest.mark.parametrize("params,ps,hkv,g,dim,dtype,lens,prefix,rows,learn", [

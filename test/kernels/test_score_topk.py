@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from conftest import assert_close, poisoned  # noqa: E402
+from conftest import assert_close, poisoned, on_device  # noqa: E402
 from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
@@ -18,6 +18,9 @@ from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_a
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.nsa.naive import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402
+
+# compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)
+score_topk = on_device(score_topk)
 
 
 def reference_row(q, k_path, v_path, params, scale, dtype):

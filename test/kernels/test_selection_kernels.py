@@ -2,10 +2,9 @@
 (TRITON_INTERPRET=1): each vs the fp32 references, EXACT_MERGED == INDEPENDENT."""
 from __future__ import annotations
 
-import os
+
 import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

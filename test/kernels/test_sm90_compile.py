@@ -47,7 +47,11 @@ def test_compress_gather_compiles_for_sm90_with_int32_indices(learned):
 
 
 def test_compress_gather_launcher_converts_int64_indices():
+    from conftest import on_device
+
     from specsa.kernels.compression import compress_gather
+
+    compress_gather = on_device(compress_gather)
 
     p = NSAParams(block=4, stride=2, select=8, topn=2, window=8)
     kc = torch.randn(3, 4, 2, 16)

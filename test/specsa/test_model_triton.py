@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import DEV, assert_close
 from specsa.config import CacheConfig, ConfigError, SamplingConfig
 from specsa.model import BlockInput, load_model
 from specsa.model.attention import AttnImpl, Refresh, TritonOptions, resolve_attn_impl
@@ -39,7 +39,7 @@ def _model(tmp_path_factory, native: bool, g: int):
         d = build_tiny(tmp_path_factory.mktemp("m"), kind="llama", native=native, seed=5,
                        num_heads=hq, num_kv_heads=hq // g, head_dim=16,
                        num_layers=2 if g == 4 else 1)
-        _MODELS[key] = load_model(d, nsa_overrides=SPARSE)
+        _MODELS[key] = load_model(d, nsa_overrides=SPARSE, device=DEV)
     return _MODELS[key]
 
 
