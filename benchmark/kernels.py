@@ -430,7 +430,8 @@ class Bench:
         with_out = params.gated
         bufs = {name: (torch.empty(nq, self.hkv, params.topn, dtype=torch.int32, device=DEV),
                        torch.empty_like(q) if with_out else None,
-                       torch.empty(nq, hq, device=DEV) if with_out else None) for name in ("old", "grouped")}
+                       torch.empty(nq, hq, device=DEV) if with_out else None)
+                for name in ("old", "grouped", "row_split")}
         order, g_start, g_len = [], [], []
         off = 0
         for t, ordr in zip(case["sizes"], case["orders"]):
@@ -451,10 +452,22 @@ class Bench:
         ws = refresh_workspace(nq, hq, self.hkv, d, params, num_splits, with_out, DEV) if num_splits > 1 else None
         so, oo, lo = bufs["old"]
         sg, og, lg = bufs["grouped"]
+        sr, orr, lr = bufs["row_split"]
+        # the per-row refresh engineered like the grouped one (one row per group, split over
+        # the selection-block range for occupancy): INDEPENDENT's fair refresh
+        nsm1 = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
+        from importlib import import_module
+        stg1 = import_module("specsa.kernels.compression.score_topk_grouped")
+        ns1 = stg1.default_refresh_splits(nq * self.hkv, -(-max(case["prefix_lens"]) // params.select) + 1,
+                                          params, nsm1)
+        ws1 = refresh_workspace(nq, hq, self.hkv, d, params, ns1, with_out, DEV) if ns1 > 1 else None
         fns = {"old": lambda: score_topk(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo),
                "grouped": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg,
                                                      group_size=c, groups=groups, num_splits=num_splits,
-                                                     workspace=ws)}
+                                                     workspace=ws),
+               "row_split": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sr, o_cmp=orr,
+                                                       lse=lr, group_size=1, num_splits=ns1,
+                                                       workspace=ws1)}
         info = {"refresh_group_size": c, "refresh_num_splits": num_splits,
                 "refresh_groups": len(g_len), "provisional_tokens": int(kw.get("prov_cidx", torch.zeros(0)).numel())}
         return fns, bufs, info
@@ -509,8 +522,10 @@ class Bench:
                **info, "attn_bytes": fb["attn_bytes"], "cmp_bytes": cmp_bytes, "step_bytes": step_bytes,
                "floor_step_us": step_bytes / self.bw * 1e6}
         pairs = {"independent": (rfns["old"], vfns["independent"]),
+                 "independent_split": (rfns["row_split"], vfns["independent"]),
                  "exact_merged": (rfns["grouped"], vfns["exact_merged"]),
                  "refresh_old": (rfns["old"], None), "refresh_grouped": (rfns["grouped"], None),
+                 "refresh_row_split": (rfns["row_split"], None),
                  "verify_independent": (None, vfns["independent"]),
                  "verify_exact_merged": (None, vfns["exact_merged"])}
         for name, (rf, vf) in pairs.items():
@@ -523,6 +538,8 @@ class Bench:
         m = lambda n: rec[n].get("median_us") if isinstance(rec.get(n), dict) else None
         if m("independent") and m("exact_merged"):
             rec["speedup_merged_vs_independent"] = m("independent") / m("exact_merged")
+        if m("independent_split") and m("exact_merged"):
+            rec["speedup_merged_vs_independent_split"] = m("independent_split") / m("exact_merged")
         if m("exact_merged"):
             rec["merged_over_floor_step"] = m("exact_merged") / rec["floor_step_us"]
         self.results["fullstep"].append(rec)
@@ -568,6 +585,7 @@ def summary(results) -> dict:
     for f in results.get("fullstep", []):
         key = f"T{f['T']}_B{f['batch']}"
         out[f"fullstep_merged_vs_independent_{key}"] = f.get("speedup_merged_vs_independent")
+        out[f"fullstep_merged_vs_independent_split_{key}"] = f.get("speedup_merged_vs_independent_split")
         out[f"fullstep_merged_over_floor_step_{key}"] = f.get("merged_over_floor_step")
     for r in results.get("refresh", []):
         out[f"refresh_grouped_vs_old_T{r['T']}_B{r['batch']}"] = r.get("speedup_grouped_vs_old")

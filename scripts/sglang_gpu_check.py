@@ -6,12 +6,15 @@
    into a temporary site folder (no pip install needed on the machine);
 2. builds a tiny random NSA Llama (head_dim 64, config.json nsa: block 8, stride 4, select 16,
    top-4, window 32, so 150-300-token prompts are sparse);
-3. serves it in bf16 twice: NSA autoregressive (`--attention-backend specsa`) and
-   `--speculative-algo specsa` with a tree draft (self-drafting, steps 3, topk 2, 6 draft
-   tokens; the draft runs on SGLang's Triton backend); compares greedy outputs over many
-   prompts and reports the agreement rate (bf16 near-ties can flip a token, so this is a rate,
-   not an assertion);
-4. runs SGLang's bench_serving against both servers;
+3. serves it in bf16 twice, with CUDA graphs (the target's NSA runs on the Triton kernels,
+   graph-captured for decode / TARGET_VERIFY): NSA autoregressive (`--attention-backend
+   specsa`) and `--speculative-algo specsa` with a tree draft (self-drafting, steps 3, topk 2,
+   6 draft tokens; the draft runs on SGLang's Triton backend); compares greedy outputs over
+   many prompts and reports the agreement rate (bf16 near-ties can flip a token, so this is a
+   rate, not an assertion). If a server fails to start with graphs, it is retried with
+   --disable-cuda-graph and the JSON says so;
+4. runs SGLang's bench_serving against both servers; with --eager-too, also against both
+   servers without CUDA graphs (side by side in one run);
 5. writes $OUT/sglang_gpu_check.json (and the server logs).
 """
 from __future__ import annotations
@@ -76,15 +79,69 @@ def compare(a, b, prompts) -> dict:
             "mean_accept_length": sum(acc) / len(acc) if acc else None}
 
 
+def _graph_state(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "Capture cuda graph end" in text or "Capture cuda graph bs" in text:
+        return "captured"
+    return "not captured (see log)"
+
+
+def _start(model, port, args, name):
+    """A server with the given args; on a start failure, the same without CUDA graphs."""
+    from specsa.sglang_plugin.harness import launch_server
+    log = OUT / f"server_{name}.log"
+    t0 = time.time()
+    try:
+        cm = launch_server(model, port, args, cpu=False, log_path=log, timeout=420)
+        srv = cm.__enter__()
+        return cm, srv, {"args": args, "start_s": round(time.time() - t0, 1),
+                         "cuda_graph": _graph_state(log)}
+    except Exception as e:
+        err = str(e)[-800:]
+        if "--disable-cuda-graph" in args:
+            raise
+        fb_log = OUT / f"server_{name}_fallback.log"
+        t0 = time.time()
+        cm = launch_server(model, port + 50, [*args, "--disable-cuda-graph"], cpu=False,
+                           log_path=fb_log, timeout=420)
+        srv = cm.__enter__()
+        return cm, srv, {"args": args, "graph_start_error": err, "fallback": "--disable-cuda-graph",
+                         "start_s": round(time.time() - t0, 1), "cuda_graph": "disabled (fallback)"}
+
+
+def run_pair(model, common, spec_args, prompts, bench_kw, mode) -> dict:
+    sys.path.insert(0, str(REPO / "benchmark"))
+    from serving import bench_serving
+    port = 30100 if mode == "graphs" else 30200
+    out = {"servers": {}}
+    cm_a, base, info = _start(model, port, ["--attention-backend", "specsa", *common], f"nsa_ar_{mode}")
+    out["servers"]["nsa_autoregressive"] = info
+    try:
+        cm_b, spec, info = _start(model, port + 1, [*spec_args, *common], f"specsa_{mode}")
+        out["servers"]["specsa_tree"] = info
+        try:
+            if mode == "graphs":
+                out["greedy_agreement"] = compare(base, spec, prompts)
+                print(json.dumps(out["greedy_agreement"]), flush=True)
+            for name, srv in (("nsa_autoregressive", base), ("specsa_tree", spec)):
+                try:
+                    out[name] = bench_serving(srv.url, model, **bench_kw)
+                except Exception as e:   # noqa: BLE001 - record and continue
+                    out[name] = {"error": str(e)[-2000:]}
+                print(mode, name, json.dumps(out[name])[:400], flush=True)
+        finally:
+            cm_b.__exit__(None, None, None)
+    finally:
+        cm_a.__exit__(None, None, None)
+    return out
+
+
 def main() -> None:
     t_start = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
     stage_package()
     import torch
     from specsa.model.tiny import build_tiny
-    from specsa.sglang_plugin.harness import launch_server
-    sys.path.insert(0, str(REPO / "benchmark"))
-    from serving import bench_serving
 
     model = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny_nsa", kind="llama", seed=0,
                            hidden_size=256, intermediate_size=512, num_heads=4,
@@ -94,7 +151,7 @@ def main() -> None:
                for _ in range(NUM_PROMPTS)]
     common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--grammar-backend", "none",
               "--mem-fraction-static", "0.3", "--max-running-requests", "16",
-              "--disable-cuda-graph"]
+              "--cuda-graph-max-bs", "16"]
     spec_args = ["--speculative-algo", "specsa", "--speculative-num-steps", "3",
                  "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "6"]
     result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -104,27 +161,20 @@ def main() -> None:
         result["sglang"] = sglang.__version__
     except Exception as e:       # noqa: BLE001 - reported, not hidden
         result["sglang"] = f"import failed: {e}"
-    bench_kw = dict(num_prompts=16, input_len=256, output_len=32, concurrency=4)
-    t0 = time.time()
-    with launch_server(model, 30100, ["--attention-backend", "specsa", *common], cpu=False,
-                       log_path=OUT / "server_nsa_ar.log", timeout=300) as base:
-        result["startup_nsa_ar_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        with launch_server(model, 30101, [*spec_args, *common], cpu=False,
-                           log_path=OUT / "server_specsa.log", timeout=300) as spec:
-            result["startup_specsa_s"] = round(time.time() - t0, 1)
-            result["greedy_agreement"] = compare(base, spec, prompts)
-            print(json.dumps(result["greedy_agreement"]), flush=True)
-            (OUT / "sglang_gpu_check.json").write_text(json.dumps(result, indent=1))
-            bench = {}
-            for name, srv in (("nsa_autoregressive", base), ("specsa_tree", spec)):
-                try:
-                    bench[name] = bench_serving(srv.url, model, **bench_kw)
-                except Exception as e:   # noqa: BLE001 - record and continue
-                    bench[name] = {"error": str(e)[-2000:]}
-            result["bench_serving"] = {"conditions": bench_kw, **bench}
-    result["cuda_graphs"] = ("disabled for both servers: the specsa NSA target backend is the "
-                             "eager torch path (no graph-capturable NSA verify kernel yet)")
+    bench_kw = dict(num_prompts=32, input_len=256, output_len=64, concurrency=8)
+    result["bench_serving"] = {"conditions": bench_kw}
+    eager_too = "--eager-too" in sys.argv
+    modes = [("graphs", [])] + ([("eager", ["--disable-cuda-graph"])] if eager_too else [])
+    for mode, extra in modes:
+        try:
+            res = run_pair(model, [*common, *extra], spec_args, prompts, bench_kw, mode)
+        except Exception as e:       # noqa: BLE001 - recorded in the JSON
+            res = {"servers": {"error": str(e)[-3000:]}}
+        result[f"servers_{mode}"] = res.pop("servers")
+        if mode == "graphs":
+            result["greedy_agreement"] = res.pop("greedy_agreement", None)
+        result["bench_serving"][mode] = res
+        (OUT / "sglang_gpu_check.json").write_text(json.dumps(result, indent=1))
     result["wall_s"] = round(time.time() - t_start, 1)
     (OUT / "sglang_gpu_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

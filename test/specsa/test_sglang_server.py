@@ -230,6 +230,39 @@ class TestTreeSelfDraftPage16:
         _check_radix(srv, prompts, reference, 16)
 
 
+TRITON_ENV = {"SPECSA_SGLANG_ATTN": "triton", "TRITON_INTERPRET": "1"}
+
+
+class TestTritonTarget:
+    """The CUDA target path (Triton kernels, static per-step buffers that CUDA graphs capture)
+    run on the CPU under the Triton interpreter: NSA autoregressive and a tree self-draft with
+    page size 16 both equal the runtime."""
+
+    @pytest.fixture(scope="class")
+    def ar(self, models):
+        with launch_server(models[0], free_port(), ["--attention-backend", "specsa"],
+                           env={**TRITON_ENV, **LEAK_ENV}) as srv:
+            yield srv
+
+    @pytest.fixture(scope="class")
+    def spec(self, models):
+        args = ["--speculative-algo", "specsa", "--speculative-num-steps", "2",
+                "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "4",
+                "--page-size", "16"]
+        with launch_server(models[0], free_port(), args, env={**TRITON_ENV, **LEAK_ENV}) as srv:
+            yield srv
+
+    def test_autoregressive_equals_runtime(self, ar, prompts, reference):
+        _check_greedy(ar, prompts[:2], reference[:2], "triton target, no speculation")
+        assert "target NSA attention on the Triton kernels" in ar.log_path.read_text()
+
+    def test_tree_equals_runtime_and_radix(self, spec, prompts, reference):
+        _check_greedy(spec, prompts[:2], reference[:2], "triton target, tree + self-draft")
+        _check_radix(spec, prompts, reference, 16)
+        log = spec.log_path.read_text()
+        assert "memory leak" not in log and "target NSA attention on the Triton kernels" in log
+
+
 def test_plain_launch_without_specsa(models, prompts):
     """The plugin does not break SGLang when SpecSA is not used."""
     with launch_server(models[0], free_port(), ["--attention-backend", "torch_native"]) as srv:

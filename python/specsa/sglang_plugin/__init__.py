@@ -36,8 +36,8 @@ def register() -> None:
 
     @register_attention_backend(BACKEND)
     def _make_backend(runner):
-        from .backend import SpecsaAttnBackend
-        return SpecsaAttnBackend(runner)
+        from .backend import make_target_backend
+        return make_target_backend(runner)
 
     @SpeculativeAlgorithm.register("SPECSA", supports_overlap=False, spec_class=SpecsaAlgo)
     def _worker_cls(server_args):
@@ -96,3 +96,4 @@ def _register_draft_kv_pool_fix(HookRegistry, HookType) -> None:
         return original(*args, **kwargs)
     HookRegistry.register("sglang.srt.mem_cache.kv_cache_builder.get_draft_kv_pool",
                           _get_draft_kv_pool, HookType.AROUND)
+

@@ -125,12 +125,14 @@ def handle_specsa_server_args(sa) -> None:
         sa.enable_mixed_chunk = False
     if sa.max_running_requests is None:
         sa.max_running_requests = 48
-    _disable_target_cuda_graphs(sa)
+    from .settings import attn_impl
+    if attn_impl(str(sa.device)) == "torch" or not str(sa.device).startswith("cuda"):
+        _disable_target_cuda_graphs(sa)
 
 
 def _disable_target_cuda_graphs(sa) -> None:
-    """The specsa target backend is eager (torch NSA path); SGLang would otherwise try to capture
-    decode / verify graphs through it."""
+    """The torch NSA path (CPU harness) is eager; SGLang would otherwise try to capture decode /
+    verify graphs through it. The Triton path (CUDA) is graph-capturable."""
     try:
         from sglang.srt.server_args import Backend
     except ImportError:

@@ -22,7 +22,27 @@ from specsa.config import ConfigError, NSAConfig
 from specsa.kernels.nsa.masked import build_tree_visibility, masked_nsa, provisional_cmp
 
 from .compressed_cache import PagedCompressedKV
-from .settings import is_native, resolve_nsa_config
+from .settings import attn_impl, is_native, resolve_nsa_config
+
+
+def native_rejection(nsa: NSAConfig) -> ConfigError:
+    return ConfigError(
+        f"specsa backend: native NSA (combine={nsa.combine.value}, compress="
+        f"{nsa.compress.value}) needs the checkpoint's gate / compression weights, "
+        "which this SGLang integration does not load yet; serve the checkpoint in "
+        "training-free mode with SPECSA_NSA='combine=union,compress=mean'")
+
+
+def make_target_backend(runner):
+    """The `specsa` backend of a model runner: dense for a draft runner; NSA on the Triton
+    kernels (CUDA, graph-capturable) or the torch path (CPU harness) for the target."""
+    if runner.is_draft_worker or attn_impl(str(runner.device)) == "torch":
+        return SpecsaAttnBackend(runner)
+    nsa = resolve_nsa_config(runner.model_config.hf_config)
+    if is_native(nsa):
+        raise native_rejection(nsa)
+    from .triton_backend import SpecsaTritonBackend
+    return SpecsaTritonBackend(runner, nsa)
 
 
 @dataclass(frozen=True)
@@ -115,11 +135,7 @@ class SpecsaAttnBackend(AttentionBackend):
         self.cmp = None
         if self.nsa is not None:
             if is_native(self.nsa):
-                raise ConfigError(
-                    f"specsa backend: native NSA (combine={self.nsa.combine.value}, compress="
-                    f"{self.nsa.compress.value}) needs the checkpoint's gate / compression weights, "
-                    "which this SGLang integration does not load yet; serve the checkpoint in "
-                    "training-free mode with SPECSA_NSA='combine=union,compress=mean'")
+                raise native_rejection(self.nsa)
             mc = runner.model_config
             pool = self.token_to_kv_pool
             self.cmp = PagedCompressedKV(

@@ -17,6 +17,9 @@ import os
 from specsa.config import Combine, Compression, ConfigError, NSAConfig
 
 ENV_NSA = "SPECSA_NSA"
+# which implementation computes the target's NSA attention: auto (Triton kernels on CUDA, the
+# torch reference path on CPU), triton (on CPU only under TRITON_INTERPRET=1: tests), torch
+ENV_ATTN = "SPECSA_SGLANG_ATTN"
 
 
 def _env_overrides(raw: str) -> dict | str:
@@ -64,3 +67,18 @@ def resolve_nsa_config(hf_config, env: dict | None = None) -> NSAConfig:
 def is_native(cfg: NSAConfig) -> bool:
     """Native NSA needs per-layer gate / compression weights from the checkpoint."""
     return cfg.combine is Combine.GATED or cfg.compress is Compression.LEARNED
+
+
+def attn_impl(device: str, env: dict | None = None) -> str:
+    """'triton' or 'torch' for the target backend on `device` (see ENV_ATTN)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_ATTN, "auto").strip().lower() or "auto"
+    if raw not in ("auto", "triton", "torch"):
+        raise ConfigError(f"{ENV_ATTN}={raw!r}: choose auto, triton or torch")
+    on_cuda = str(device).startswith("cuda")
+    if raw == "auto":
+        return "triton" if on_cuda else "torch"
+    if raw == "triton" and not on_cuda and env.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"{ENV_ATTN}=triton on {device} needs the Triton interpreter "
+                          "(TRITON_INTERPRET=1); use it on CUDA")
+    return raw

@@ -21,6 +21,6 @@ class SpecsaWorker(StandaloneWorkerV2):
     def init_attention_backends(self):
         super().init_attention_backends()
         backend = type(self.target_worker.model_runner.attn_backend).__name__
-        if backend != "SpecsaAttnBackend":
+        if backend not in ("SpecsaAttnBackend", "SpecsaTritonBackend"):
             raise ValueError(f"specsa worker: the target's attention backend is {backend}, "
                              f"expected the '{BACKEND}' backend (--attention-backend {BACKEND})")

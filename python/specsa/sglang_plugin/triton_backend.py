@@ -1,0 +1,192 @@
+"""The `specsa` target backend on the Triton kernels (the CUDA path; CPU only under the Triton
+interpreter, for tests): extend through `chunked_nsa_prefill`, decode and TARGET_VERIFY through
+the refresh kernel (`score_topk_grouped` on the verifier's groups) and `NSAVerifier.run`
+(EXACT_MERGED), capturable in SGLang's CUDA graphs.
+
+Compressed KV: [layers, num_pages, CPP, Hkv, D] in the pool dtype, CONTRACTS.md section 4
+layout (token i lives in the page of its closing position). It is filled from the committed
+pool by `compress_paged`: an extend writes the tokens its chunk closes; every forward first
+rewrites the tokens closed by its last `margin` committed positions (margin >= the tokens a
+step can commit), which covers what the previous step accepted, and what a finished request
+left in pages that the radix cache now shares. Rewrites are idempotent (same inputs, same
+kernel), so a shared page never changes value; a recycled page is rewritten before any read,
+because only tokens closed below a request's committed length are read.
+
+Tree nodes that close a compression block get provisional tokens (`compress_gather` over their
+path), the same arithmetic as the committed ones, so acceptance keeps them bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from specsa.config import NSAConfig
+from specsa.kernels.compression import (
+    compress_gather,
+    compress_paged,
+    score_topk_grouped,
+)
+from specsa.kernels.prefill import chunked_nsa_prefill
+
+from .backend import forward_geometry
+from .triton_plan import StepBuffers, StepPlanner, block_table_from, check_pool_layout
+
+
+class SpecsaTritonBackend(AttentionBackend):
+    """NSA target attention on the Triton kernels over SGLang's MHA token pool."""
+
+    needs_cpu_seq_lens = True
+
+    def __init__(self, runner, nsa: NSAConfig):
+        super().__init__()
+        self.device = runner.device
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.pool = runner.token_to_kv_pool
+        self.page_size = ps = runner.page_size
+        self.nsa, self.params = nsa, nsa.params
+        sa = runner.server_args
+        self.draft_tokens = int(getattr(sa, "speculative_num_draft_tokens", None) or 1)
+        mc = runner.model_config
+        hkv, d = self.pool.head_num, self.pool.head_dim
+        num_pages = check_pool_layout(self.pool.get_key_buffer(self.pool.start_layer).shape[0],
+                                      ps, self.params)
+        cpp = self.params.cmp_per_page(ps)
+        dtype = self.pool.get_key_buffer(self.pool.start_layer).dtype
+        shape = (mc.num_hidden_layers, num_pages, cpp, hkv, d)
+        self.ck = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.cv = torch.zeros(shape, dtype=dtype, device=self.device)
+        width = -(-self.req_to_token_pool.req_to_token.shape[1] // ps)
+        hq = mc.num_attention_heads // max(1, getattr(sa, "tp_size", 1))
+        scale = getattr(mc, "head_dim", d) ** -0.5
+        self.planner = StepPlanner(nsa, hq, hkv, d, scale, ps, width,
+                                   margin=self.draft_tokens + 1, device=self.device)
+        self.step: StepBuffers | None = None
+        self.extend = None
+        logging.getLogger("specsa").warning(
+            "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d)",
+            self.device, ps, self.planner.margin)
+
+    # -- metadata ------------------------------------------------------------------------
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        pass          # buffers are allocated per (mode, batch size) on first use
+
+    def init_forward_metadata(self, forward_batch):
+        self.init_forward_metadata_out_graph(forward_batch)
+
+    def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
+        mode = fb.forward_mode
+        self.step = self.extend = None
+        if mode.is_idle():
+            return
+        if mode.is_target_verify() or mode.is_decode():
+            self.step = self._plan_step(fb, in_capture)
+        else:
+            self.extend = self._plan_extend(fb)
+
+    def _plan_step(self, fb, in_capture: bool) -> StepBuffers:
+        verify = fb.forward_mode.is_target_verify()
+        bs = int(getattr(fb, "batch_size", None) or fb.req_pool_indices.shape[0])
+        seq = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
+        seq = [int(x) for x in seq.tolist()[:bs]]
+        t = self.draft_tokens if verify else 1
+        chain = list(range(-1, t - 1))
+        if verify:
+            prefix = seq
+            parents = [chain] * bs
+            si = fb.spec_info
+            if not in_capture and si is not None and si.retrieve_next_token is not None:
+                from .backend import tree_parents
+                nxt, sib = si.retrieve_next_token.tolist(), si.retrieve_next_sibling.tolist()
+                for b in range(min(bs, len(nxt))):       # rows beyond are graph padding
+                    parents[b] = tree_parents(nxt[b], sib[b]).tolist()
+        else:
+            prefix = [max(0, s - 1) for s in seq]
+            parents = [chain] * bs
+        buf = self.planner.buffers("verify" if verify else "decode", bs, t)
+        return self.planner.fill(buf, prefix, parents, self.req_to_token_pool.req_to_token,
+                                 fb.req_pool_indices[:bs])
+
+    def _plan_extend(self, fb) -> dict:
+        geo = forward_geometry(fb)
+        dev, ps = self.device, self.page_size
+        pre = [g.prefix for g in geo]
+        lens = [g.prefix + g.count for g in geo]
+        q_req = [b for b, g in enumerate(geo) for _ in range(g.count)]
+        q_pos = [g.prefix + i for g in geo for i in range(g.count)]
+        width = max(1, -(-max(lens) // ps))
+        pool_idx = torch.tensor([g.pool_idx for g in geo], dtype=torch.int64).to(dev)
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32).to(dev)
+        return dict(
+            bt=block_table_from(self.req_to_token_pool.req_to_token, pool_idx, ps, width),
+            q_req=i32(q_req), q_pos=i32(q_pos), prefix=i32(pre), lens=i32(lens),
+            lo=i32([max(0, p - self.planner.margin) for p in pre]))
+
+    # -- forward -------------------------------------------------------------------------
+    def _caches(self, layer):
+        lid = layer.layer_id
+        k_buf = self.pool.get_key_buffer(lid)
+        v_buf = self.pool.get_value_buffer(lid)
+        ps = self.page_size
+        kc = k_buf.view(-1, ps, *k_buf.shape[1:])
+        vc = v_buf.view(-1, ps, *v_buf.shape[1:])
+        return kc, vc, self.ck[lid - self.pool.start_layer], self.cv[lid - self.pool.start_layer]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if self.step is not None:
+            return self._forward_step(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._forward_prefill(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._forward_step(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def _shapes(self, q, k, v, layer):
+        hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
+        q3 = q.reshape(-1, hq, layer.qk_head_dim)
+        k3 = k.reshape(-1, hkv, layer.qk_head_dim)
+        v3 = v.reshape(-1, hkv, layer.v_head_dim)
+        return q3.contiguous(), k3, v3
+
+    def _forward_prefill(self, q, k, v, layer, fb, save_kv_cache):
+        e = self.extend
+        if save_kv_cache:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
+        q3, _, _ = self._shapes(q, k, v, layer)
+        kc, vc, ck, cv = self._caches(layer)
+        p = self.params
+        compress_paged(kc, vc, ck, cv, e["bt"], e["lo"], e["prefix"], p)
+        out, _ = chunked_nsa_prefill(q3, kc, vc, ck, cv, e["bt"], e["q_req"], e["q_pos"],
+                                     e["prefix"], e["lens"], p, layer.scaling)
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _forward_step(self, q, k, v, layer, fb, save_kv_cache):
+        s = self.step
+        if save_kv_cache:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
+        q3, k3, v3 = self._shapes(q, k, v, layer)
+        kc, vc, ck, cv = self._caches(layer)
+        n = s.num_tokens
+        if q3.shape[0] != n:
+            raise RuntimeError(f"specsa triton backend: forward has {q3.shape[0]} query rows, "
+                               f"the step plan {n}")
+        p = self.params
+        # the draft KV exactly as the pool stores it (what later steps will read)
+        kn = k3.to(kc.dtype).contiguous()
+        vn = v3.to(vc.dtype).contiguous()
+        compress_paged(kc, vc, ck, cv, s.bt, s.upd_lo, s.upd_hi, p)
+        pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p)
+        plan = s.verifier._plan
+        geo = plan.geometry
+        sel, o_cmp, _ = score_topk_grouped(
+            q3, ck, cv, s.bt, s.q_req, s.q_pos, s.cmp_lens, p, layer.scaling, self.page_size,
+            with_out=p.gated, group_size=plan.group_size,
+            groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
+            prov_v=pv.to(cv.dtype), prov_cidx=s.prov_cidx, prov_vis=s.prov_vis)
+        out = q3.new_empty(n, layer.tp_q_head_num, layer.v_head_dim)
+        s.verifier.run(q3, kn, vn, kc, vc, sel, o_cmp=o_cmp, out=out)
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

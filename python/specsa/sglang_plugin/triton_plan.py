@@ -1,0 +1,169 @@
+"""Per-step metadata of the Triton NSA path inside SGLang, in static buffers.
+
+Decode and TARGET_VERIFY forwards have a fixed shape per batch size (every request carries T
+new tokens: 1 for decode, `speculative_num_draft_tokens` for verification), so everything the
+kernels read lives in buffers allocated once per (mode, batch size) and rewritten in place
+before every forward. A CUDA graph captured around the layers therefore replays with the new
+step's metadata; eager forwards use the very same buffers, so CPU tests (Triton interpreter)
+exercise the code the graphs run.
+
+Host inputs per step: the committed length P of each request (SGLang's seq_lens on the host)
+and the draft tree (parents). Slots come from SGLang's req_to_token table on the device.
+
+Layout contract with the kernels (docs/CONTRACTS.md section 4): SGLang's token pool of one
+layer, [size + page_size, Hkv, D], is read as pages [num_pages, page_size, Hkv, D]; a token's
+flat pool slot is page * page_size + offset, which is exactly SGLang's slot index, and the
+block table entry of logical page j is req_to_token[r, j * page_size] // page_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specsa.attention import NSAVerifier
+from specsa.config import NSAConfig, Schedule, Traversal
+from specsa.kernels.common.params import NSAParams
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    depth: list[int] = []
+    for p in parents:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return depth
+
+
+def block_table_from(req_to_token: torch.Tensor, pool_idx: torch.Tensor, page_size: int,
+                     width: int) -> torch.Tensor:
+    """[B, width] int32 page ids of the requests' logical pages (device op, no host sync)."""
+    rows = req_to_token.index_select(0, pool_idx.long())[:, ::page_size][:, :width]
+    bt = torch.div(rows, page_size, rounding_mode="floor").to(torch.int32)
+    if bt.shape[1] < width:
+        bt = torch.nn.functional.pad(bt, (0, width - bt.shape[1]))
+    return bt
+
+
+@dataclass
+class StepBuffers:
+    """Static metadata of one (mode, batch size): see the module docstring."""
+
+    bs: int
+    tokens_per_req: int
+    bt: torch.Tensor          # [bs, W] int32
+    q_req: torch.Tensor       # [N] int32
+    q_pos: torch.Tensor       # [N] int32
+    cmp_lens: torch.Tensor    # [bs] int32, num_cmp(P)
+    upd_lo: torch.Tensor      # [bs] int32: compressed tokens closed by positions upd_lo..P-1
+    upd_hi: torch.Tensor      # [bs] int32   are (re)written from the committed pool first
+    prov_code: torch.Tensor   # [N, l] int64 host-planned sources: >= 0 position, < 0 tail row
+    prov_idx: torch.Tensor    # [N, l] int32 compress_gather sources (pool slot or tail row)
+    prov_cidx: torch.Tensor   # [N] int32 compressed index of each node's provisional token
+    prov_vis: torch.Tensor    # [N, T] int32 provisional rows visible to each node, -1 padded
+    verifier: NSAVerifier
+    group_size: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.bs * self.tokens_per_req
+
+
+class StepPlanner:
+    """Allocates `StepBuffers` per (mode, batch size) and fills them for each step."""
+
+    def __init__(self, nsa: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float, page_size: int, table_width: int, margin: int, device):
+        self.nsa, self.params = nsa, nsa.params
+        self.hq, self.hkv, self.head_dim, self.scale = num_q_heads, num_kv_heads, head_dim, scale
+        self.page_size, self.width, self.margin = page_size, table_width, margin
+        self.device = torch.device(device)
+        self._bufs: dict[tuple[str, int, int], StepBuffers] = {}
+
+    def buffers(self, mode: str, bs: int, t: int) -> StepBuffers:
+        key = (mode, bs, t)
+        if key not in self._bufs:
+            n, l, dev = bs * t, self.params.block, self.device
+            i32 = dict(dtype=torch.int32, device=dev)
+            self._bufs[key] = StepBuffers(
+                bs=bs, tokens_per_req=t, bt=torch.zeros(bs, self.width, **i32),
+                q_req=torch.zeros(n, **i32), q_pos=torch.zeros(n, **i32),
+                cmp_lens=torch.zeros(bs, **i32), upd_lo=torch.zeros(bs, **i32),
+                upd_hi=torch.zeros(bs, **i32),
+                prov_code=torch.zeros(n, l, dtype=torch.int64, device=dev),
+                prov_idx=torch.zeros(n, l, **i32), prov_cidx=torch.zeros(n, **i32),
+                prov_vis=torch.full((n, t), -1, **i32),
+                verifier=NSAVerifier(self.nsa, self.hq, self.hkv, self.head_dim, device=dev,
+                                     scale=self.scale, graph_buffers=True))
+        return self._bufs[key]
+
+    def fill(self, buf: StepBuffers, prefix_lens: list[int], parents: list[list[int]],
+             req_to_token: torch.Tensor, pool_idx: torch.Tensor) -> StepBuffers:
+        """Rewrite `buf` in place for one step: P per request (host), trees (host), slots
+        (device). Shapes never change, so captured graphs stay valid."""
+        p, t, bs = self.params, buf.tokens_per_req, buf.bs
+        if len(prefix_lens) != bs or len(parents) != bs or any(len(x) != t for x in parents):
+            raise ValueError(f"specsa triton plan: expected {bs} requests of {t} tokens, got "
+                             f"{len(prefix_lens)} lengths and trees of {[len(x) for x in parents]}")
+        l, d = p.block, p.stride
+        q_req, q_pos, cmp_lens, lo, code, cidx, vis = [], [], [], [], [], [], []
+        for b, (P, par) in enumerate(zip(prefix_lens, parents)):
+            dep = tree_depths(par)
+            off = b * t
+            cmp_lens.append(p.num_cmp(P))
+            lo.append(max(0, P - self.margin))
+            closes = []
+            for v in range(t):
+                pos = P + dep[v]
+                q_req.append(b)
+                q_pos.append(pos)
+                e = pos - l + 1
+                if e < 0 or e % d:
+                    code.append([0] * l)      # unused row: any readable slot
+                    cidx.append(0)
+                    closes.append(False)
+                    continue
+                src, cur = [], v
+                for s in range(pos, e - 1, -1):          # newest first
+                    if s >= P:
+                        src.append(-1 - (off + cur))
+                        cur = par[cur]
+                    else:
+                        src.append(s)
+                code.append(src[::-1])
+                cidx.append(e // d)
+                closes.append(True)
+            for u in range(t):                            # provisional tokens on u's path
+                seen, cur = [], u
+                while cur >= 0:
+                    if closes[cur]:
+                        seen.append(off + cur)
+                    cur = par[cur]
+                vis.append(seen[::-1] + [-1] * (t - len(seen)))
+        def put(dst, x, dtype=torch.int32):
+            dst.copy_(torch.tensor(x, dtype=dtype).view(dst.shape), non_blocking=True)
+
+        put(buf.q_req, q_req)
+        put(buf.q_pos, q_pos)
+        put(buf.cmp_lens, cmp_lens)
+        put(buf.upd_lo, lo)
+        put(buf.upd_hi, list(prefix_lens))
+        put(buf.prov_code, code, torch.int64)
+        put(buf.prov_cidx, cidx)
+        put(buf.prov_vis, vis)
+        buf.bt.copy_(block_table_from(req_to_token, pool_idx, self.page_size, self.width))
+        # committed sources -> SGLang slots (req_to_token), tail rows stay negative
+        rows = req_to_token.index_select(0, pool_idx.long()).index_select(0, buf.q_req.long())
+        slots = rows.gather(1, buf.prov_code.clamp(min=0))
+        buf.prov_idx.copy_(torch.where(buf.prov_code >= 0, slots, buf.prov_code).to(torch.int32))
+        plan = buf.verifier.plan(parents, prefix_lens, buf.bt, schedule=Schedule.EXACT_MERGED,
+                                 traversal=Traversal.BFS)
+        buf.group_size = plan.group_size
+        return buf
+
+
+def check_pool_layout(size_with_pad: int, page_size: int, params: NSAParams) -> int:
+    """Pages of SGLang's pool; the pool must be a whole number of pages."""
+    if size_with_pad % page_size:
+        raise ValueError(f"specsa triton backend: KV pool of {size_with_pad} slots is not a "
+                         f"multiple of page_size {page_size}")
+    del params
+    return size_with_pad // page_size
