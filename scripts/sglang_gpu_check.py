@@ -68,6 +68,8 @@ def compare(a, b, prompts) -> dict:
         t.start()
     for t in threads:
         t.join()
+    if any(x is None for x in outs["spec"]) or any(x is None for x in outs["base"]):
+        raise RuntimeError("some requests failed (server error or crash)")
     exact = sum(x == y for x, y in zip(outs["base"], outs["spec"]))
     prefix = []
     for x, y in zip(outs["base"], outs["spec"]):
@@ -79,61 +81,23 @@ def compare(a, b, prompts) -> dict:
             "mean_accept_length": sum(acc) / len(acc) if acc else None}
 
 
-def _graph_state(log: Path) -> str:
+def _graph_state(log: Path) -> dict:
     text = log.read_text(errors="replace") if log.exists() else ""
-    if "Capture cuda graph end" in text or "Capture cuda graph bs" in text:
-        return "captured"
-    return "not captured (see log)"
+    return {k: (f"Capture target {k} CUDA graph end" in text)
+            for k in ("decode", "verify", "prefill")}
 
 
-def _start(model, port, args, name):
-    """A server with the given args; on a start failure, the same without CUDA graphs."""
+def _crash_tail(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [x for x in text.splitlines() if "Ignore import" not in x and "Assertion" not in x]
+    i = next((k for k, x in enumerate(lines) if "Traceback" in x), max(0, len(lines) - 40))
+    return "\n".join(lines[i:i + 60])[-4000:]
+
+
+def serve(model, port, args, name, env=None):
     from specsa.sglang_plugin.harness import launch_server
-    log = OUT / f"server_{name}.log"
-    t0 = time.time()
-    try:
-        cm = launch_server(model, port, args, cpu=False, log_path=log, timeout=420)
-        srv = cm.__enter__()
-        return cm, srv, {"args": args, "start_s": round(time.time() - t0, 1),
-                         "cuda_graph": _graph_state(log)}
-    except Exception as e:
-        err = str(e)[-800:]
-        if "--disable-cuda-graph" in args:
-            raise
-        fb_log = OUT / f"server_{name}_fallback.log"
-        t0 = time.time()
-        cm = launch_server(model, port + 50, [*args, "--disable-cuda-graph"], cpu=False,
-                           log_path=fb_log, timeout=420)
-        srv = cm.__enter__()
-        return cm, srv, {"args": args, "graph_start_error": err, "fallback": "--disable-cuda-graph",
-                         "start_s": round(time.time() - t0, 1), "cuda_graph": "disabled (fallback)"}
-
-
-def run_pair(model, common, spec_args, prompts, bench_kw, mode) -> dict:
-    sys.path.insert(0, str(REPO / "benchmark"))
-    from serving import bench_serving
-    port = 30100 if mode == "graphs" else 30200
-    out = {"servers": {}}
-    cm_a, base, info = _start(model, port, ["--attention-backend", "specsa", *common], f"nsa_ar_{mode}")
-    out["servers"]["nsa_autoregressive"] = info
-    try:
-        cm_b, spec, info = _start(model, port + 1, [*spec_args, *common], f"specsa_{mode}")
-        out["servers"]["specsa_tree"] = info
-        try:
-            if mode == "graphs":
-                out["greedy_agreement"] = compare(base, spec, prompts)
-                print(json.dumps(out["greedy_agreement"]), flush=True)
-            for name, srv in (("nsa_autoregressive", base), ("specsa_tree", spec)):
-                try:
-                    out[name] = bench_serving(srv.url, model, **bench_kw)
-                except Exception as e:   # noqa: BLE001 - record and continue
-                    out[name] = {"error": str(e)[-2000:]}
-                print(mode, name, json.dumps(out[name])[:400], flush=True)
-        finally:
-            cm_b.__exit__(None, None, None)
-    finally:
-        cm_a.__exit__(None, None, None)
-    return out
+    return launch_server(model, port, args, cpu=False, env=env, log_path=OUT / f"server_{name}.log",
+                         timeout=420)
 
 
 def main() -> None:
@@ -151,7 +115,7 @@ def main() -> None:
                for _ in range(NUM_PROMPTS)]
     common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--grammar-backend", "none",
               "--mem-fraction-static", "0.3", "--max-running-requests", "16",
-              "--cuda-graph-max-bs", "16"]
+              "--cuda-graph-max-bs", "16", "--disable-prefill-cuda-graph"]
     spec_args = ["--speculative-algo", "specsa", "--speculative-num-steps", "3",
                  "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "6"]
     result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -161,20 +125,52 @@ def main() -> None:
         result["sglang"] = sglang.__version__
     except Exception as e:       # noqa: BLE001 - reported, not hidden
         result["sglang"] = f"import failed: {e}"
-    bench_kw = dict(num_prompts=32, input_len=256, output_len=64, concurrency=8)
+    bench_kw = {"num_prompts": 32, "input_len": 256, "output_len": 64, "concurrency": 8}
     result["bench_serving"] = {"conditions": bench_kw}
-    eager_too = "--eager-too" in sys.argv
-    modes = [("graphs", [])] + ([("eager", ["--disable-cuda-graph"])] if eager_too else [])
-    for mode, extra in modes:
-        try:
-            res = run_pair(model, [*common, *extra], spec_args, prompts, bench_kw, mode)
-        except Exception as e:       # noqa: BLE001 - recorded in the JSON
-            res = {"servers": {"error": str(e)[-3000:]}}
-        result[f"servers_{mode}"] = res.pop("servers")
-        if mode == "graphs":
-            result["greedy_agreement"] = res.pop("greedy_agreement", None)
-        result["bench_serving"][mode] = res
+    sys.path.insert(0, str(REPO / "benchmark"))
+    from serving import bench_serving
+
+    def save():
         (OUT / "sglang_gpu_check.json").write_text(json.dumps(result, indent=1))
+
+    def bench(name, srv):
+        try:
+            result["bench_serving"][name] = bench_serving(srv.url, model, **bench_kw)
+        except Exception as e:   # noqa: BLE001 - record and continue
+            result["bench_serving"][name] = {"error": str(e)[-1500:]}
+        print(name, json.dumps(result["bench_serving"][name])[:300], flush=True)
+        save()
+
+    # spec configurations, tried in order until one serves the whole check; the later ones
+    # only run when an earlier one failed (and say why)
+    configs = [("specsa_tree_graphs", [], None),
+               ("specsa_tree_graphs_blocking", [], {"CUDA_LAUNCH_BLOCKING": "1"}),
+               ("specsa_tree_eager_triton", ["--disable-cuda-graph"], None)]
+    result["servers"] = {}
+    t0 = time.time()
+    with serve(model, 30100, ["--attention-backend", "specsa", *common], "nsa_ar_graphs") as base:
+        result["servers"]["nsa_ar_graphs"] = {"start_s": round(time.time() - t0, 1),
+                                              **_graph_state(OUT / "server_nsa_ar_graphs.log")}
+        bench("nsa_ar_graphs", base)
+        for i, (name, extra, env) in enumerate(configs):
+            info = result["servers"][name] = {"args": extra, "env": env}
+            t0 = time.time()
+            try:
+                with serve(model, 30101 + i, [*spec_args, *common, *extra], name, env) as spec:
+                    info.update(start_s=round(time.time() - t0, 1),
+                                **_graph_state(OUT / f"server_{name}.log"))
+                    agree = compare(base, spec, prompts[:16] if env else prompts)
+                    info["greedy_agreement_vs_nsa_ar_graphs"] = agree
+                    print(name, json.dumps(agree), flush=True)
+                    save()
+                    if env is None:
+                        bench(name, spec)
+                        break
+            except Exception as e:   # noqa: BLE001 - the next configuration says more
+                info["error"] = str(e)[-800:]
+                info["server_log_tail"] = _crash_tail(OUT / f"server_{name}.log")
+                print(name, "FAILED", info["server_log_tail"][-1500:], flush=True)
+                save()
     result["wall_s"] = round(time.time() - t_start, 1)
     (OUT / "sglang_gpu_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -154,14 +154,19 @@ class SpecsaTritonBackend(AttentionBackend):
 
     def _forward_prefill(self, q, k, v, layer, fb, save_kv_cache):
         e = self.extend
+        n = int(e["q_req"].shape[0])
+        # a breakable prefill graph may hand over rows padded to its token bucket: attend the
+        # planned rows, leave the padding zero (SGLang never reads it)
         if save_kv_cache:
-            self.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
+            loc = fb.out_cache_loc
+            self.pool.set_kv_buffer(layer, KVWriteLoc(loc), k[:loc.shape[0]], v[:loc.shape[0]])
         q3, _, _ = self._shapes(q, k, v, layer)
         kc, vc, ck, cv = self._caches(layer)
         p = self.params
         compress_paged(kc, vc, ck, cv, e["bt"], e["lo"], e["prefix"], p)
-        out, _ = chunked_nsa_prefill(q3, kc, vc, ck, cv, e["bt"], e["q_req"], e["q_pos"],
-                                     e["prefix"], e["lens"], p, layer.scaling)
+        out = q3.new_zeros(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
+        chunked_nsa_prefill(q3[:n].contiguous(), kc, vc, ck, cv, e["bt"], e["q_req"], e["q_pos"],
+                            e["prefix"], e["lens"], p, layer.scaling, out=out[:n])
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _forward_step(self, q, k, v, layer, fb, save_kv_cache):
