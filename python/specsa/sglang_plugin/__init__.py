@@ -51,6 +51,8 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__",
                           record_user_backends, HookType.BEFORE)
     _register_draft_kv_pool_fix(HookRegistry, HookType)
+    HookRegistry.register("sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker."
+                          "_capture_cuda_graphs", _draft_graphs, HookType.AROUND)
     if cpu_platform_selected():
         from . import cpu_fallbacks
         cpu_fallbacks.install(HookRegistry, HookType)
@@ -97,3 +99,21 @@ def _register_draft_kv_pool_fix(HookRegistry, HookType) -> None:
     HookRegistry.register("sglang.srt.mem_cache.kv_cache_builder.get_draft_kv_pool",
                           _get_draft_kv_pool, HookType.AROUND)
 
+
+
+def _draft_graphs(original, worker, *args, **kwargs):
+    """Keep only the draft CUDA graphs SPECSA_DRAFT_GRAPHS names (SpecSA servers only). On the
+    H200, 0.5.17's draft-extend graph with this STANDALONE-shaped pipeline left a draft input
+    whose hidden_states a later filter_batch indexed out of bounds (device-side assert)."""
+    result = original(worker, *args, **kwargs)
+    algo = getattr(getattr(worker, "server_args", None), "speculative_algorithm", None)
+    if str(algo).upper() != "SPECSA":
+        return result
+    from .settings import draft_graphs
+    mode = draft_graphs()
+    if mode in ("decode", "none"):
+        worker.cuda_graph_runner_for_draft_extend = None
+    if mode == "none":
+        worker.cuda_graph_runner = None
+    logger.warning("specsa: draft CUDA graphs kept: %s", mode)
+    return result

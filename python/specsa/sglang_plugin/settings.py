@@ -20,6 +20,10 @@ ENV_NSA = "SPECSA_NSA"
 # which implementation computes the target's NSA attention: auto (Triton kernels on CUDA, the
 # torch reference path on CPU), triton (on CPU only under TRITON_INTERPRET=1: tests), torch
 ENV_ATTN = "SPECSA_SGLANG_ATTN"
+# which of the draft worker's CUDA graphs SpecSA keeps: all (SGLang's draft decode and draft
+# extend graphs), decode (draft extend runs eagerly), none. The target's graphs are not affected.
+ENV_DRAFT_GRAPHS = "SPECSA_DRAFT_GRAPHS"
+DEFAULT_DRAFT_GRAPHS = "decode"
 
 
 def _env_overrides(raw: str) -> dict | str:
@@ -81,4 +85,12 @@ def attn_impl(device: str, env: dict | None = None) -> str:
     if raw == "triton" and not on_cuda and env.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"{ENV_ATTN}=triton on {device} needs the Triton interpreter "
                           "(TRITON_INTERPRET=1); use it on CUDA")
+    return raw
+
+
+def draft_graphs(env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    raw = env.get(ENV_DRAFT_GRAPHS, DEFAULT_DRAFT_GRAPHS).strip().lower() or DEFAULT_DRAFT_GRAPHS
+    if raw not in ("all", "decode", "none"):
+        raise ConfigError(f"{ENV_DRAFT_GRAPHS}={raw!r}: choose all, decode or none")
     return raw
