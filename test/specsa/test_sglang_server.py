@@ -263,6 +263,41 @@ class TestTritonTarget:
         assert "memory leak" not in log and "target NSA attention on the Triton kernels" in log
 
 
+@pytest.fixture(scope="module")
+def native_model(tmp_path_factory):
+    """A native NSA Qwen2 (gates + learned compression, QKV biases) at the tiny geometry."""
+    from specsa.model.tiny import build_tiny
+    return str(build_tiny(tmp_path_factory.mktemp("sglang_native") / "m", kind="qwen2",
+                          native=True, seed=3))
+
+
+@pytest.fixture(scope="module")
+def native_reference(native_model, prompts):
+    from specsa.config import SamplingConfig
+    from specsa.model.load import load_model
+    from specsa.runtime.generate import generate
+    res, _ = generate(load_model(native_model), prompts[:2], SamplingConfig(max_new_tokens=NEW))
+    return [r.tokens for r in res]
+
+
+class TestNativeCheckpoint:
+    """Native NSA weights (gate_proj, compress_k/v) load into SGLang's Qwen2 class and drive the
+    specsa backend: a tree self-draft equals the runtime on the torch path (CPU default) and on
+    the Triton path (interpreter)."""
+
+    ARGS = ["--speculative-algo", "specsa", "--speculative-num-steps", "2",
+            "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "4"]
+
+    def test_torch_path(self, native_model, prompts, native_reference):
+        with launch_server(native_model, free_port(), self.ARGS, env=LEAK_ENV) as srv:
+            _check_greedy(srv, prompts[:2], native_reference, "native, torch path")
+            assert "native NSA weights attached" in srv.log_path.read_text()
+
+    def test_triton_path(self, native_model, prompts, native_reference):
+        with launch_server(native_model, free_port(), self.ARGS, env={**TRITON_ENV, **LEAK_ENV}) as srv:
+            _check_greedy(srv, prompts[:1], native_reference[:1], "native, triton path")
+
+
 def test_plain_launch_without_specsa(models, prompts):
     """The plugin does not break SGLang when SpecSA is not used."""
     with launch_server(models[0], free_port(), ["--attention-backend", "torch_native"]) as srv:

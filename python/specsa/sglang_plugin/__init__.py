@@ -6,6 +6,8 @@
   `python -m sglang.launch_server --model-path M --speculative-algo specsa` works;
 - lets `specsa` serve as an EAGLE draft attention backend (dense, torch; used on CPU);
 - works around 0.5.17's `get_draft_kv_pool` startup crash for workers without a draft runner;
+- loads native NSA weights (gates, learned compression) into SGLang's Llama / Qwen2 classes
+  (native_weights.py);
 - only with SGLANG_PLATFORM=specsa_cpu: installs the torch fallbacks of cpu_fallbacks.py.
 """
 from __future__ import annotations
@@ -51,6 +53,9 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__",
                           record_user_backends, HookType.BEFORE)
     _register_draft_kv_pool_fix(HookRegistry, HookType)
+    from .native_weights import MODEL_CLASSES, load_weights_hook
+    for cls in MODEL_CLASSES:          # native NSA checkpoints: gate / compression weights
+        HookRegistry.register(f"{cls}.load_weights", load_weights_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker."
                           "_capture_cuda_graphs", _draft_graphs, HookType.AROUND)
     if cpu_platform_selected():

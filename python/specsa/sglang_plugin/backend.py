@@ -18,19 +18,12 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from specsa.config import ConfigError, NSAConfig
+from specsa.config import Compression, NSAConfig
 from specsa.kernels.nsa.masked import build_tree_visibility, masked_nsa, provisional_cmp
 
 from .compressed_cache import PagedCompressedKV
-from .settings import attn_impl, is_native, resolve_nsa_config
-
-
-def native_rejection(nsa: NSAConfig) -> ConfigError:
-    return ConfigError(
-        f"specsa backend: native NSA (combine={nsa.combine.value}, compress="
-        f"{nsa.compress.value}) needs the checkpoint's gate / compression weights, "
-        "which this SGLang integration does not load yet; serve the checkpoint in "
-        "training-free mode with SPECSA_NSA='combine=union,compress=mean'")
+from .native_weights import layer_native
+from .settings import attn_impl, resolve_nsa_config
 
 
 def make_target_backend(runner):
@@ -39,8 +32,6 @@ def make_target_backend(runner):
     if runner.is_draft_worker or attn_impl(str(runner.device)) == "torch":
         return SpecsaAttnBackend(runner)
     nsa = resolve_nsa_config(runner.model_config.hf_config)
-    if is_native(nsa):
-        raise native_rejection(nsa)
     from .triton_backend import SpecsaTritonBackend
     return SpecsaTritonBackend(runner, nsa)
 
@@ -134,8 +125,6 @@ class SpecsaAttnBackend(AttentionBackend):
         self.geometry: list[ReqGeometry] = []
         self.cmp = None
         if self.nsa is not None:
-            if is_native(self.nsa):
-                raise native_rejection(self.nsa)
             mc = runner.model_config
             pool = self.token_to_kv_pool
             self.cmp = PagedCompressedKV(
@@ -197,15 +186,23 @@ class SpecsaAttnBackend(AttentionBackend):
 
     def _nsa(self, q, k_ctx, v_ctx, k_new, v_new, g, row, layer, k_buf, v_buf):
         params = self.nsa.params
+        gates, cw = layer_native(layer, params.gated, self.nsa.compress is Compression.LEARNED)
+        wk = bk = wv = bv = None
+        if cw is not None:
+            wk, bk, wv, bv = cw
+            self.cmp.weights[layer.layer_id] = cw
         parents = g.parents.to(q.device)
         vis = build_tree_visibility(g.prefix, parents, params)
         ck_c, cv_c = self.cmp.committed(layer.layer_id, row, g.prefix, k_buf, v_buf)
         keep = min(g.prefix, params.block - 1)
-        pk = provisional_cmp(k_ctx[g.prefix - keep:], k_new, parents, params, ctx_len=g.prefix)
-        pv = provisional_cmp(v_ctx[g.prefix - keep:], v_new, parents, params, ctx_len=g.prefix)
+        pk = provisional_cmp(k_ctx[g.prefix - keep:], k_new, parents, params, wk, bk,
+                             ctx_len=g.prefix)
+        pv = provisional_cmp(v_ctx[g.prefix - keep:], v_new, parents, params, wv, bv,
+                             ctx_len=g.prefix)
         o, _ = masked_nsa(q, torch.cat([k_ctx, k_new]), torch.cat([v_ctx, v_new]), vis.q_pos,
                           vis.k_pos, vis.kv_visible, torch.cat([ck_c, pk]), torch.cat([cv_c, pv]),
-                          vis.c_idx, vis.c_visible, params, layer.scaling)
+                          vis.c_idx, vis.c_visible, params, layer.scaling,
+                          None if gates is None else gates[g.start:g.start + g.count])
         return o
 
 

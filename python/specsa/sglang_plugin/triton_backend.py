@@ -23,7 +23,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from specsa.config import NSAConfig
+from specsa.config import Compression, NSAConfig
 from specsa.kernels.compression import (
     compress_gather,
     compress_paged,
@@ -32,6 +32,7 @@ from specsa.kernels.compression import (
 from specsa.kernels.prefill import chunked_nsa_prefill
 
 from .backend import forward_geometry
+from .native_weights import layer_native
 from .triton_plan import StepBuffers, StepPlanner, block_table_from, check_pool_layout
 
 
@@ -137,6 +138,10 @@ class SpecsaTritonBackend(AttentionBackend):
         vc = v_buf.view(-1, ps, *v_buf.shape[1:])
         return kc, vc, self.ck[lid - self.pool.start_layer], self.cv[lid - self.pool.start_layer]
 
+    def _native(self, layer):
+        """(gates, learned compression weights) of a native NSA checkpoint's layer."""
+        return layer_native(layer, self.params.gated, self.nsa.compress is Compression.LEARNED)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if self.step is not None:
             return self._forward_step(q, k, v, layer, forward_batch, save_kv_cache)
@@ -163,10 +168,13 @@ class SpecsaTritonBackend(AttentionBackend):
         q3, _, _ = self._shapes(q, k, v, layer)
         kc, vc, ck, cv = self._caches(layer)
         p = self.params
-        compress_paged(kc, vc, ck, cv, e["bt"], e["lo"], e["prefix"], p)
+        gates, cw = self._native(layer)
+        compress_paged(kc, vc, ck, cv, e["bt"], e["lo"], e["prefix"], p, cw=cw)
         out = q3.new_zeros(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
         chunked_nsa_prefill(q3[:n].contiguous(), kc, vc, ck, cv, e["bt"], e["q_req"], e["q_pos"],
-                            e["prefix"], e["lens"], p, layer.scaling, out=out[:n])
+                            e["prefix"], e["lens"], p, layer.scaling, cw=cw,
+                            gates=None if gates is None else gates[:n].contiguous(),
+                            out=out[:n])
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _forward_step(self, q, k, v, layer, fb, save_kv_cache):
@@ -183,8 +191,9 @@ class SpecsaTritonBackend(AttentionBackend):
         # the draft KV exactly as the pool stores it (what later steps will read)
         kn = k3.to(kc.dtype).contiguous()
         vn = v3.to(vc.dtype).contiguous()
-        compress_paged(kc, vc, ck, cv, s.bt, s.upd_lo, s.upd_hi, p)
-        pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p)
+        gates, cw = self._native(layer)
+        compress_paged(kc, vc, ck, cv, s.bt, s.upd_lo, s.upd_hi, p, cw=cw)
+        pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p, cw=cw)
         plan = s.verifier._plan
         geo = plan.geometry
         sel, o_cmp, _ = score_topk_grouped(
@@ -193,5 +202,7 @@ class SpecsaTritonBackend(AttentionBackend):
             groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
             prov_v=pv.to(cv.dtype), prov_cidx=s.prov_cidx, prov_vis=s.prov_vis)
         out = q3.new_empty(n, layer.tp_q_head_num, layer.v_head_dim)
-        s.verifier.run(q3, kn, vn, kc, vc, sel, o_cmp=o_cmp, out=out)
+        s.verifier.scale = float(layer.scaling)
+        s.verifier.run(q3, kn, vn, kc, vc, sel, o_cmp=o_cmp,
+                       gates=None if gates is None else gates.contiguous(), out=out)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
