@@ -213,6 +213,19 @@ def check_refresh_args(what: str, q, ck_cache, cv_cache, block_table, q_req, q_p
     return prov_vis.shape[1] > 0 and np_ > 0
 
 
+def refresh_outputs(q: torch.Tensor, hkv: int, params: NSAParams, with_out: bool, sel, o_cmp,
+                    lse) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The refresh kernels' outputs: the caller's buffers, or new ones (sel [Nq, Hkv, topn]
+    int32; with_out: o_cmp like q, lse [Nq, Hq] fp32)."""
+    nq, hq, _ = q.shape
+    if sel is None:
+        sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device)
+    if with_out:
+        o_cmp = torch.empty_like(q) if o_cmp is None else o_cmp
+        lse = torch.empty(nq, hq, dtype=torch.float32, device=q.device) if lse is None else lse
+    return sel, o_cmp, lse
+
+
 def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
                block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
                cmp_lens: torch.Tensor, params: NSAParams, scale: float, page_size: int,
@@ -261,10 +274,7 @@ def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
                                   prov_vis)
     with_out = params.gated if with_out is None else with_out
     g = hq // hkv
-    sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device) if sel is None else sel
-    if with_out:
-        o_cmp = torch.empty_like(q) if o_cmp is None else o_cmp
-        lse = torch.empty(nq, hq, dtype=torch.float32, device=q.device) if lse is None else lse
+    sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)
     if nq == 0:
         return sel, o_cmp, lse
     dummy = q.new_empty(1)

@@ -51,7 +51,7 @@ from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
 
 from ..common.params import NSAParams
 from .blocks import cmp_slot_dev, num_cmp_dev
-from .score_topk import check_refresh_args
+from .score_topk import check_refresh_args, refresh_outputs
 
 NEG_BIG = tl.constexpr(-1.0e30)      # finite "no max yet": exp2(NEG_BIG - m) = 0, never NaN
 
@@ -560,10 +560,7 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         raise ValueError(f"{what}: group_size must be in 1..64, got {group_size}")
     with_out = params.gated if with_out is None else with_out
     g = hq // hkv
-    sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device) if sel is None else sel
-    if with_out:
-        o_cmp = torch.empty_like(q) if o_cmp is None else o_cmp
-        lse = torch.empty(nq, hq, dtype=torch.float32, device=q.device) if lse is None else lse
+    sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)
     if nq == 0:
         return sel, o_cmp, lse
     if groups is None:

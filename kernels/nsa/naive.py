@@ -7,11 +7,18 @@ dim, t query position, n = params.topn. cw = (wk, bk, wv, bv) learned compressio
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..common.params import NSAParams
 from ..compression.naive import compress, naive_block_scores, naive_cmp_attention
-from ..selection.naive import attend_set, naive_selected_attention, naive_topk, selected_positions
+from ..selection.naive import (
+    attend_set,
+    naive_selected_attention,
+    naive_topk,
+    selected_positions,
+)
 from ..window.naive import naive_window_attention, window_start
 
 CompressionWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
@@ -110,9 +117,9 @@ def naive_nsa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params:
     return torch.stack(outs), torch.stack(sels)
 
 
-def tree_depths(parents: torch.Tensor) -> list[int]:
+def tree_depths(parents: torch.Tensor | Sequence[int]) -> list[int]:
     """Depth of each node (0 for children of the committed context); validates parent < child."""
-    par = [int(x) for x in parents.tolist()]
+    par = [int(x) for x in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
     depth = []
     for u, pu in enumerate(par):
         if pu >= u or pu < -1:

@@ -209,6 +209,8 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         (written in place); everything else is verified from the draft tail.
     """
     from specsa.attention import NSAVerifier
+    from specsa.kernels.nsa.naive import tree_depths
+    from specsa.provisional import closing_blocks, visible_rows
 
     p = nsa.params
     ps = cache.page_size
@@ -219,9 +221,7 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
     off = cmp_off = 0
     for rid, ids, par in blocks:
         n, P = len(ids), cache.length(rid)
-        depth = []
-        for u, q in enumerate(par):
-            depth.append(0 if q < 0 else depth[q] + 1)
+        depth = tree_depths(par)
         pos = [P + d for d in depth]
         chain = par == tuple(range(-1, n - 1))
         if chain and n > options.prefill_chain:
@@ -240,30 +240,13 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         else:
             pages = cache.block_table(rid)
             voff = len(v_rows)                    # first row of this request in the verify part
-            close, cidx = [], []
-            for v in range(n):
-                e = pos[v] - p.block + 1
-                if e < 0 or e % p.stride:
-                    continue
-                src, cur = [], v
-                for t in range(pos[v], e - 1, -1):   # the block's l sources, newest first
-                    if t >= P:
-                        src.append(-1 - (voff + cur))
-                        cur = par[cur]
-                    else:
-                        src.append(pages[t // ps] * ps + t % ps)
-                prov_idx.append(src[::-1])
-                prov_cidx.append(e // p.stride)
-                close.append(v)
-                cidx.append(e // p.stride)
-            rows_of = {v: cmp_off + j for j, v in enumerate(close)}
-            for u in range(n):                   # provisional tokens closed by u or an ancestor
-                seen, cur = [], u
-                while cur >= 0:
-                    if cur in rows_of:
-                        seen.append(rows_of[cur])
-                    cur = par[cur]
-                prov_vis_rows.append(seen[::-1])
+            blocks_at = closing_blocks(par, P, p, lambda t, pg=pages: pg[t // ps] * ps + t % ps,
+                                       voff)
+            close = [v for v, b in enumerate(blocks_at) if b is not None]
+            cidx = [blocks_at[v][1] for v in close]
+            prov_idx.extend(blocks_at[v][0] for v in close)
+            prov_cidx.extend(cidx)
+            prov_vis_rows.extend(visible_rows(par, {v: cmp_off + j for j, v in enumerate(close)}))
             v_qreq.extend([len(v_rids)] * n)
             v_rids.append(rid)
             v_par.append(list(par))
