@@ -43,6 +43,7 @@ from specsa.attention import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
+from specsa.kernels.compression.score_topk_grouped import default_refresh_splits  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402
@@ -442,24 +443,17 @@ class Bench:
             off += t
         i32 = dict(dtype=torch.int32, device=DEV)
         groups = (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
+        nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
+        sel_blocks = -(-max(case["prefix_lens"]) // params.select) + 1
         if num_splits is None:
-            from importlib import import_module
-            stg = import_module("specsa.kernels.compression.score_topk_grouped")
-            nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
-            num_splits = stg.default_refresh_splits(len(g_len) * self.hkv,
-                                                    -(-max(case["prefix_lens"]) // params.select) + 1,
-                                                    params, nsm)
+            num_splits = default_refresh_splits(len(g_len) * self.hkv, sel_blocks, params, nsm)
         ws = refresh_workspace(nq, hq, self.hkv, d, params, num_splits, with_out, DEV) if num_splits > 1 else None
         so, oo, lo = bufs["old"]
         sg, og, lg = bufs["grouped"]
         sr, orr, lr = bufs["row_split"]
         # the per-row refresh engineered like the grouped one (one row per group, split over
         # the selection-block range for occupancy): INDEPENDENT's fair refresh
-        nsm1 = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
-        from importlib import import_module
-        stg1 = import_module("specsa.kernels.compression.score_topk_grouped")
-        ns1 = stg1.default_refresh_splits(nq * self.hkv, -(-max(case["prefix_lens"]) // params.select) + 1,
-                                          params, nsm1)
+        ns1 = default_refresh_splits(nq * self.hkv, sel_blocks, params, nsm)
         ws1 = refresh_workspace(nq, hq, self.hkv, d, params, ns1, with_out, DEV) if ns1 > 1 else None
         fns = {"old": lambda: score_topk(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo),
                "grouped": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg,
