@@ -6,15 +6,15 @@
    into a temporary site folder (no pip install needed on the machine);
 2. builds a tiny random NSA Llama (head_dim 64, config.json nsa: block 8, stride 4, select 16,
    top-4, window 32, so 150-300-token prompts are sparse);
-3. serves it in bf16 twice, with CUDA graphs (the target's NSA runs on the Triton kernels,
-   graph-captured for decode / TARGET_VERIFY): NSA autoregressive (`--attention-backend
-   specsa`) and `--speculative-algo specsa` with a tree draft (self-drafting, steps 3, topk 2,
-   6 draft tokens; the draft runs on SGLang's Triton backend); compares greedy outputs over
-   many prompts and reports the agreement rate (bf16 near-ties can flip a token, so this is a
-   rate, not an assertion). If a server fails to start with graphs, it is retried with
-   --disable-cuda-graph and the JSON says so;
-4. runs SGLang's bench_serving against both servers; with --eager-too, also against both
-   servers without CUDA graphs (side by side in one run);
+3. serves it in bf16 with CUDA graphs for decode / TARGET_VERIFY (the target's NSA on the
+   Triton kernels; prefill graphs off): NSA autoregressive (`--attention-backend specsa`),
+   then `--speculative-algo specsa` with a tree draft (self-drafting, steps 3, topk 2, 6 draft
+   tokens; the draft on SGLang's Triton backend). Greedy outputs are compared over many prompts
+   and reported as an agreement rate (bf16 near-ties can flip a token). Spec configurations are
+   tried in order until one serves: default graphs, no draft graphs
+   (SPECSA_DRAFT_GRAPHS=none), eager (--disable-cuda-graph); a failed one records its
+   server-log traceback;
+4. runs SGLang's bench_serving against the AR server and the spec server that served;
 5. writes $OUT/sglang_gpu_check.json (and the server logs).
 """
 from __future__ import annotations

@@ -52,8 +52,7 @@ class SpecsaTritonBackend(AttentionBackend):
         self.draft_tokens = int(getattr(sa, "speculative_num_draft_tokens", None) or 1)
         mc = runner.model_config
         hkv, d = self.pool.head_num, self.pool.head_dim
-        num_pages = check_pool_layout(self.pool.get_key_buffer(self.pool.start_layer).shape[0],
-                                      ps, self.params)
+        num_pages = check_pool_layout(self.pool.get_key_buffer(self.pool.start_layer).shape[0], ps)
         cpp = self.params.cmp_per_page(ps)
         dtype = self.pool.get_key_buffer(self.pool.start_layer).dtype
         shape = (mc.num_hidden_layers, num_pages, cpp, hkv, d)
@@ -122,9 +121,10 @@ class SpecsaTritonBackend(AttentionBackend):
         q_pos = [g.prefix + i for g in geo for i in range(g.count)]
         width = max(1, -(-max(lens) // ps))
         pool_idx = torch.tensor([g.pool_idx for g in geo], dtype=torch.int64).to(dev)
+        req_rows = self.req_to_token_pool.req_to_token.index_select(0, pool_idx)
         i32 = lambda x: torch.tensor(x, dtype=torch.int32).to(dev)
         return dict(
-            bt=block_table_from(self.req_to_token_pool.req_to_token, pool_idx, ps, width),
+            bt=block_table_from(req_rows, ps, width),
             q_req=i32(q_req), q_pos=i32(q_pos), prefix=i32(pre), lens=i32(lens),
             lo=i32([max(0, p - self.planner.margin) for p in pre]))
 

@@ -23,20 +23,14 @@ import torch
 
 from specsa.attention import NSAVerifier
 from specsa.config import NSAConfig, Schedule, Traversal
-from specsa.kernels.common.params import NSAParams
+from specsa.kernels.nsa.naive import tree_depths
+from specsa.provisional import closing_blocks, visible_rows
 
 
-def tree_depths(parents: list[int]) -> list[int]:
-    depth: list[int] = []
-    for p in parents:
-        depth.append(0 if p < 0 else depth[p] + 1)
-    return depth
-
-
-def block_table_from(req_to_token: torch.Tensor, pool_idx: torch.Tensor, page_size: int,
-                     width: int) -> torch.Tensor:
-    """[B, width] int32 page ids of the requests' logical pages (device op, no host sync)."""
-    rows = req_to_token.index_select(0, pool_idx.long())[:, ::page_size][:, :width]
+def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Tensor:
+    """[B, width] int32 page ids of the requests' logical pages, from their req_to_token rows
+    (device op, no host sync)."""
+    rows = rows[:, ::page_size][:, :width]
     bt = torch.div(rows, page_size, rounding_mode="floor").to(torch.int32)
     if bt.shape[1] < width:
         bt = torch.nn.functional.pad(bt, (0, width - bt.shape[1]))
@@ -103,41 +97,20 @@ class StepPlanner:
         if len(prefix_lens) != bs or len(parents) != bs or any(len(x) != t for x in parents):
             raise ValueError(f"specsa triton plan: expected {bs} requests of {t} tokens, got "
                              f"{len(prefix_lens)} lengths and trees of {[len(x) for x in parents]}")
-        l, d = p.block, p.stride
         q_req, q_pos, cmp_lens, lo, code, cidx, vis = [], [], [], [], [], [], []
         for b, (P, par) in enumerate(zip(prefix_lens, parents)):
-            dep = tree_depths(par)
-            off = b * t
+            q_req.extend([b] * t)
+            q_pos.extend(P + dv for dv in tree_depths(par))
             cmp_lens.append(p.num_cmp(P))
             lo.append(max(0, P - self.margin))
-            closes = []
-            for v in range(t):
-                pos = P + dep[v]
-                q_req.append(b)
-                q_pos.append(pos)
-                e = pos - l + 1
-                if e < 0 or e % d:
-                    code.append([0] * l)      # unused row: any readable slot
-                    cidx.append(0)
-                    closes.append(False)
-                    continue
-                src, cur = [], v
-                for s in range(pos, e - 1, -1):          # newest first
-                    if s >= P:
-                        src.append(-1 - (off + cur))
-                        cur = par[cur]
-                    else:
-                        src.append(s)
-                code.append(src[::-1])
-                cidx.append(e // d)
-                closes.append(True)
-            for u in range(t):                            # provisional tokens on u's path
-                seen, cur = [], u
-                while cur >= 0:
-                    if closes[cur]:
-                        seen.append(off + cur)
-                    cur = par[cur]
-                vis.append(seen[::-1] + [-1] * (t - len(seen)))
+            # committed sources as positions (mapped to slots on the device below); one row per
+            # node, so the shapes never change: rows of nodes closing no block are unused
+            blocks = closing_blocks(par, P, p, lambda t: t, b * t)
+            code.extend([0] * p.block if x is None else x[0] for x in blocks)
+            cidx.extend(0 if x is None else x[1] for x in blocks)
+            rows = visible_rows(par, {v: b * t + v for v, x in enumerate(blocks) if x is not None})
+            vis.extend(r + [-1] * (t - len(r)) for r in rows)
+
         def put(dst, x, dtype=torch.int32):
             dst.copy_(torch.tensor(x, dtype=dtype).view(dst.shape), non_blocking=True)
 
@@ -149,10 +122,10 @@ class StepPlanner:
         put(buf.prov_code, code, torch.int64)
         put(buf.prov_cidx, cidx)
         put(buf.prov_vis, vis)
-        buf.bt.copy_(block_table_from(req_to_token, pool_idx, self.page_size, self.width))
+        req_rows = req_to_token.index_select(0, pool_idx.long())
+        buf.bt.copy_(block_table_from(req_rows, self.page_size, self.width))
         # committed sources -> SGLang slots (req_to_token), tail rows stay negative
-        rows = req_to_token.index_select(0, pool_idx.long()).index_select(0, buf.q_req.long())
-        slots = rows.gather(1, buf.prov_code.clamp(min=0))
+        slots = req_rows.index_select(0, buf.q_req.long()).gather(1, buf.prov_code.clamp(min=0))
         buf.prov_idx.copy_(torch.where(buf.prov_code >= 0, slots, buf.prov_code).to(torch.int32))
         plan = buf.verifier.plan(parents, prefix_lens, buf.bt, schedule=Schedule.EXACT_MERGED,
                                  traversal=Traversal.BFS)
@@ -160,10 +133,9 @@ class StepPlanner:
         return buf
 
 
-def check_pool_layout(size_with_pad: int, page_size: int, params: NSAParams) -> int:
+def check_pool_layout(size_with_pad: int, page_size: int) -> int:
     """Pages of SGLang's pool; the pool must be a whole number of pages."""
     if size_with_pad % page_size:
         raise ValueError(f"specsa triton backend: KV pool of {size_with_pad} slots is not a "
                          f"multiple of page_size {page_size}")
-    del params
     return size_with_pad // page_size
