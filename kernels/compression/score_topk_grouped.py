@@ -23,14 +23,12 @@ Schedule (per group g, KV head h, split s of the group's candidate blocks [0, nb
   pass 1: per row, max and sum of exp over the split's tokens (+ the row's provisional tokens in
           split 0): partials (m, l), log2 units.
   pass 2: merge the NSPLIT partials -> global lse per row; walk the split's blocks BS at a time:
-          p = exp2(s - lse) [RR, TB], o_cmp += p @ V, head sum -> [CP, TB], Eq. 9 mapping by the
-          [CP, BS, RP] view (own weight min(K, R-m), spill max(0, m+K-R) into the next block,
-          shifted by a gather; the spill into the split's first block comes from a small carry
-          tile), provisional tokens' share where they land, forced blocks -> +inf, then merge
-          into a running top-BN list per query of packed keys (float bits << 24 | (2^24-1-j):
-          higher score first, ties -> lower block index): SORT (GPU default) = bitonic tl.sort
-          of run U tile (compiled for sm_90: about half the registers of rank counting, which
-          spilled at 64 rows); else rank counting (~100x faster in the CPU interpreter).
+          p = exp2(s - lse) [RR, TB], o_cmp += p @ V, Eq. 9 block scores + G-head sum -> [CP, BS]
+          (own weight min(K, R-m), spill max(0, m+K-R) into the next block; the spill into the
+          split's first block comes from a small carry tile; on tensor cores, see
+          grouped_tiles.py), provisional tokens' share where they land, forced blocks -> +inf,
+          then merge into a running top-BN list per query of packed keys (float bits << 24 |
+          (2^24-1-j): higher score first, ties -> lower block index), see grouped_tiles.py.
   merge:  global top-n of the NSPLIT lists (a superset: every split keeps its own top-n),
           sorted ascending, -1 padded; o_cmp = sum of the split partials (each already
           normalised by the global lse, so no rescaling).
@@ -47,204 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
-
 from ..common.params import NSAParams
-from .blocks import cmp_slot_dev, num_cmp_dev
+from ..common.tl_math import dot_f32 as _dot
+from .grouped_tiles import (MAP_MMA, MAP_REDUCE, MERGE_BITONIC, MERGE_RANK, MERGE_SORT, _group,
+                            _pick, _prov_probs, _prov_tile, _scores, _split_range, _stats)
 from .score_topk import check_refresh_args, refresh_outputs
 
 NEG_BIG = tl.constexpr(-1.0e30)      # finite "no max yet": exp2(NEG_BIG - m) = 0, never NaN
-
-
-@triton.jit
-def _load_cmp(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
-              HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-              L: tl.constexpr, DS: tl.constexpr):
-    # compressed tokens o_c [N] of one request, KV head i_h -> [N, BD] (zeros where masked)
-    i_lp, i_s = cmp_slot_dev(o_c, PS, L, DS)
-    b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
-    o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D
-    return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
-
-
-@triton.jit
-def _group(i_g, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens,
-           G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, L: tl.constexpr,
-           DS: tl.constexpr, LS: tl.constexpr):
-    """Rows r = c*GP + gg of group i_g: (g_len, row mask, row query, row head-in-group, row
-    committed-token count, query-tile ids / mask / current block, request)."""
-    g_start = tl.load(g_start_p + i_g)
-    g_len = tl.load(g_len_p + i_g)
-    o_r = tl.arange(0, CP * GP)
-    c_r = o_r // GP
-    gg = o_r % GP
-    m_r = (c_r < g_len) & (gg < G)
-    i_qr = tl.load(order + g_start + c_r, mask=c_r < g_len, other=0).to(tl.int64)   # [RR]
-    i_req = tl.load(q_req + tl.load(order + g_start, mask=g_len > 0, other=0)).to(tl.int64)
-    n_cr = tl.minimum(tl.load(cmp_lens + i_req), num_cmp_dev(tl.load(q_pos + i_qr) + 1, L, DS))
-    n_cr = tl.where(m_r, n_cr, 0)                                                     # [RR]
-    o_cq = tl.arange(0, CP)
-    m_q = o_cq < g_len
-    i_qq = tl.load(order + g_start + o_cq, mask=m_q, other=0).to(tl.int64)           # [CP]
-    cur_q = tl.load(q_pos + i_qq, mask=m_q, other=0) // LS                            # [CP]
-    return g_len, m_r, i_qr, gg, n_cr, i_qq, m_q, cur_q, i_req
-
-
-@triton.jit
-def _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h,
-               o_d, m_d, qk_scale, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-               CP: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, DS: tl.constexpr,
-               F32: tl.constexpr):
-    """Provisional tokens of the group: slot f = c*MPP + k is row c's k-th visible token.
-    Returns (logits [RR, NPS] log2 units, mask [RR, NPS] (row c sees only its own slots),
-    prov row per slot [NPS] (clamped to 0 where empty), slot start position [NPS])."""
-    o_f = tl.arange(0, CP * MPP)
-    c_f = o_f // MPP
-    k_f = o_f % MPP
-    g_start = tl.load(g_start_p + i_g)
-    m_f = (c_f < g_len) & (k_f < MP)
-    i_qf = tl.load(order + g_start + c_f, mask=m_f, other=0).to(tl.int64)
-    b_row = tl.load(prov_vis + i_qf * MP + k_f, mask=m_f, other=-1).to(tl.int64)
-    m_f = b_row >= 0
-    b_row = tl.where(m_f, b_row, 0)
-    b_k = tl.load(prov_k + (b_row * HKV + i_h)[:, None] * D + o_d[None, :],
-                  mask=m_f[:, None] & m_d[None, :], other=0.)
-    b_st = tl.load(prov_cidx + b_row, mask=m_f, other=0) * DS
-    b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale
-    c_r = tl.arange(0, CP * GP) // GP
-    m_rf = m_r[:, None] & m_f[None, :] & (c_r[:, None] == c_f[None, :])
-    return b_s, m_rf, b_row, tl.where(m_f, b_st, -1)
-
-
-@triton.jit
-def _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, lo, hi, qk_scale, b_m, b_l,
-           HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-           L: tl.constexpr, DS: tl.constexpr, TB: tl.constexpr, F32: tl.constexpr):
-    """Online (max, sum of exp2) of each row over committed tokens [lo, hi) (row i < n_cr)."""
-    o_tb = tl.arange(0, TB)
-    for i0 in range(lo, hi, TB):
-        o_c = i0 + o_tb
-        m_c = o_c < hi
-        b_k = _load_cmp(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale                             # [RR, TB]
-        b_s = tl.where(m_c[None, :] & (o_c[None, :] < n_cr[:, None]), b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_s - b_mn[:, None]), 1)
-        b_m = b_mn
-    return b_m, b_l
-
-
-@triton.jit
-def _head_sum(b_p, CP: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
-    # [CP*GP, N] -> [CP, N]: the G heads of a query share its selection (GQA group sum)
-    return tl.sum(tl.reshape(b_p, [CP, GP, N]), 1)
-
-
-@triton.jit
-def _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
-            jlo, jhi, qk_scale, b_pp, b_pst, b_acc,
-            HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-            L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr,
-            RP: tl.constexpr, K: tl.constexpr, CP: tl.constexpr, GP: tl.constexpr,
-            BS: tl.constexpr, TB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
-            LOCAL: tl.constexpr, MPP: tl.constexpr, HAS_PROV: tl.constexpr,
-            WITH_OUT: tl.constexpr, F32: tl.constexpr, SORT: tl.constexpr):
-    """Block scores of blocks [jlo, jhi) for the group's queries, merged into a running top-BS
-    list of packed keys per query ([CP, BS] int64, sorted descending, -1 = empty); o_cmp
-    accumulated over the committed tokens starting in those blocks."""
-    MASK: tl.constexpr = (1 << 24) - 1
-    o_tb = tl.arange(0, TB)
-    jj = o_tb // RP                                   # block of the tile, per token slot
-    mm = o_tb % RP                                    # token inside its block
-    o_m = tl.arange(0, RP)
-    w_own = tl.where(o_m < R, tl.minimum(R - o_m, K), 0).to(tl.float32)           # [RP]
-    w_spill = tl.where(o_m < R, tl.maximum(o_m + K - R, 0), 0).to(tl.float32)     # [RP]
-    o_bs = tl.arange(0, BS)
-    # spill of block jlo-1's tokens into block jlo (tokens owned by the previous split)
-    n_cmax = tl.max(n_cr, 0)        # never load past the existing tokens (the pool is poisoned)
-    TC: tl.constexpr = 16 if RP < 16 else RP
-    o_tc = tl.arange(0, TC)
-    o_cc = (jlo - 1) * R + o_tc
-    m_tc = (o_tc < R) & (jlo > 0) & (o_cc < n_cmax)
-    b_kc = _load_cmp(ck_cache, p_bt, o_cc, m_tc, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-    b_sc0 = _dot(b_q, tl.trans(b_kc), F32) * qk_scale
-    b_pc = tl.where(m_tc[None, :] & (o_cc[None, :] < n_cr[:, None]), tl.exp2(b_sc0 - b_lse[:, None]), 0.)
-    w_tc = tl.where(o_tc < R, tl.maximum(o_tc + K - R, 0), 0).to(tl.float32)
-    b_carry = tl.sum(_head_sum(b_pc, CP, GP, TC) * w_tc[None, :], 1)              # [CP]
-    if HAS_PROV:
-        pmin = tl.min(tl.where(b_pst >= 0, b_pst // LS, 1 << 30), 0)
-        pmax = tl.max(tl.where(b_pst >= 0, (b_pst + L - 1) // LS, -1), 0)
-        b_pp2 = tl.reshape(b_pp, [CP, MPP])
-        b_pst2 = tl.reshape(b_pst, [CP, MPP])
-    b_run = (-1 - o_bs[None, :] + tl.zeros([CP, BS], tl.int32)).to(tl.int64)     # empty, unique
-    for j0 in range(jlo, jhi, BS):
-        o_c = j0 * R + jj * R + mm                                                 # [TB]
-        m_c = (mm < R) & (j0 + jj < jhi) & (o_c < n_cmax)
-        b_k = _load_cmp(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale                             # [RR, TB]
-        m_s = m_c[None, :] & (o_c[None, :] < n_cr[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        if WITH_OUT:
-            b_v = _load_cmp(cv_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-            b_acc += _dot(b_p.to(b_v.dtype), b_v, F32)
-        b_ps = tl.reshape(_head_sum(b_p, CP, GP, TB), [CP, BS, RP])
-        b_own = tl.sum(b_ps * w_own[None, None, :], 2)                            # [CP, BS]
-        b_spl = tl.sum(b_ps * w_spill[None, None, :], 2)                          # into j+1
-        b_prev = tl.gather(b_spl, (tl.maximum(o_bs - 1, 0)[None, :] + tl.zeros([CP, BS], tl.int32)), 1)
-        b_sc = b_own + tl.where(o_bs[None, :] == 0, b_carry[:, None], b_prev)
-        b_carry = tl.sum(tl.where(o_bs[None, :] == BS - 1, b_spl, 0.), 1)
-        o_j = j0 + o_bs                                                            # [BS]
-        if HAS_PROV:
-            if (j0 + BS > pmin) & (j0 <= pmax):
-                b_sc += tl.sum(b_pp2[:, :, None] * _overlap(b_pst2[:, :, None], o_j[None, None, :],
-                                                            L, LS, DS), 1)
-        m_cand = m_q[:, None] & (o_j[None, :] <= cur_q[:, None]) & (o_j[None, :] < jhi)
-        m_forced = (o_j[None, :] < INIT) | (o_j[None, :] > cur_q[:, None] - LOCAL)
-        b_sc = tl.where(m_forced, float("inf"), b_sc)
-        # non-negative floats order like their bit patterns; the sign bit is cleared so -0 == 0
-        b_bits = (b_sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        b_key = tl.where(m_cand, (b_bits << 24) | (MASK - o_j[None, :]), -1 - BS - o_bs[None, :])
-        if SORT:
-            b_all = tl.sort(tl.reshape(tl.join(b_run, b_key), [CP, 2 * BS]), 1, descending=True)
-            b_run, _ = tl.split(tl.permute(tl.reshape(b_all, [CP, 2, BS]), (0, 2, 1)))
-            b_run = tl.where(b_run < 0, -1 - o_bs[None, :], b_run)
-        else:
-            b_run = _merge_top(b_run, b_key, o_bs)
-    return b_run, b_acc
-
-
-@triton.jit
-def _merge_top(b_run, b_key, o_n):
-    """Top BN of (running list [CP, BN], sorted descending) U (tile keys [CP, BN]) by rank
-    counting, fully parallel (all keys unique: empty slots hold distinct negative keys)."""
-    # rank of run[a] = a + #(tile > run[a]); rank of tile[b] = #(run > tile[b]) + #(tile > tile[b])
-    r_a = o_n[None, :] + tl.sum((b_key[:, None, :] > b_run[:, :, None]).to(tl.int32), 2)
-    r_b = tl.sum((b_run[:, None, :] > b_key[:, :, None]).to(tl.int32), 2) \
-        + tl.sum((b_key[:, None, :] > b_key[:, :, None]).to(tl.int32), 2)
-    MIN: tl.constexpr = -(1 << 62)
-    b_new = tl.maximum(tl.max(tl.where(r_a[:, :, None] == o_n[None, None, :], b_run[:, :, None], MIN), 1),
-                       tl.max(tl.where(r_b[:, :, None] == o_n[None, None, :], b_key[:, :, None], MIN), 1))
-    return tl.where(b_new < 0, -1 - o_n[None, :], b_new)        # empty slots stay unique
-
-
-@triton.jit
-def _pick(b_key, o_n, TOPN: tl.constexpr):
-    """Keys [CP, BN] sorted descending -> block indices of the first TOPN valid ones, sorted
-    ascending, -1 padded (rank counting; ties only among the 2^30 fillers, broken by slot)."""
-    MASK: tl.constexpr = (1 << 24) - 1
-    m_v = (o_n[None, :] < TOPN) & (b_key >= 0)
-    b_i = tl.where(m_v, MASK - (b_key & MASK), 1 << 30).to(tl.int32)
-    lt = (b_i[:, None, :] < b_i[:, :, None]) | ((b_i[:, None, :] == b_i[:, :, None])
-                                                & (o_n[None, None, :] < o_n[None, :, None]))
-    r = tl.sum(lt.to(tl.int32), 2)                                                    # [CP, BN]
-    b_o = tl.max(tl.where(r[:, :, None] == o_n[None, None, :], b_i[:, :, None], -1), 1)
-    return tl.where(b_o >= (1 << 30), -1, b_o)
-
-
-@triton.jit
-def _prov_probs(b_sp, m_rp, b_lse):
-    # provisional probabilities with the global normalisation, [RR, NPS]
-    return tl.where(m_rp, tl.exp2(b_sp - b_lse[:, None]), 0.)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
@@ -256,7 +63,8 @@ def score_topk_grouped_fused_kernel(
     R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
     TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, HAS_PROV: tl.constexpr,
-    WITH_OUT: tl.constexpr, F32: tl.constexpr, SORT: tl.constexpr,
+    WITH_OUT: tl.constexpr, F32: tl.constexpr, MAP: tl.constexpr, MERGE: tl.constexpr,
+    TS: tl.constexpr, PROF: tl.constexpr,
 ):
     # NSPLIT == 1: pass 1, pass 2 and the final pick in one program per (group, KV head)
     i_g, i_h = tl.program_id(0), tl.program_id(1)
@@ -273,8 +81,9 @@ def score_topk_grouped_fused_kernel(
     b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
     b_m = tl.full([RR], NEG_BIG, tl.float32)
     b_l = tl.zeros([RR], tl.float32)
-    b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
-                      b_m, b_l, HKV, D, PS, CPP, L, DS, TB, F32)
+    if not PROF & 8:
+        b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
+                          b_m, b_l, HKV, D, PS, CPP, L, DS, TS, F32)
     b_pp = tl.zeros([CP * MPP], tl.float32)
     b_pst = tl.full([CP * MPP], -1, tl.int32)
     if HAS_PROV:
@@ -298,7 +107,7 @@ def score_topk_grouped_fused_kernel(
     nblk = tl.max(tl.where(m_q, cur_q + 1, 0), 0)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            0, nblk, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
-                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, SORT)
+                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MAP, MERGE, PROF)
     o_n = tl.arange(0, BS)
     b_i = _pick(b_run, o_n, TOPN)
     tl.store(sel + (i_qq[:, None] * HKV + i_h) * TOPN + o_n[None, :], b_i.to(sel.dtype.element_ty),
@@ -309,13 +118,6 @@ def score_topk_grouped_fused_kernel(
         tl.store(lse + o_hq, tl.where(m_any, b_lse * 0.6931471805599453, float("-inf")), mask=m_r)
 
 
-@triton.jit
-def _split_range(nblk, i_s, NSPLIT: tl.constexpr, BS: tl.constexpr):
-    ch = tl.cdiv(tl.cdiv(nblk, NSPLIT), BS) * BS
-    jlo = tl.minimum(i_s * ch, nblk)
-    return jlo, tl.minimum(jlo + ch, nblk)
-
-
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
 def score_topk_grouped_stats_kernel(
     q, ck_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
@@ -324,7 +126,7 @@ def score_topk_grouped_stats_kernel(
     D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
     R: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, TB: tl.constexpr,
     MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr,
-    HAS_PROV: tl.constexpr, F32: tl.constexpr,
+    HAS_PROV: tl.constexpr, F32: tl.constexpr, TS: tl.constexpr, PROF: tl.constexpr,
 ):
     # pass 1 of split i_s: (max, sum exp2) partials of every row over the split's tokens
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -342,9 +144,11 @@ def score_topk_grouped_stats_kernel(
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
     b_m = tl.full([RR], NEG_BIG, tl.float32)
     b_l = tl.zeros([RR], tl.float32)
+    if PROF & 8:
+        jhi = jlo
     b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, jlo * R,
                       tl.minimum(jhi * R, tl.max(n_cr, 0)), qk_scale, b_m, b_l,
-                      HKV, D, PS, CPP, L, DS, TB, F32)
+                      HKV, D, PS, CPP, L, DS, TS, F32)
     if HAS_PROV:
         if i_s == 0:
             b_sp, m_rp, b_prow, b_pst = _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order,
@@ -369,7 +173,7 @@ def score_topk_grouped_scores_kernel(
     TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr,
     NSP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr,
-    SORT: tl.constexpr,
+    MAP: tl.constexpr, MERGE: tl.constexpr, PROF: tl.constexpr,
 ):
     # pass 2 of split i_s: global lse from the partials, then the split's block scores -> its
     # top-BS candidate keys per query; o_cmp partial (already globally normalised)
@@ -411,7 +215,7 @@ def score_topk_grouped_scores_kernel(
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            jlo, jhi, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
-                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, SORT)
+                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MAP, MERGE, PROF)
     o_n = tl.arange(0, BS)
     tl.store(cand + ((i_s * NQ + i_qq[:, None]) * HKV + i_h) * BS + o_n[None, :], b_run,
              mask=m_q[:, None])
@@ -522,7 +326,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
                        num_splits: int | None = None,
                        workspace: tuple[torch.Tensor, ...] | None = None,
                        num_warps: int | None = None, num_stages: int = 2,
-                       merge: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                       merge: str = "auto", score_map: str = "auto",
+                       stats_tile: int | None = None, _prof: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Selected blocks (and the compressed-branch output) of every query row; the same inputs and
     results as `score_topk`, computed per group of rows sharing each compressed-key load.
 
@@ -541,8 +346,15 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
             `default_refresh_splits` from the block table's capacity (1 on CPU).
         workspace: `refresh_workspace(...)` buffers (CUDA graphs, num_splits > 1).
         num_warps, num_stages: Triton launch knobs of the two passes.
-        merge (str): running top-n merge: "sort" (bitonic), "rank" (rank counting) or "auto"
-            (sort on CUDA, rank in the CPU interpreter); same result.
+        merge (str): running top-n merge: "bitonic" (sort the tile, bitonic merge with the
+            list), "sort" (bitonic sort of the union), "rank" (rank counting) or "auto"
+            (bitonic on CUDA, rank in the CPU interpreter); same result.
+        score_map (str): Eq. 9 mapping: "mma" (tensor cores, exact 3-way bf16 split), "reduce"
+            (weighted reductions) or "auto" (mma on CUDA, reduce in the interpreter); same
+            result up to fp32 summation order.
+        stats_tile (int | None): compressed tokens per pass-1 tile (power of two >= 16;
+            default the pass-2 tile).
+        _prof (int): profiling only (wrong results): skip stages, see grouped_tiles.py.
     Returns:
         (sel, o_cmp or None, lse or None) as `score_topk`.
     CUDA graphs: no host sync when groups is given (or group_size == 1); grid from host ints.
@@ -595,8 +407,17 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     mp = prov_vis.shape[1] if has_prov else 1
     mpp = max(_pow2(mp), _pow2(16 // cp))                # slots CP*MPP >= 16 for the MMA
     bd = _pow2(dim, 16)
-    if merge not in ("auto", "sort", "rank"):
-        raise ValueError(f"{what}: merge must be 'auto', 'sort' or 'rank', got {merge!r}")
+    on_gpu = q.device.type == "cuda"
+    merges = {"bitonic": MERGE_BITONIC, "sort": MERGE_SORT, "rank": MERGE_RANK,
+              "auto": MERGE_BITONIC if on_gpu else MERGE_RANK}
+    maps = {"mma": MAP_MMA, "reduce": MAP_REDUCE, "auto": MAP_MMA if on_gpu else MAP_REDUCE}
+    if merge not in merges:
+        raise ValueError(f"{what}: merge must be one of {sorted(merges)}, got {merge!r}")
+    if score_map not in maps:
+        raise ValueError(f"{what}: score_map must be one of {sorted(maps)}, got {score_map!r}")
+    ts = bs * rp if stats_tile is None else int(stats_tile)
+    if ts < 16 or ts & (ts - 1):
+        raise ValueError(f"{what}: stats_tile must be a power of two >= 16, got {stats_tile}")
     if num_warps is None:   # sm_90 compile: 4 warps spill with o_cmp or >= 64 rows at D=128
         num_warps = 8 if (with_out or cp * gp >= 64) and bd >= 128 else 4
     dummy = q.new_empty(1)
@@ -609,11 +430,12 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         scale=float(scale), stride_bt=block_table.stride(0), NQ=nq,
         HQ=hq, HKV=hkv, G=g, GP=gp, CP=cp, D=dim, BD=bd, L=params.block, DS=params.stride,
         LS=params.select, R=r, PS=page_size, CPP=cpp, TB=bs * rp, MP=mp, MPP=mpp,
-        HAS_PROV=has_prov, F32=f32, num_warps=num_warps, num_stages=num_stages)
+        HAS_PROV=has_prov, F32=f32, TS=ts, PROF=int(_prof), num_warps=num_warps,
+        num_stages=num_stages)
     pass2 = dict(cv_cache=cv_cache, prov_v=prov_v if has_prov else dummy, RP=rp,
                  K=params.block // params.stride, TOPN=params.topn, BS=bs,
                  INIT=params.init_blocks, LOCAL=params.local_blocks, WITH_OUT=with_out,
-                 SORT=merge == "sort" or (merge == "auto" and q.device.type == "cuda"))
+                 MAP=maps[score_map], MERGE=merges[merge])
     if ns == 1:
         score_topk_grouped_fused_kernel[(ng, hkv)](
             **common, **pass2, sel=sel, o_cmp=o_cmp if with_out else dummy,

@@ -112,7 +112,8 @@ def _nsa_verify_fwd_kernel(
         BD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
         TP: tl.constexpr, W: tl.constexpr, TOPN: tl.constexpr, CAP: tl.constexpr,
         PS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
-        DENSE: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr):
+        DENSE: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, NBI: tl.constexpr,
+        SKIP: tl.constexpr):
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g_len = tl.load(G_LEN + i_g)
     if g_len == 0:
@@ -159,23 +160,30 @@ def _nsa_verify_fwd_kernel(
         chunk = tl.cdiv(n_blk, NSPLIT)
         lo = i_s * chunk
         hi = tl.minimum(lo + chunk, n_blk)
-        o_n = tl.arange(0, BS)
-        for i in range(lo, hi):
-            blk = tl.load(p_list + i)
-            pos = blk * S + o_n                                          # [BS]
-            m_t = (o_n < S) & (pos < P) & (blk >= 0)
+        if SKIP & 1:
+            hi = lo
+        # NBI selected blocks per iteration: one [NBI*BS] token tile (more bytes in flight)
+        o_n = tl.arange(0, NBI * BS)
+        o_nb = o_n // BS
+        o_nt = o_n % BS
+        for i in range(lo, hi, NBI):
+            i_n = i + o_nb
+            m_n = i_n < hi
+            blk = tl.load(p_list + i_n, mask=m_n, other=-1)
+            pos = blk * S + o_nt                                         # [NBI*BS]
+            m_t = (o_nt < S) & m_n & (pos < P) & (blk >= 0)
             if not GATED:
                 # tokens in every row's window are read by pass 2 instead
                 m_t = m_t & (pos < t_max - W + 1)
             page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
-            off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D              # [BS]
+            off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D              # [NBI*BS]
             b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
             b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-            b_s = _qk(b_q, b_k, IEEE)                                    # [R, BS]
+            b_s = _qk(b_q, b_k, IEEE)                                    # [R, NBI*BS]
             m_s = m_t[None, :] & m_r[:, None]
             if not DIRECT:
-                own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i)
-                m_s = m_s & (((own >> o_c.to(tl.int64)) & 1) != 0)[:, None]
+                own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i_n, mask=m_n, other=0)
+                m_s = m_s & (((own[None, :] >> o_c[:, None].to(tl.int64)) & 1) != 0)
             if not GATED:
                 m_s = m_s & (pos[None, :] < t_r[:, None] - W + 1)
             m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
@@ -189,6 +197,8 @@ def _nsa_verify_fwd_kernel(
     chunk2 = tl.cdiv(n_tile, NSPLIT)
     lo2 = i_s * chunk2
     hi2 = tl.minimum(lo2 + chunk2, n_tile)
+    if SKIP & 2:
+        hi2 = lo2
     o_n2 = tl.arange(0, BN)
     for i in range(lo2, hi2):
         pos = w_lo + i * BN + o_n2                                       # [BN]
@@ -207,7 +217,7 @@ def _nsa_verify_fwd_kernel(
             m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
 
     # ---- pass 3: draft tail, tree (ancestor) mask ----------------------------------------
-    if i_s == 0:
+    if (i_s == 0) & (not SKIP & 4):
         t_off = tl.load(REQ_OFF + i_b)
         n_t = tl.load(REQ_T + i_b)
         o_j = tl.arange(0, TP)
@@ -308,7 +318,8 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                    o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
                    dense: bool = False, out: torch.Tensor | None = None,
                    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+                   num_warps: int | None = None, num_stages: int = 3,
+                   blocks_per_iter: int = 1, _prof: int = 0) -> torch.Tensor:
     """Launch the fused kernel (+ the split merge when geo.num_splits > 1).
 
     Args:
@@ -323,10 +334,16 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         out (torch.Tensor | None): shape [Nq, HQ, D]  # mutable
         workspace: (o_part [NSPLIT*NB*Nq*HQ*D] fp32, lse_part [NSPLIT*NB*Nq*HQ] fp32), fixed
             buffers for CUDA graphs; allocated here when None.
+        num_warps, num_stages, blocks_per_iter (power of two): launch / tile knobs; selected
+            blocks loaded per loop iteration of pass 1.
+        _prof: profiling only (wrong results): bit 1 skips the selected pass, 2 the window
+            pass, 4 the draft tail (benchmark/stages.py).
     Returns:
         out [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs; grid fixed by geo.
     """
     check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo, params, o_cmp, gates, dense)
+    if blocks_per_iter < 1 or blocks_per_iter & (blocks_per_iter - 1):
+        raise ValueError(f"blocks_per_iter must be a power of two >= 1, got {blocks_per_iter}")
     nq, hq, d = q.shape
     hkv, ps = k_cache.shape[2], k_cache.shape[1]
     g = hq // hkv
@@ -365,7 +382,8 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         BS=_pow2(params.select), BN=64, TP=_pow2(geo.t_max), W=params.window,
         TOPN=params.topn if sel is not None else 1, CAP=cap, PS=ps, NSPLIT=nsplit,
         DIRECT=direct, GATED=gated, DENSE=dense, FINAL=nsplit == 1,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE=q.dtype == torch.float32, NBI=int(blocks_per_iter), SKIP=int(_prof),
+        num_warps=num_warps, num_stages=num_stages)
     if nsplit > 1:
         merge_splits(opart, lpart, nsplit, nb, out, o_cmp if gated else None,
                      gates if gated else None)

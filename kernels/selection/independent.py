@@ -18,7 +18,8 @@ def independent_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        geo: VerifyGeometry, params: NSAParams, scale: float,
                        o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
                        out: torch.Tensor | None = None,
-                       workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       **knobs) -> torch.Tensor:
     """Selected + window + combine for each query on its own.
 
     Args:
@@ -28,10 +29,12 @@ def independent_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
         geo (VerifyGeometry): built with group_size 1.
         o_cmp [Nq, HQ, D], gates [Nq, HQ, 3]: gated combine only.
         out: [Nq, HQ, D]  # mutable
+        knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter, _prof).
     Returns:
         out. CUDA-graph safe.
     """
     if geo.C != 1:
         raise ValueError(f"independent_verify needs a geometry with group_size 1, got {geo.C}")
     return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, params, scale, sel=sel,
-                          o_cmp=o_cmp, gates=gates, out=out, workspace=workspace)
+                          o_cmp=o_cmp, gates=gates, out=out, workspace=workspace,
+                          **knobs)

@@ -52,7 +52,7 @@ class NSAVerifier:
     def __init__(self, config: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cuda", scale: float | None = None,
                  graph_buffers: bool = False, num_warps: int | None = None,
-                 num_stages: int = 3) -> None:
+                 num_stages: int = 3, blocks_per_iter: int = 1) -> None:
         if num_q_heads % num_kv_heads:
             raise ConfigError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                               f"({num_kv_heads})")
@@ -62,7 +62,9 @@ class NSAVerifier:
         self.device = torch.device(device)
         self.scale = head_dim ** -0.5 if scale is None else float(scale)
         self.graph_buffers = graph_buffers
-        self.launch = {"num_warps": num_warps, "num_stages": num_stages}   # Triton launch knobs
+        # Triton launch knobs of the fused verify kernel (nsa_verify_fwd)
+        self.launch = {"num_warps": num_warps, "num_stages": num_stages,
+                       "blocks_per_iter": blocks_per_iter}
         self._plan: VerifyPlan | None = None
         self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                          if self.device.type == "cuda" else 0)

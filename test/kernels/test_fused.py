@@ -105,19 +105,21 @@ def reference(case, params, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("g,page_size,gated,splits", [
-    pytest.param(4, 16, False, 1, id="G4-ps16-union-S1"),
-    pytest.param(1, 1, True, 3, id="G1-ps1-gated-S3"),
-    pytest.param(6, 16, True, 2, id="G6-ps16-gated-S2"),
+@pytest.mark.parametrize("g,page_size,gated,splits,nbi", [
+    pytest.param(4, 16, False, 1, 1, id="G4-ps16-union-S1"),
+    pytest.param(1, 1, True, 3, 1, id="G1-ps1-gated-S3"),
+    pytest.param(6, 16, True, 2, 1, id="G6-ps16-gated-S2"),
+    pytest.param(4, 16, False, 2, 4, id="G4-ps16-union-S2-4blocks-per-iter"),
 ])
-def test_fused_decode_matches_reference(g, page_size, gated, splits):
+def test_fused_decode_matches_reference(g, page_size, gated, splits, nbi):
     params = NSAParams(**{**SMALL.__dict__, "gated": gated})
     hkv, d = 2, 16
     case = make_case([37, 5, 70], [1, 1, 1], g * hkv, hkv, d, page_size, params, seed=g)
     geo = decode_geometry(case["prefix_lens"], case["block_table"], params, splits)
     out = poisoned(3, g * hkv, d, device=DEV)
     fused_decode(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
-                 case["sel"], geo, params, 0.25, o_cmp=case["o_cmp"], gates=case["gates"], out=out)
+                 case["sel"], geo, params, 0.25, o_cmp=case["o_cmp"], gates=case["gates"], out=out,
+                 blocks_per_iter=nbi)
     assert_close(out.cpu(), reference(case, params, 0.25), what="decode")
 
 

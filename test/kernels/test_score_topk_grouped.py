@@ -155,12 +155,19 @@ CASES = [
 ]
 
 
+# (merge, score_map): the interpreter default, the GPU default and the previous GPU path
+VARIANTS = [pytest.param("auto", "auto", id="auto"), pytest.param("bitonic", "mma", id="bitonic-mma"),
+            pytest.param("sort", "reduce", id="sort-reduce")]
+
+
+@pytest.mark.parametrize("merge,score_map", VARIANTS)
 @pytest.mark.parametrize("params,ps,hkv,g,dim,dtype,ctx,rows,parents,P,c,ns,with_out", CASES)
-def test_score_topk_grouped(params, ps, hkv, g, dim, dtype, ctx, rows, parents, P, c, ns, with_out):
+def test_score_topk_grouped(params, ps, hkv, g, dim, dtype, ctx, rows, parents, P, c, ns, with_out,
+                            merge, score_map):
     args, refs = build_case(params, ps, hkv, g, dim, dtype, ctx, rows, parents, P)
     groups = tuple(x.to(DEV) for x in refresh_groups(args["q_req"].tolist(), c))
     check(args, refs, dtype, with_out, exact=dtype == torch.float32, group_size=c, groups=groups,
-          num_splits=ns)
+          num_splits=ns, merge=merge, score_map=score_map, stats_tile=32 if ns == 2 else None)
 
 
 @pytest.mark.parametrize("ns", [1, 2])
@@ -176,7 +183,7 @@ def test_plan_groups_permuted_order(ns):
           groups=(geo.order, g_start, g_len), num_splits=ns)
 
 
-@pytest.mark.parametrize("merge", ["rank", "sort"])
+@pytest.mark.parametrize("merge", ["rank", "sort", "bitonic"])
 def test_ties_go_to_lower_index_across_splits(merge):
     # q = 0 -> uniform p (exact): interior blocks tie exactly; the lowest indices must win, also
     # when the tied blocks sit in different splits (the merge's tie order)
@@ -208,5 +215,9 @@ def test_bad_inputs_are_named():
         score_topk_grouped(**args, num_splits=2, workspace=refresh_workspace(1, 2, 1, 64, SMALL, 1, True, "cpu"))
     with pytest.raises(ValueError, match="merge must be"):
         score_topk_grouped(**args, merge="heap")
+    with pytest.raises(ValueError, match="score_map"):
+        score_topk_grouped(**args, score_map="fft")
+    with pytest.raises(ValueError, match="stats_tile"):
+        score_topk_grouped(**args, stats_tile=24)
     with pytest.raises(ValueError, match="groups must be"):
         score_topk_grouped(**args, groups=(torch.zeros(5, dtype=torch.int32),) * 3)

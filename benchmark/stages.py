@@ -1,0 +1,244 @@
+"""Where the time of a verification step goes, and which kernel variant is fastest: one device
+call that times the refresh kernel (score_topk_grouped) and the fused verify / decode kernel
+with stages dropped (the `_prof` knobs: results wrong, times real) and with their tile / merge /
+launch variants side by side, at 64K context, Hq=32, Hkv=8, D=128, bf16, page 16, CUDA graphs,
+cold L2, median of --reps replays. Stage cost = time(with the stage) - time(without it).
+
+    python benchmark/stages.py --out $OUT          # H200: about 3-4 minutes
+    TRITON_INTERPRET=1 python benchmark/stages.py --smoke --out /tmp/s   # CPU plumbing check
+
+Refresh variants also report how many (row, KV head) selections equal the per-row kernel's
+(bf16: rare near-tie flips). Writes stages.json (rewritten after every record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import kernels as kb                                   # benchmark/kernels.py (same folder)
+from timing import bench
+
+from specsa.attention import NSAVerifier
+from specsa.config import Schedule
+from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped
+from specsa.kernels.compression.score_topk_grouped import default_refresh_splits
+from specsa.kernels.fused import decode_geometry, fused_decode
+from specsa.schedule import default_num_splits
+
+DEV = kb.DEV
+# refresh: stage drops (bit 1 merge, 2 Eq. 9 map, 4 pass-2 tile loop, 8 pass 1)
+REFRESH_PROF = {"full": 0, "no_merge": 1, "no_merge_map": 3, "pass1_only": 7, "nothing": 15}
+VERIFY_PROF = {"full": 0, "no_selected": 1, "no_window": 2, "no_tail": 4, "tail_only": 3}
+
+
+class Stages:
+    def __init__(self, args):
+        self.args = args
+        self.b = kb.Bench(args)
+        self.b.bw = kb.copy_bandwidth(DEV)
+        self.out = Path(args.out)
+        self.res = {"meta": {**kb.meta(args), "copy_bandwidth_Bps": self.b.bw}, "refresh": [],
+                    "verify": [], "decode": [], "errors": []}
+        self.t0 = time.time()
+
+    def save(self):
+        (self.out / "stages.json").write_text(json.dumps(self.res, indent=1, default=str))
+
+    def time(self, fn):
+        return bench(fn, self.b.flush, reps=self.args.reps)["median_us"]
+
+    def guarded(self, what, fn, *a):
+        if time.time() - self.t0 > self.args.budget_s:
+            self.res["errors"].append({"what": what, "skipped": "time budget"})
+            return
+        try:
+            fn(*a)
+        except Exception:
+            tb = traceback.format_exc()
+            print("FAILED", what, tb, flush=True)
+            self.res["errors"].append({"what": what, "traceback": tb[-2500:]})
+        self.save()
+
+    # ------------------------------------------------------------------ refresh ----------
+    def refresh(self, ctx, t, batch, d=128):
+        params = self.args.nsa.params
+        case = self.b.case(ctx, t, t == 1, batch, 0.5, d, params, seed=3 + t + batch)
+        kw = self.b.refresh_inputs(case, params, d)
+        q = case["q"]
+        nq, hq, _ = q.shape
+        hkv = self.b.hkv
+        nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
+        sel_blocks = -(-max(case["prefix_lens"]) // params.select) + 1
+        ref = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=DEV)
+        score_topk(q, **kw, with_out=False, sel=ref)
+        rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "rows": nq, "variants": {}}
+
+        def groups_of(c):
+            order, g_start, g_len = [], [], []
+            off = 0
+            for size, ordr in zip(case["sizes"], case["orders"]):
+                for s0 in range(0, size, c):
+                    g_start.append(len(order))
+                    g_len.append(len(ordr[s0:s0 + c]))
+                    order.extend(off + u for u in ordr[s0:s0 + c])
+                off += size
+            i32 = {"dtype": torch.int32, "device": DEV}
+            return (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
+
+        c0 = max(1, 64 // (hq // hkv))
+        runs = {}
+        for merge, smap in (("sort", "reduce"), ("bitonic", "reduce"), ("sort", "mma"), ("bitonic", "mma")):
+            runs[f"{merge}_{smap}"] = {"merge": merge, "score_map": smap}
+        for name, prof in REFRESH_PROF.items():
+            if prof:
+                runs[f"bitonic_mma_{name}"] = {"merge": "bitonic", "score_map": "mma", "_prof": prof}
+                runs[f"sort_reduce_{name}"] = {"merge": "sort", "score_map": "reduce", "_prof": prof}
+        for nw in (4, 8):
+            runs[f"bitonic_mma_w{nw}"] = {"merge": "bitonic", "score_map": "mma", "num_warps": nw}
+        for ts in (128, 256):
+            runs[f"bitonic_mma_ts{ts}"] = {"merge": "bitonic", "score_map": "mma", "stats_tile": ts}
+        for c in (4, 8, 32):
+            runs[f"bitonic_mma_C{c}"] = {"merge": "bitonic", "score_map": "mma", "group_size": c}
+        for mult in (0.5, 2, 4):
+            runs[f"bitonic_mma_splits_x{mult}"] = {"merge": "bitonic", "score_map": "mma", "split_mult": mult}
+        for name, knobs in runs.items():
+            knobs = dict(knobs)
+            c = knobs.pop("group_size", c0)
+            mult = knobs.pop("split_mult", 1)
+            groups = groups_of(c)
+            ns = default_refresh_splits(groups[2].numel() * hkv, sel_blocks, params, nsm)
+            ns = max(1, int(ns * mult))
+            ws = refresh_workspace(nq, hq, hkv, d, params, ns, False, DEV) if ns > 1 else None
+            sel = torch.full_like(ref, -7)
+            fn = (lambda sel=sel, c=c, groups=groups, ns=ns, ws=ws, knobs=knobs:
+                  score_topk_grouped(q, **kw, with_out=False, sel=sel, group_size=c, groups=groups,
+                                     num_splits=ns, workspace=ws, **knobs))
+            try:
+                fn()
+                v = {"group_size": c, "num_splits": ns, **knobs, "median_us": self.time(fn)}
+                if not knobs.get("_prof"):
+                    v["sel_rows_equal"] = f"{int((sel == ref).all(-1).sum())}/{nq * hkv}"
+            except Exception as e:
+                v = {"error": repr(e)[:400]}
+                self.res["errors"].append({"what": f"refresh {name}", "traceback": traceback.format_exc()[-2500:]})
+            rec["variants"][name] = v
+            print(f"refresh T={t} B={batch} {name}: {v}", flush=True)
+        per_row = lambda: score_topk(q, **kw, with_out=False, sel=ref)
+        rec["variants"]["per_row"] = {"median_us": self.time(per_row)}
+        self.res["refresh"].append(rec)
+
+    # ------------------------------------------------------------------ verify -----------
+    def verify(self, ctx, t, batch, d=128):
+        params = self.args.nsa.params
+        case = self.b.case(ctx, t, False, batch, 0.5, d, params, seed=ctx + t + batch)
+        fb = kb.floor_bytes(case["sel"], case["prefix_lens"], case["sizes"], params, self.b.hq, self.b.hkv, d)
+        rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "floor_attn_us": fb["attn_bytes"] / self.b.bw * 1e6,
+               "variants": {}}
+        o = torch.empty_like(case["q"])
+        ref = None
+        runs = {f"nbi{n}_w{w}_s{s}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s}
+                for n in (1, 2, 4) for w in (4, 8) for s in (2, 3)}
+        runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        for name, knobs in runs.items():
+            knobs = dict(knobs)
+            prof = knobs.pop("_prof", 0)
+            ver = NSAVerifier(self.args.nsa, self.b.hq, self.b.hkv, d, device=DEV, **knobs)
+            ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
+                     schedule=Schedule.EXACT_MERGED)
+            ver.launch["_prof"] = prof
+            fn = lambda ver=ver: ver.run(case["q"], case["k_new"], case["v_new"], case["k_cache"],
+                                         case["v_cache"], case["sel"], out=o)
+            try:
+                o.fill_(float("nan"))
+                fn()
+                v = {**knobs, "_prof": prof, "median_us": self.time(fn)}
+                if not prof:
+                    if ref is None:
+                        ref = o.clone()
+                    v["max_diff_vs_first"] = float((o.float() - ref.float()).abs().max())
+            except Exception as e:
+                v = {"error": repr(e)[:400]}
+                self.res["errors"].append({"what": f"verify {name}", "traceback": traceback.format_exc()[-2500:]})
+            v["over_floor"] = v.get("median_us", 0) / rec["floor_attn_us"]
+            rec["variants"][name] = v
+            print(f"verify T={t} B={batch} {name}: {v}", flush=True)
+        self.res["verify"].append(rec)
+
+    def decode(self, ctx, batch, d=128):
+        params = self.args.nsa.params
+        case = self.b.case(ctx, 1, True, batch, 0.5, d, params, seed=7)
+        fb = kb.floor_bytes(case["sel"], case["prefix_lens"], case["sizes"], params, self.b.hq, self.b.hkv, d)
+        nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
+        ns0 = default_num_splits(batch * self.b.hkv, params.topn + params.window // 64, nsm)
+        rec = {"ctx": ctx, "batch": batch, "d": d, "floor_attn_us": fb["attn_bytes"] / self.b.bw * 1e6,
+               "default_splits": ns0, "variants": {}}
+        o = torch.empty_like(case["q"])
+        runs = {f"nbi{n}_w{w}_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s, "mult": m}
+                for n in (1, 2, 4) for w, s in ((4, 3), (4, 2), (8, 3)) for m in (1, 2)}
+        runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        for name, knobs in runs.items():
+            knobs = dict(knobs)
+            ns = max(1, ns0 * knobs.pop("mult", 1))
+            geo = decode_geometry(case["prefix_lens"], case["block_table"], params, ns)
+            ws = None if ns == 1 else (torch.empty(ns * o.numel(), device=DEV),
+                                       torch.empty(ns * o.numel() // d, device=DEV))
+            fn = lambda geo=geo, ws=ws, knobs=knobs: fused_decode(
+                case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"], case["sel"],
+                geo, params, d ** -0.5, out=o, workspace=ws, **knobs)
+            try:
+                fn()
+                v = {**knobs, "splits": ns, "median_us": self.time(fn)}
+            except Exception as e:
+                v = {"error": repr(e)[:400]}
+                self.res["errors"].append({"what": f"decode {name}", "traceback": traceback.format_exc()[-2500:]})
+            v["over_floor"] = v.get("median_us", 0) / rec["floor_attn_us"]
+            rec["variants"][name] = v
+            print(f"decode B={batch} {name}: {v}", flush=True)
+        self.res["decode"].append(rec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmark/results/h200")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=400.0)
+    ap.add_argument("--only", default="refresh,decode,verify")
+    a = ap.parse_args()
+    args = argparse.Namespace(out=a.out, reps=a.reps, group_size=None, page_size=16, smoke=a.smoke,
+                              budget_s=a.budget_s,
+                              dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
+    if a.smoke:
+        args.hq, args.hkv = 8, 2
+        args.nsa = kb.NSAConfig(block=8, stride=4, select=16, topn=4, window=32)
+    else:
+        args.hq, args.hkv = 32, 8
+        args.nsa = kb.NSAConfig()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    st = Stages(args)
+    st.res["meta"]["command"] = "benchmark/stages.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "smoke") + (" --smoke" if a.smoke else "")
+    only = set(a.only.split(","))
+    ctx = 400 if a.smoke else 65536
+    shapes = [(16, 1)] if a.smoke else [(64, 16), (64, 1), (16, 1), (16, 16)]
+    if "refresh" in only:
+        for t, b in shapes + ([] if a.smoke else [(1, 16)]):
+            st.guarded(f"refresh T{t} B{b}", st.refresh, ctx, t, b)
+    if "decode" in only:
+        for b in ((2,) if a.smoke else (16, 1)):
+            st.guarded(f"decode B{b}", st.decode, ctx, b)
+    if "verify" in only:
+        for t, b in shapes:
+            st.guarded(f"verify T{t} B{b}", st.verify, ctx, t, b)
+    st.res["meta"]["wall_s"] = time.time() - st.t0
+    st.save()
+    print("done", st.res["meta"]["wall_s"], "errors", len(st.res["errors"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
