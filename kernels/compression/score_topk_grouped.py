@@ -173,7 +173,7 @@ def score_topk_grouped_scores_kernel(
     TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr,
     NSP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr,
-    MAP: tl.constexpr, MERGE: tl.constexpr, PROF: tl.constexpr,
+    MAP: tl.constexpr, MERGE: tl.constexpr, TS: tl.constexpr, PROF: tl.constexpr,
 ):
     # pass 2 of split i_s: global lse from the partials, then the split's block scores -> its
     # top-BS candidate keys per query; o_cmp partial (already globally normalised)
