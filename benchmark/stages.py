@@ -8,7 +8,7 @@ cold L2, median of --reps replays. Stage cost = time(with the stage) - time(with
     TRITON_INTERPRET=1 python benchmark/stages.py --smoke --out /tmp/s   # CPU plumbing check
 
 Refresh variants also report how many (row, KV head) selections equal the per-row kernel's
-(bf16: rare near-tie flips). Writes stages.json (rewritten after every record).
+(bf16: rare near-tie flips). Writes <--name>.json (rewritten after every record).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Stages:
         self.t0 = time.time()
 
     def save(self):
-        (self.out / "stages.json").write_text(json.dumps(self.res, indent=1, default=str))
+        (self.out / f"{self.args.name}.json").write_text(json.dumps(self.res, indent=1, default=str))
 
     def time(self, fn):
         return bench(fn, self.b.flush, reps=self.args.reps)["median_us"]
@@ -92,20 +92,30 @@ class Stages:
 
         c0 = max(1, 64 // (hq // hkv))
         runs = {}
-        for merge, smap in (("sort", "reduce"), ("bitonic", "reduce"), ("sort", "mma"), ("bitonic", "mma")):
-            runs[f"{merge}_{smap}"] = {"merge": merge, "score_map": smap}
-        for name, prof in REFRESH_PROF.items():
-            if prof:
-                runs[f"bitonic_mma_{name}"] = {"merge": "bitonic", "score_map": "mma", "_prof": prof}
-                runs[f"sort_reduce_{name}"] = {"merge": "sort", "score_map": "reduce", "_prof": prof}
-        for nw in (4, 8):
-            runs[f"bitonic_mma_w{nw}"] = {"merge": "bitonic", "score_map": "mma", "num_warps": nw}
-        for ts in (128, 256):
-            runs[f"bitonic_mma_ts{ts}"] = {"merge": "bitonic", "score_map": "mma", "stats_tile": ts}
-        for c in (4, 8, 32):
-            runs[f"bitonic_mma_C{c}"] = {"merge": "bitonic", "score_map": "mma", "group_size": c}
-        for mult in (0.5, 2, 4):
-            runs[f"bitonic_mma_splits_x{mult}"] = {"merge": "bitonic", "score_map": "mma", "split_mult": mult}
+        if self.args.refresh_set == "stages":
+            for merge, smap in (("sort", "reduce"), ("bitonic", "reduce"), ("sort", "mma"), ("bitonic", "mma")):
+                runs[f"{merge}_{smap}"] = {"merge": merge, "score_map": smap}
+            for name, prof in REFRESH_PROF.items():
+                if prof:
+                    runs[f"bitonic_mma_{name}"] = {"merge": "bitonic", "score_map": "mma", "_prof": prof}
+                    runs[f"sort_reduce_{name}"] = {"merge": "sort", "score_map": "reduce", "_prof": prof}
+            for nw in (4, 8):
+                runs[f"bitonic_mma_w{nw}"] = {"merge": "bitonic", "score_map": "mma", "num_warps": nw}
+            for ts in (128, 256):
+                runs[f"bitonic_mma_ts{ts}"] = {"merge": "bitonic", "score_map": "mma", "stats_tile": ts}
+            for c in (4, 8, 32):
+                runs[f"bitonic_mma_C{c}"] = {"merge": "bitonic", "score_map": "mma", "group_size": c}
+            for mult in (0.5, 2, 4):
+                runs[f"bitonic_mma_splits_x{mult}"] = {"merge": "bitonic", "score_map": "mma", "split_mult": mult}
+        else:   # "tune": the reduce map + bitonic merge over warps, group size and splits
+            base = {"merge": "bitonic", "score_map": "reduce"}
+            for nw in (4, 8):
+                for c in (1, 16, 32):
+                    for mult in (1, 2):
+                        runs[f"bitonic_reduce_w{nw}_C{c}_x{mult}"] = {
+                            **base, "num_warps": nw, "group_size": c, "split_mult": mult}
+            runs["bitonic_reduce_w4_C16_ts128"] = {**base, "num_warps": 4, "group_size": 16, "stats_tile": 128}
+            runs["sort_reduce_w8_C16"] = {"merge": "sort", "score_map": "reduce", "num_warps": 8}
         for name, knobs in runs.items():
             knobs = dict(knobs)
             c = knobs.pop("group_size", c0)
@@ -209,9 +219,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--only", default="refresh,decode,verify")
+    ap.add_argument("--name", default="stages", help="output file stem (<out>/<name>.json)")
+    ap.add_argument("--refresh-set", choices=("stages", "tune"), default="stages",
+                    help="stages: stage drops and map / merge variants; tune: warps x C x splits")
     a = ap.parse_args()
     args = argparse.Namespace(out=a.out, reps=a.reps, group_size=None, page_size=16, smoke=a.smoke,
-                              budget_s=a.budget_s,
+                              budget_s=a.budget_s, refresh_set=a.refresh_set, name=a.name,
                               dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
     if a.smoke:
         args.hq, args.hkv = 8, 2

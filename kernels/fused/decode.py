@@ -24,7 +24,7 @@ def fused_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  out: torch.Tensor | None = None,
                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                  num_warps: int | None = None, num_stages: int = 3,
-                 blocks_per_iter: int = 1, _prof: int = 0) -> torch.Tensor:
+                 blocks_per_iter: int | None = None, _prof: int = 0) -> torch.Tensor:
     """Args:
         q (torch.Tensor): [B, HQ, D]; k_new, v_new: [B, HKV, D], the new token's KV (not yet
             in the cache). sel: [B, HKV, topn] int32. geo: `decode_geometry(...)`.

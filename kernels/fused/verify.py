@@ -279,6 +279,21 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
+_SMS: dict = {}
+
+
+def default_blocks_per_iter(rows: int, num_programs: int, device: torch.device) -> int:
+    """Selected blocks per pass-1 iteration. Two (a 2*l' token tile: twice the bytes in flight
+    per program) where it measured faster on the H200 (benchmark/results/h200/stages.json):
+    small Q tiles (decode, rows <= 16) or grids of at most about two waves; one for large
+    grids of 64-row tiles, whose 2x larger K/V stages cost occupancy (T=64 x batch 16)."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 if rows <= 16 or num_programs <= 2 * _SMS[device] else 1
+
+
 def check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo: VerifyGeometry,
                         params: NSAParams, o_cmp, gates, dense: bool) -> None:
     """Shape / dtype checks with messages naming the problem (no device syncs)."""
@@ -319,7 +334,7 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                    dense: bool = False, out: torch.Tensor | None = None,
                    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                    num_warps: int | None = None, num_stages: int = 3,
-                   blocks_per_iter: int = 1, _prof: int = 0) -> torch.Tensor:
+                   blocks_per_iter: int | None = None, _prof: int = 0) -> torch.Tensor:
     """Launch the fused kernel (+ the split merge when geo.num_splits > 1).
 
     Args:
@@ -335,13 +350,17 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         workspace: (o_part [NSPLIT*NB*Nq*HQ*D] fp32, lse_part [NSPLIT*NB*Nq*HQ] fp32), fixed
             buffers for CUDA graphs; allocated here when None.
         num_warps, num_stages, blocks_per_iter (power of two): launch / tile knobs; selected
-            blocks loaded per loop iteration of pass 1.
+            blocks loaded per loop iteration of pass 1. None: `default_blocks_per_iter`.
         _prof: profiling only (wrong results): bit 1 skips the selected pass, 2 the window
             pass, 4 the draft tail (benchmark/stages.py).
     Returns:
         out [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs; grid fixed by geo.
     """
     check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo, params, o_cmp, gates, dense)
+    if blocks_per_iter is None:
+        blocks_per_iter = default_blocks_per_iter(
+            _pow2(geo.C * (q.shape[1] // k_cache.shape[2])),
+            geo.num_groups * k_cache.shape[2] * geo.num_splits, q.device)
     if blocks_per_iter < 1 or blocks_per_iter & (blocks_per_iter - 1):
         raise ValueError(f"blocks_per_iter must be a power of two >= 1, got {blocks_per_iter}")
     nq, hq, d = q.shape

@@ -52,7 +52,7 @@ class NSAVerifier:
     def __init__(self, config: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cuda", scale: float | None = None,
                  graph_buffers: bool = False, num_warps: int | None = None,
-                 num_stages: int = 3, blocks_per_iter: int = 1) -> None:
+                 num_stages: int = 3, blocks_per_iter: int | None = None) -> None:
         if num_q_heads % num_kv_heads:
             raise ConfigError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                               f"({num_kv_heads})")
