@@ -43,7 +43,7 @@ from specsa.attention import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
-from specsa.kernels.compression.score_topk_grouped import default_refresh_splits  # noqa: E402
+from specsa.kernels.compression.score_topk_grouped import default_refresh_splits, refresh_rows  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402
@@ -422,12 +422,13 @@ class Bench:
 
     def refresh_fns(self, case, params, d, group_size=None, num_splits=None):
         """{"old": per-row score_topk, "grouped": score_topk_grouped} writing fixed buffers;
-        groups = the request's rows in flat order, cut every C rows (C*G <= 64 rows by default)."""
+        groups = the request's rows in flat order, cut every C rows (C*G <= 128 rows and C <= the
+        tree size by default: stages_tune.json)."""
         kw = self.refresh_inputs(case, params, d)
         q = case["q"]
         nq, hq, _ = q.shape
         g = hq // self.hkv
-        c = group_size or max(1, min(64, 64 // g))
+        c = group_size or max(1, min(64, 128 // g, max(case["sizes"])))
         with_out = params.gated
         bufs = {name: (torch.empty(nq, self.hkv, params.topn, dtype=torch.int32, device=DEV),
                        torch.empty_like(q) if with_out else None,
@@ -446,14 +447,15 @@ class Bench:
         nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
         sel_blocks = -(-max(case["prefix_lens"]) // params.select) + 1
         if num_splits is None:
-            num_splits = default_refresh_splits(len(g_len) * self.hkv, sel_blocks, params, nsm)
+            num_splits = default_refresh_splits(len(g_len) * self.hkv, sel_blocks, params, nsm,
+                                                refresh_rows(c, hq, self.hkv))
         ws = refresh_workspace(nq, hq, self.hkv, d, params, num_splits, with_out, DEV) if num_splits > 1 else None
         so, oo, lo = bufs["old"]
         sg, og, lg = bufs["grouped"]
         sr, orr, lr = bufs["row_split"]
         # the per-row refresh engineered like the grouped one (one row per group, split over
         # the selection-block range for occupancy): INDEPENDENT's fair refresh
-        ns1 = default_refresh_splits(nq * self.hkv, sel_blocks, params, nsm)
+        ns1 = default_refresh_splits(nq * self.hkv, sel_blocks, params, nsm, refresh_rows(1, hq, self.hkv))
         ws1 = refresh_workspace(nq, hq, self.hkv, d, params, ns1, with_out, DEV) if ns1 > 1 else None
         fns = {"old": lambda: score_topk(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo),
                "grouped": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg,

@@ -4,13 +4,14 @@ top-n merge. Names and constexprs as in score_topk_grouped.py.
 
 Per pass-2 tile (BS selection blocks, TB = BS*RP token slots, RR = CP*GP rows):
   p = exp2(s - lse) [RR, TB] (the only MUFU work), then Eq. 9 as a matrix product:
-  MAP_MMA (GPU default): block scores [RR, BS] = p @ W_own + p @ W_wrap, W [TB, BS] the exact
+  MAP_MMA (measured ~2x slower than MAP_REDUCE on the H200: the three splits and the MMA
+      operand layouts take 255 registers; kept as a tested alternative): block scores [RR, BS] = p @ W_own + p @ W_wrap, W [TB, BS] the exact
       small-integer overlap weights (own block and the spill into the next block; W_wrap moves
       the spill of the tile's last block into column 0, added to the next tile), p split into
       three bf16 parts (p = p1 + p2 + p3 exactly for fp32 p: 3 x 8 significant bits), so the
       tensor cores compute it with fp32 accumulation and no precision loss beyond summation
       order; then the G-head sum on the [RR, BS] product (RP times smaller than p).
-  MAP_REDUCE (CPU interpreter, fp32 inputs): head sum of p, then the [CP, BS, RP] view
+  MAP_REDUCE (default): head sum of p, then the [CP, BS, RP] view
       weighted by the own / spill weights, spill shifted by a gather (the previous design).
   Merge into the running top-BS list of packed keys per query (sorted descending):
   MERGE_BITONIC (GPU default): sort the tile's BS keys ascending, elementwise max with the

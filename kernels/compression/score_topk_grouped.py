@@ -292,15 +292,23 @@ _SMS: dict = {}
 
 
 def default_refresh_splits(num_programs: int, max_blocks: int, params: NSAParams,
-                           num_sms: int) -> int:
+                           num_sms: int, rows: int = 64) -> int:
     """Splits of the selection-block range so that num_programs * splits fills about two waves
-    of the GPU, each split keeping >= 2 tiles of work; 1 without a GPU; at most 32 (the merge
-    scans splits * pow2(topn) keys topn times)."""
+    of the GPU (four for Q tiles of <= 16 rows, e.g. decode: measured faster on the H200), each
+    split keeping >= 2 tiles of work; 1 without a GPU; at most 32 (the merge scans
+    splits * pow2(topn) keys topn times)."""
     if num_sms <= 0:
         return 1
     bs = _pow2(params.topn, 16)
-    want = -(-2 * num_sms // max(1, num_programs))
+    waves = 4 if rows <= 16 else 2
+    want = -(-waves * num_sms // max(1, num_programs))
     return int(max(1, min(want, max_blocks // (2 * bs), 32)))
+
+
+def refresh_rows(group_size: int, q_heads: int, kv_heads: int) -> int:
+    """Rows of the grouped refresh's Q tile: CP * GP (>= 16 for the MMA)."""
+    gp = _pow2(q_heads // kv_heads)
+    return max(_pow2(group_size), _pow2(16 // gp)) * gp
 
 
 def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, num_splits: int,
@@ -349,9 +357,9 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         merge (str): running top-n merge: "bitonic" (sort the tile, bitonic merge with the
             list), "sort" (bitonic sort of the union), "rank" (rank counting) or "auto"
             (bitonic on CUDA, rank in the CPU interpreter); same result.
-        score_map (str): Eq. 9 mapping: "mma" (tensor cores, exact 3-way bf16 split), "reduce"
-            (weighted reductions) or "auto" (mma on CUDA, reduce in the interpreter); same
-            result up to fp32 summation order.
+        score_map (str): Eq. 9 mapping: "reduce" (weighted reductions; "auto") or "mma"
+            (tensor cores, exact 3-way bf16 split: measured about 2x slower on the H200, 255
+            registers); same result up to fp32 summation order.
         stats_tile (int | None): compressed tokens per pass-1 tile (power of two >= 16;
             default the pass-2 tile).
         _prof (int): profiling only (wrong results): skip stages, see grouped_tiles.py.
@@ -394,7 +402,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         else:
             nsm = 0
         max_blocks = -(-block_table.shape[1] * page_size // params.select)
-        num_splits = default_refresh_splits(ng * hkv, max_blocks, params, nsm)
+        num_splits = default_refresh_splits(ng * hkv, max_blocks, params, nsm,
+                                            refresh_rows(group_size, hq, hkv))
     ns = int(num_splits)
     if ns < 1:
         raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
@@ -410,7 +419,7 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     on_gpu = q.device.type == "cuda"
     merges = {"bitonic": MERGE_BITONIC, "sort": MERGE_SORT, "rank": MERGE_RANK,
               "auto": MERGE_BITONIC if on_gpu else MERGE_RANK}
-    maps = {"mma": MAP_MMA, "reduce": MAP_REDUCE, "auto": MAP_MMA if on_gpu else MAP_REDUCE}
+    maps = {"mma": MAP_MMA, "reduce": MAP_REDUCE, "auto": MAP_REDUCE}
     if merge not in merges:
         raise ValueError(f"{what}: merge must be one of {sorted(merges)}, got {merge!r}")
     if score_map not in maps:
@@ -418,8 +427,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     ts = bs * rp if stats_tile is None else int(stats_tile)
     if ts < 16 or ts & (ts - 1):
         raise ValueError(f"{what}: stats_tile must be a power of two >= 16, got {stats_tile}")
-    if num_warps is None:   # sm_90 compile: 4 warps spill with o_cmp or >= 64 rows at D=128
-        num_warps = 8 if (with_out or cp * gp >= 64) and bd >= 128 else 4
+    if num_warps is None:   # H200 (stages_tune.json): 4 warps up to 64 rows, 8 from 128 rows or
+        num_warps = 8 if (with_out or cp * gp >= 128) and bd >= 128 else 4   # with o_cmp (spills)
     dummy = q.new_empty(1)
     f32 = q.dtype == torch.float32 or q.device.type == "cpu"
     common = dict(

@@ -155,9 +155,9 @@ CASES = [
 ]
 
 
-# (merge, score_map): the interpreter default, the GPU default and the previous GPU path
-VARIANTS = [pytest.param("auto", "auto", id="auto"), pytest.param("bitonic", "mma", id="bitonic-mma"),
-            pytest.param("sort", "reduce", id="sort-reduce")]
+# (merge, score_map): the interpreter default, the GPU default, the other merge and map
+VARIANTS = [pytest.param("auto", "auto", id="auto"), pytest.param("bitonic", "reduce", id="bitonic-reduce"),
+            pytest.param("sort", "mma", id="sort-mma")]
 
 
 @pytest.mark.parametrize("merge,score_map", VARIANTS)

@@ -63,3 +63,53 @@ def test_compress_gather_launcher_converts_int64_indices():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="int32 or int64"):
         compress_gather(kc, vc, kt, kt.clone(), idx64.to(torch.int16), p)
+
+
+# The two kernels of a verification step at the benchmark's shapes (Hq 32 / Hkv 8, D 128, bf16,
+# page 16, default NSA): the grouped refresh (GPU default: reduce map, bitonic merge, 128 rows,
+# 8 warps) and the fused verify kernel with 2 selected blocks per iteration.
+_COMPILE_STEP = r"""
+import importlib, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+which = sys.argv[1]
+if which == "refresh":
+    m = importlib.import_module("specsa.kernels.compression.score_topk_grouped")
+    fn = m.score_topk_grouped_fused_kernel
+    ptr = dict(q_req="*i32", q_pos="*i32", cmp_lens="*i32", order="*i32", g_start_p="*i32",
+               g_len_p="*i32", block_table="*i32", prov_cidx="*i32", prov_vis="*i32", sel="*i32",
+               lse="*fp32", scale="fp32", stride_bt="i32", NQ="i32")
+    const = dict(HQ=32, HKV=8, G=4, GP=4, CP=32, D=128, BD=128, L=32, DS=16, LS=64, R=4, RP=4, K=2,
+                 PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2, MP=4, MPP=4, HAS_PROV=True,
+                 WITH_OUT=False, F32=False, MAP=0, MERGE=2, TS=64, PROF=0)
+    warps = 8
+else:
+    m = importlib.import_module("specsa.kernels.fused.verify")
+    fn = m._nsa_verify_fwd_kernel
+    ptr = {n: "*i32" for n in ("BT", "REQ_P", "REQ_OFF", "REQ_T", "QPOS", "ORDER", "SELSRC", "G_REQ",
+                               "G_START", "G_LEN", "G_WINLO", "SEL", "UIDX", "UCNT")}
+    ptr.update(QANC="*i64", UOWN="*i64", OPART="*fp32", LPART="*fp32", sm_scale="fp32",
+               stride_bt="i32", NQ="i32", NSPLIT="i32")
+    const = dict(HQ=32, HKV=8, G=4, D=128, BD=128, R=64, S=64, BS=64, BN=64, TP=16, W=512, TOPN=16,
+                 CAP=256, PS=16, DIRECT=False, GATED=False, DENSE=False, FINAL=False, IEEE=False,
+                 NBI=2, SKIP=0)
+    warps = 4
+sig = {a: ("constexpr" if a in const else ptr.get(a, "*bf16")) for a in fn.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+try:
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+except Exception as e:
+    print(repr(e)[-3000:], file=sys.stderr)
+    sys.exit(3 if "PassManager" in str(e) or "out of resource" in str(e) else 4)
+"""
+
+
+@pytest.mark.parametrize("which", ["refresh", "verify"])
+def test_step_kernels_compile_for_sm90(which):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_STEP, which], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode == 4 and "ptxas" not in r.stderr and "CompilationError" not in r.stderr:
+        pytest.skip(f"no sm_90 compiler toolchain in this environment: {r.stderr[-300:]}")
+    assert r.returncode == 0, f"sm_90 compile of the {which} kernel failed:\n{r.stderr[-2000:]}"
