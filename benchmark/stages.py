@@ -151,15 +151,24 @@ class Stages:
                "variants": {}}
         o = torch.empty_like(case["q"])
         ref = None
-        runs = {f"nbi{n}_w{w}_s{s}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s}
-                for n in (1, 2, 4) for w in (4, 8) for s in (2, 3)}
-        runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        if self.args.attn_set == "stages":
+            runs = {f"nbi{n}_w{w}_s{s}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s}
+                    for n in (1, 2, 4) for w in (4, 8) for s in (2, 3)}
+            runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        else:   # "tune": tile x pipeline depth x split multiplier (4 warps)
+            runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
+                    for n in (1, 2) for s in (2, 3) for m in (1, 2, 4)}
         for name, knobs in runs.items():
             knobs = dict(knobs)
             prof = knobs.pop("_prof", 0)
+            mult = knobs.pop("mult", 1)
             ver = NSAVerifier(self.args.nsa, self.b.hq, self.b.hkv, d, device=DEV, **knobs)
-            ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
-                     schedule=Schedule.EXACT_MERGED)
+            plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
+                            schedule=Schedule.EXACT_MERGED)
+            if mult != 1:
+                plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
+                                schedule=Schedule.EXACT_MERGED, num_splits=plan.num_splits * mult)
+            knobs["splits"] = plan.num_splits
             ver.launch["_prof"] = prof
             fn = lambda ver=ver: ver.run(case["q"], case["k_new"], case["v_new"], case["k_cache"],
                                          case["v_cache"], case["sel"], out=o)
@@ -188,12 +197,16 @@ class Stages:
         rec = {"ctx": ctx, "batch": batch, "d": d, "floor_attn_us": fb["attn_bytes"] / self.b.bw * 1e6,
                "default_splits": ns0, "variants": {}}
         o = torch.empty_like(case["q"])
-        runs = {f"nbi{n}_w{w}_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s, "mult": m}
-                for n in (1, 2, 4) for w, s in ((4, 3), (4, 2), (8, 3)) for m in (1, 2)}
-        runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        if self.args.attn_set == "stages":
+            runs = {f"nbi{n}_w{w}_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s, "mult": m}
+                    for n in (1, 2, 4) for w, s in ((4, 3), (4, 2), (8, 3)) for m in (1, 2)}
+            runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
+        else:
+            runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
+                    for n in (1, 2) for s in (2, 3) for m in (0.5, 1, 2)}
         for name, knobs in runs.items():
             knobs = dict(knobs)
-            ns = max(1, ns0 * knobs.pop("mult", 1))
+            ns = max(1, int(ns0 * knobs.pop("mult", 1)))
             geo = decode_geometry(case["prefix_lens"], case["block_table"], params, ns)
             ws = None if ns == 1 else (torch.empty(ns * o.numel(), device=DEV),
                                        torch.empty(ns * o.numel() // d, device=DEV))
@@ -219,12 +232,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--only", default="refresh,decode,verify")
+    ap.add_argument("--attn-set", choices=("stages", "tune"), default="stages",
+                    help="verify / decode: stages = stage drops + tile / warp variants; tune = "
+                         "tile x stages x split multiplier")
     ap.add_argument("--name", default="stages", help="output file stem (<out>/<name>.json)")
     ap.add_argument("--refresh-set", choices=("stages", "tune"), default="stages",
                     help="stages: stage drops and map / merge variants; tune: warps x C x splits")
     a = ap.parse_args()
     args = argparse.Namespace(out=a.out, reps=a.reps, group_size=None, page_size=16, smoke=a.smoke,
                               budget_s=a.budget_s, refresh_set=a.refresh_set, name=a.name,
+                              attn_set=a.attn_set,
                               dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
     if a.smoke:
         args.hq, args.hkv = 8, 2
