@@ -613,7 +613,7 @@ def _git() -> str:
 
 
 def plots(results, out: Path) -> None:
-    for fn in (_plot_overlap, _plot_context):
+    for fn in (_plot_overlap, _plot_context, _plot_fullstep):
         try:
             fn(results, out)
         except Exception as e:  # a plot must never lose the JSON
@@ -668,6 +668,35 @@ def _plot_context(results, out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "time_vs_context.png", dpi=120)
+    plt.close("all")
+
+
+def _plot_fullstep(results, out: Path) -> None:
+    """fullstep.png: a whole verification step (refresh + verify) per (T, batch), INDEPENDENT
+    (per-row / split refresh) vs EXACT_MERGED split into its refresh and verify parts, floor."""
+    recs = [f for f in results.get("fullstep", []) if isinstance(f.get("exact_merged"), dict)
+            and "median_us" in f["exact_merged"]]
+    if not recs:
+        return
+    plt = _mpl()
+    med = lambda f, n: f[n]["median_us"] if isinstance(f.get(n), dict) and "median_us" in f[n] else 0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(recs))
+    w = 0.2
+    ax.bar([x - 1.5 * w for x in xs], [med(f, "independent") for f in recs], w, label="INDEPENDENT")
+    ax.bar([x - 0.5 * w for x in xs], [med(f, "independent_split") for f in recs], w,
+           label="INDEPENDENT (split refresh)")
+    ax.bar([x + 0.5 * w for x in xs], [med(f, "refresh_grouped") for f in recs], w,
+           label="EXACT_MERGED: refresh")
+    ax.bar([x + 0.5 * w for x in xs], [med(f, "verify_exact_merged") for f in recs], w,
+           bottom=[med(f, "refresh_grouped") for f in recs], label="EXACT_MERGED: verify")
+    ax.bar([x + 1.5 * w for x in xs], [f["floor_step_us"] for f in recs], w, color="k", label="floor")
+    ax.set_xticks(list(xs), [f"T={f['T']} B={f['batch']}\n{med(f, 'independent') / med(f, 'exact_merged'):.2f}x"
+                             for f in recs])
+    ax.set(yscale="log", ylabel="median us", title="full verification step, 64K, D=128, bf16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fullstep.png", dpi=120)
     plt.close("all")
 
 

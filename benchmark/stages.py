@@ -5,7 +5,9 @@ launch variants side by side, at 64K context, Hq=32, Hkv=8, D=128, bf16, page 16
 cold L2, median of --reps replays. Stage cost = time(with the stage) - time(without it).
 
     python benchmark/stages.py --out $OUT          # H200: about 3-4 minutes
+    python benchmark/stages.py --out $OUT --refresh-set tune --attn-set tune --name stages_tune
     TRITON_INTERPRET=1 python benchmark/stages.py --smoke --out /tmp/s   # CPU plumbing check
+    python benchmark/stages.py --plot benchmark/results/h200/stages.json    # PNGs from a JSON
 
 Refresh variants also report how many (row, KV head) selections equal the per-row kernel's
 (bf16: rare near-tie flips). Writes <--name>.json (rewritten after every record).
@@ -225,6 +227,36 @@ class Stages:
         self.res["decode"].append(rec)
 
 
+def plot(res: dict, out: Path, stem: str) -> None:
+    """<stem>_refresh.png (refresh variants per shape) and <stem>_attn.png (verify / decode
+    variants), horizontal bars of median us; a failed plot never loses the JSON."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for part, recs in (("refresh", res.get("refresh", [])),
+                       ("attn", res.get("verify", []) + res.get("decode", []))):
+        if not recs:
+            continue
+        fig, axes = plt.subplots(1, len(recs), figsize=(4.2 * len(recs), 0.24 * max(
+            len(r["variants"]) for r in recs) + 1.5), squeeze=False)
+        for ax, r in zip(axes[0], recs):
+            names = [n for n, v in r["variants"].items() if "median_us" in v]
+            ax.barh(names, [r["variants"][n]["median_us"] for n in names],
+                    color=["gray" if "prof" in n or r["variants"][n].get("_prof") else "C0" for n in names])
+            if r.get("floor_attn_us"):
+                ax.axvline(r["floor_attn_us"], ls="--", c="k", lw=1)
+            what = f"T={r['T']} " if "T" in r else "decode "
+            ax.set_title(f"{part} {what}B={r['batch']}", fontsize=9)
+            ax.set_xlabel("median us (gray: stage dropped; dashed: floor)", fontsize=7)
+            ax.tick_params(labelsize=6)
+        fig.tight_layout()
+        fig.savefig(out / f"{stem}_{part}.png", dpi=110)
+        plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmark/results/h200")
@@ -235,10 +267,15 @@ def main() -> None:
     ap.add_argument("--attn-set", choices=("stages", "tune"), default="stages",
                     help="verify / decode: stages = stage drops + tile / warp variants; tune = "
                          "tile x stages x split multiplier")
+    ap.add_argument("--plot", default="", help="only render the PNGs of an existing JSON")
     ap.add_argument("--name", default="stages", help="output file stem (<out>/<name>.json)")
     ap.add_argument("--refresh-set", choices=("stages", "tune"), default="stages",
                     help="stages: stage drops and map / merge variants; tune: warps x C x splits")
     a = ap.parse_args()
+    if a.plot:
+        src = Path(a.plot)
+        plot(json.loads(src.read_text()), src.parent, src.stem)
+        return
     args = argparse.Namespace(out=a.out, reps=a.reps, group_size=None, page_size=16, smoke=a.smoke,
                               budget_s=a.budget_s, refresh_set=a.refresh_set, name=a.name,
                               attn_set=a.attn_set,
@@ -267,6 +304,7 @@ def main() -> None:
             st.guarded(f"verify T{t} B{b}", st.verify, ctx, t, b)
     st.res["meta"]["wall_s"] = time.time() - st.t0
     st.save()
+    plot(st.res, st.out, a.name)
     print("done", st.res["meta"]["wall_s"], "errors", len(st.res["errors"]), flush=True)
 
 

@@ -167,11 +167,18 @@ def _nsa_verify_fwd_kernel(
         o_nb = o_n // BS
         o_nt = o_n % BS
         for i in range(lo, hi, NBI):
-            i_n = i + o_nb
-            m_n = i_n < hi
-            blk = tl.load(p_list + i_n, mask=m_n, other=-1)
+            # scalar loads of the NBI block ids (and ownership words), spread over the tile:
+            # per-token gathers and an [R, NBI*BS] int64 shift cost more than the loads save
+            blk = tl.full([NBI * BS], -1, tl.int32)
+            m_own = o_c[:, None] < 0                                     # [R, 1] all false
+            for k in tl.static_range(NBI):
+                b_k = tl.load(p_list + i + k, mask=i + k < hi, other=-1)
+                blk = tl.where(o_nb == k, b_k, blk)
+                if not DIRECT:
+                    own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i + k, mask=i + k < hi, other=0)
+                    m_own = m_own | ((o_nb[None, :] == k) & ((((own >> o_c.to(tl.int64)) & 1) != 0)[:, None]))
             pos = blk * S + o_nt                                         # [NBI*BS]
-            m_t = (o_nt < S) & m_n & (pos < P) & (blk >= 0)
+            m_t = (o_nt < S) & (pos < P) & (blk >= 0)
             if not GATED:
                 # tokens in every row's window are read by pass 2 instead
                 m_t = m_t & (pos < t_max - W + 1)
@@ -182,8 +189,7 @@ def _nsa_verify_fwd_kernel(
             b_s = _qk(b_q, b_k, IEEE)                                    # [R, NBI*BS]
             m_s = m_t[None, :] & m_r[:, None]
             if not DIRECT:
-                own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i_n, mask=m_n, other=0)
-                m_s = m_s & (((own[None, :] >> o_c[:, None].to(tl.int64)) & 1) != 0)
+                m_s = m_s & m_own
             if not GATED:
                 m_s = m_s & (pos[None, :] < t_r[:, None] - W + 1)
             m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
