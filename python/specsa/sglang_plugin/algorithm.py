@@ -98,8 +98,14 @@ def _draft_shape(sa) -> None:
     sa.speculative_num_draft_tokens = draft
 
 
+# Set in the process that parsed the server arguments (the tokenizer manager's) once SPECSA
+# is selected; read by request-time checks (cpu_fallbacks.reject_sampled_requests).
+SELECTED = {"specsa": False}
+
+
 def handle_specsa_server_args(sa) -> None:
     """Fill SPECSA's defaults into ServerArgs and reject what the worker cannot do."""
+    SELECTED["specsa"] = True
     if sa.speculative_use_rejection_sampling:
         _reject("--speculative-use-rejection-sampling is not supported (greedy tree "
                 "verification and SGLang's tree sampling only)")

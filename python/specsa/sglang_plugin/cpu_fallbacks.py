@@ -167,9 +167,26 @@ def build_tree_kernel_efficient_torch(parent_list, selected_index, verified_seq_
             raise NotImplementedError("specsa CPU harness: bit-packed tree masks are not supported")
 
 
+def reject_sampled_requests(result, params, *args, **kwargs):
+    """AFTER hook on SamplingParams.verify (tokenizer manager): with SPECSA on the CPU harness
+    a sampled request (top_k != 1 after SGLang's normalisation; temperature 0 means top_k 1) is
+    rejected with a clear error. SGLang 0.5.17 verifies sampled trees only with sgl_kernel's
+    CUDA op (eagle_utils.py: no CPU branch on an out-of-tree platform), so it would crash the
+    scheduler; greedy verification would silently change the output distribution."""
+    from .algorithm import SELECTED
+    if SELECTED["specsa"] and params.top_k != 1:
+        raise ValueError(
+            "specsa CPU harness verifies draft trees greedily only: send temperature 0 (or "
+            f"top_k 1); got temperature={params.temperature}, top_k={params.top_k}. Sampled "
+            "verification needs the CUDA path.")
+    return result
+
+
 def install(HookRegistry, HookType) -> None:
     """Register the CPU stand-ins (call only on the specsa_cpu platform)."""
     R = HookRegistry.register
+    R("sglang.srt.sampling.sampling_params.SamplingParams.verify", reject_sampled_requests,
+      HookType.AFTER)
     # utils/common.py:1304 decides Triton by backend name only (not torch_native -> Triton);
     # write_cache_indices and compute_position would launch Triton for backend "specsa".
     R("sglang.srt.utils.common.support_triton", lambda backend: False, HookType.REPLACE)
