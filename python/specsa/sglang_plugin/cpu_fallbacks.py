@@ -169,12 +169,13 @@ def build_tree_kernel_efficient_torch(parent_list, selected_index, verified_seq_
 
 def reject_sampled_requests(result, params, *args, **kwargs):
     """AFTER hook on SamplingParams.verify (tokenizer manager): with SPECSA on the CPU harness
-    a sampled request (top_k != 1 after SGLang's normalisation; temperature 0 means top_k 1) is
-    rejected with a clear error. SGLang 0.5.17 verifies sampled trees only with sgl_kernel's
+    a sampled request that generates tokens (top_k != 1 after SGLang's normalisation;
+    temperature 0 means top_k 1) is rejected with a clear error. SGLang 0.5.17 verifies sampled trees only with sgl_kernel's
     CUDA op (eagle_utils.py: no CPU branch on an out-of-tree platform), so it would crash the
     scheduler; greedy verification would silently change the output distribution."""
     from .algorithm import SELECTED
-    if SELECTED["specsa"] and params.top_k != 1:
+    # max_new_tokens 0 (the frontend's prefix caching / select scoring) generates nothing
+    if SELECTED["specsa"] and params.top_k != 1 and params.max_new_tokens != 0:
         raise ValueError(
             "specsa CPU harness verifies draft trees greedily only: send temperature 0 (or "
             f"top_k 1); got temperature={params.temperature}, top_k={params.top_k}. Sampled "
