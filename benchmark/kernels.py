@@ -174,6 +174,20 @@ def torch_reference(case, params, scale, gates=None, o_cmp=None):
     return torch.cat(outs)
 
 
+def refresh_group_cuts(case, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, g_start, g_len) int32 on DEV: each request's rows in flat order, cut every c."""
+    order, g_start, g_len = [], [], []
+    off = 0
+    for t, ordr in zip(case["sizes"], case["orders"]):
+        for s0 in range(0, t, c):
+            g_start.append(len(order))
+            g_len.append(len(ordr[s0:s0 + c]))
+            order.extend(off + u for u in ordr[s0:s0 + c])
+        off += t
+    i32 = {"dtype": torch.int32, "device": DEV}
+    return (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
+
+
 # ---------------------------------------------------------------- one point ------------
 class Bench:
     def __init__(self, args):
@@ -434,16 +448,8 @@ class Bench:
                        torch.empty_like(q) if with_out else None,
                        torch.empty(nq, hq, device=DEV) if with_out else None)
                 for name in ("old", "grouped", "row_split")}
-        order, g_start, g_len = [], [], []
-        off = 0
-        for t, ordr in zip(case["sizes"], case["orders"]):
-            for s0 in range(0, t, c):
-                g_start.append(len(order))
-                g_len.append(len(ordr[s0:s0 + c]))
-                order.extend(off + u for u in ordr[s0:s0 + c])
-            off += t
-        i32 = dict(dtype=torch.int32, device=DEV)
-        groups = (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
+        groups = refresh_group_cuts(case, c)
+        g_len = groups[2]
         nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
         sel_blocks = -(-max(case["prefix_lens"]) // params.select) + 1
         if num_splits is None:

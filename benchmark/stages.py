@@ -80,18 +80,6 @@ class Stages:
         score_topk(q, **kw, with_out=False, sel=ref)
         rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "rows": nq, "variants": {}}
 
-        def groups_of(c):
-            order, g_start, g_len = [], [], []
-            off = 0
-            for size, ordr in zip(case["sizes"], case["orders"]):
-                for s0 in range(0, size, c):
-                    g_start.append(len(order))
-                    g_len.append(len(ordr[s0:s0 + c]))
-                    order.extend(off + u for u in ordr[s0:s0 + c])
-                off += size
-            i32 = {"dtype": torch.int32, "device": DEV}
-            return (torch.tensor(order, **i32), torch.tensor(g_start, **i32), torch.tensor(g_len, **i32))
-
         c0 = max(1, 64 // (hq // hkv))
         runs = {}
         if self.args.refresh_set == "stages":
@@ -122,7 +110,7 @@ class Stages:
             knobs = dict(knobs)
             c = knobs.pop("group_size", c0)
             mult = knobs.pop("split_mult", 1)
-            groups = groups_of(c)
+            groups = kb.refresh_group_cuts(case, c)
             ns = default_refresh_splits(groups[2].numel() * hkv, sel_blocks, params, nsm)
             ns = max(1, int(ns * mult))
             ws = refresh_workspace(nq, hq, hkv, d, params, ns, False, DEV) if ns > 1 else None
