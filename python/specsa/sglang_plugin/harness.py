@@ -69,6 +69,35 @@ class Server:
             raise ServerError(f"/generate -> {status}: {out}")
         return out
 
+    def generate_stream(self, *, input_ids, max_new_tokens: int, timeout: float = 1800.0,
+                        **sampling) -> dict:
+        """Streaming greedy /generate (ignore_eos). Returns {"arrivals": [(host seconds,
+        completion tokens so far)] one per streamed chunk, "meta_info": the last chunk's,
+        "output_ids": all ids}. Chunk arrival times give decode time per token without the
+        prefill (what SGLang's bench_serving calls TPOT)."""
+        params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
+                  **sampling}
+        body = json.dumps({"input_ids": input_ids, "sampling_params": params,
+                           "stream": True}).encode()
+        req = urllib.request.Request(self.url + "/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+        arrivals, last = [], {}
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                last = json.loads(data)
+                if "error" in last:
+                    raise ServerError(f"/generate stream error: {last['error']}")
+                n = int(last.get("meta_info", {}).get("completion_tokens", 0))
+                arrivals.append((time.perf_counter(), n))
+        return {"arrivals": arrivals, "meta_info": last.get("meta_info", {}),
+                "output_ids": last.get("output_ids", [])}
+
     def wait_healthy(self, timeout: float = 600.0) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:

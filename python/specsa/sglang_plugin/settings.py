@@ -94,3 +94,25 @@ def draft_graphs(env: dict | None = None) -> str:
     if raw not in ("all", "decode", "none"):
         raise ConfigError(f"{ENV_DRAFT_GRAPHS}={raw!r}: choose all, decode or none")
     return raw
+
+
+# per-phase timing of SpecSA decode steps (step_timing.py): a JSON file path, or unset
+ENV_STEP_TIMING = "SPECSA_STEP_TIMING"
+# torch.profiler over a few decode steps: "<dir>[,skip[,steps]]", or unset
+ENV_TORCH_PROFILE = "SPECSA_TORCH_PROFILE"
+
+
+def step_timing_path(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get(ENV_STEP_TIMING, "").strip() or None
+
+
+def torch_profile_spec(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    raw = env.get(ENV_TORCH_PROFILE, "").strip()
+    if not raw:
+        return None
+    parts = raw.split(",")
+    if len(parts) > 3 or not all(p.strip().isdigit() for p in parts[1:]):
+        raise ConfigError(f"{ENV_TORCH_PROFILE}={raw!r}: use <dir>[,skip[,steps]]")
+    return raw

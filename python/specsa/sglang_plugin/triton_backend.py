@@ -18,6 +18,7 @@ path), the same arithmetic as the committed ones, so acceptance keeps them bit-i
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -65,6 +66,7 @@ class SpecsaTritonBackend(AttentionBackend):
                                    margin=self.draft_tokens + 1, device=self.device)
         self.step: StepBuffers | None = None
         self.extend = None
+        self.timer = None        # step_timing.StepTimer, set by the worker when timing is on
         logging.getLogger("specsa").warning(
             "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d)",
             self.device, ps, self.planner.margin)
@@ -84,10 +86,13 @@ class SpecsaTritonBackend(AttentionBackend):
         self.step = self.extend = None
         if mode.is_idle():
             return
+        t0 = time.perf_counter()
         if mode.is_target_verify() or mode.is_decode():
             self.step = self._plan_step(fb, in_capture)
         else:
             self.extend = self._plan_extend(fb)
+        if self.timer is not None:
+            self.timer.add_plan_host(time.perf_counter() - t0)
 
     def _plan_step(self, fb, in_capture: bool) -> StepBuffers:
         verify = fb.forward_mode.is_target_verify()

@@ -2,14 +2,18 @@
 (the STANDALONE worker: draft prefill, multi-step chain / top-k tree drafting,
 `build_eagle_verify_input`, `run_eagle_verify` with greedy tree acceptance and KV commit, draft
 extend). Target verification attention is the `specsa` NSA backend, which the SPECSA algorithm
-forces on the target (algorithm.py), so this class only adapts the constructor to 0.5.17's
-scheduler and checks that wiring.
+forces on the target (algorithm.py); this class adapts the constructor to 0.5.17's scheduler,
+checks that wiring and, when asked (step_timing.py), times the phases of every decode step.
 """
 from __future__ import annotations
+
+import functools
 
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from .algorithm import BACKEND
+from .settings import step_timing_path, torch_profile_spec
+from .step_timing import StepTimer, TorchProfile
 
 
 class SpecsaWorker(StandaloneWorkerV2):
@@ -17,10 +21,55 @@ class SpecsaWorker(StandaloneWorkerV2):
         # 0.5.17's scheduler passes ps= (scheduler.py:916-927) and keywords only.
         super().__init__(server_args=server_args, gpu_id=gpu_id, ps=ps, nccl_port=nccl_port,
                          target_worker=target_worker)
+        path, prof = step_timing_path(), torch_profile_spec()
+        self.timer = StepTimer(path) if path else None
+        self.profile = TorchProfile(prof) if prof else None
+        if self.timer is not None:
+            self._instrument(self.timer)
 
     def init_attention_backends(self):
         super().init_attention_backends()
-        backend = type(self.target_worker.model_runner.attn_backend).__name__
-        if backend not in ("SpecsaAttnBackend", "SpecsaTritonBackend"):
-            raise ValueError(f"specsa worker: the target's attention backend is {backend}, "
+        backend = self.target_worker.model_runner.attn_backend
+        name = type(backend).__name__
+        if name not in ("SpecsaAttnBackend", "SpecsaTritonBackend"):
+            raise ValueError(f"specsa worker: the target's attention backend is {name}, "
                              f"expected the '{BACKEND}' backend (--attention-backend {BACKEND})")
+        if self.timer is not None:
+            backend.timer = self.timer
+
+    # -- timing (off unless SPECSA_STEP_TIMING / SPECSA_TORCH_PROFILE is set) ---------------
+    def _instrument(self, timer: StepTimer) -> None:
+        """Wrap the phase functions of one decode step so that each marks its end."""
+        def after(obj, name, phase, before=None):
+            fn = getattr(obj, name)
+
+            @functools.wraps(fn)
+            def wrapped(*a, **kw):
+                if before:
+                    timer.mark(before)
+                out = fn(*a, **kw)
+                timer.mark(phase)
+                return out
+            setattr(obj, name, wrapped)
+
+        after(self._draft_worker, "draft", "draft")
+        after(self._target_worker, "forward_batch_generation", "target_fwd", before="verify_prep")
+        after(self, "verify", "accept")
+        after(self._draft_worker, "_draft_extend_for_decode", "draft_extend")
+
+    def forward_batch_generation(self, batch, *args, **kwargs):
+        decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch) \
+            and not batch.forward_mode.is_idle()
+        if not decode or (self.timer is None and self.profile is None):
+            return super().forward_batch_generation(batch, *args, **kwargs)
+        if self.profile is not None:
+            self.profile.step_begin()
+        if self.timer is not None:
+            seq = batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens.cpu()
+            self.timer.begin(len(seq), int(seq.max()) if len(seq) else 0)
+        out = super().forward_batch_generation(batch, *args, **kwargs)
+        if self.timer is not None:
+            self.timer.end()
+        if self.profile is not None:
+            self.profile.step_end()
+        return out

@@ -1,0 +1,296 @@
+"""End-to-end decode speed inside SGLang at real model shapes, every system side by side in one
+run (GPU; dummy weights).
+
+    PYTHONPATH=<sglang bundle> python3 benchmark/sglang_e2e.py --out $OUT \
+        [--target llama8b] [--drafts 2l,1b] [--systems dense_ar,standalone_dense,nsa_ar,\
+specsa_chain,specsa_tree] [--contexts 16384,32768,65536,131072] [--batches 1,4,16] \
+        [--new-tokens 128] [--budget-s 540] [--variant NAME=BASE:ENV=VAL[;ENV=VAL]]
+    python benchmark/sglang_e2e.py --plot benchmark/results/h200/sglang_e2e.json   # PNGs, CPU
+
+One SGLang server per (system, draft) with `--load-format dummy` (SGLang seeds each parameter
+by its size, so the "2l" draft of the target's width equals the target's first layers, head and
+embeddings: the acceptance ceiling of a cheap draft; "1b" is a 1B-class draft shape: the cost
+side). Per context L and batch B: B random prompts of L tokens are prefilled together
+(max_new_tokens 1; that time is `prefill_s`), then the same B prompts are sent again together
+(a radix hit: every request starts decoding at once) with `stream` on and N+1 new tokens.
+`ms_per_token` is the median over requests of (last chunk time - first chunk time) / tokens in
+between (decode only, like bench_serving's TPOT); `tokens_per_s` is all decoded tokens over the
+window from the first first-chunk to the last chunk. Speculative rows add `accept_len`
+(SGLang's spec_accept_length), `step_ms` = ms_per_token x accept_len, and `projected_ms_per_token`
+at accept lengths 2.0 / 2.5 / 3.0 (= step_ms / a, a step's cost does not depend on acceptance),
+and `breakdown`: the median per-phase GPU / host time of the decode steps at that point from
+the SpecSA worker's step timer (SPECSA_STEP_TIMING; specsa systems only). Warm-up requests
+(compile every kernel) are excluded. Writes <out>/sglang_e2e.json (gpu, commit, command, rows)
+after every point, and the server logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sglang_site import REPO, SHAPES, draft_config, gpu_name, stage_package, write_model  # noqa: E402
+
+SYSTEMS = ("dense_ar", "standalone_dense", "nsa_ar", "specsa_chain", "specsa_tree")
+SPEC = {"standalone_dense", "specsa_chain", "specsa_tree"}
+ACCEPT_PROJECTIONS = (2.0, 2.5, 3.0)
+
+
+def system_args(system: str, draft_dir: str | None, tree: tuple[int, int, int]) -> list[str]:
+    chain = ["--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+             "--speculative-num-draft-tokens", "4"]
+    steps, topk, ntok = tree
+    if system == "dense_ar":
+        return ["--attention-backend", "triton"]
+    if system == "nsa_ar":
+        return ["--attention-backend", "specsa"]
+    if system == "standalone_dense":
+        return ["--attention-backend", "triton", "--speculative-algorithm", "STANDALONE",
+                "--speculative-draft-model-path", draft_dir, *chain]
+    spec = ["--speculative-algo", "specsa", "--speculative-draft-model-path", draft_dir]
+    if system == "specsa_chain":
+        return spec + chain
+    if system == "specsa_tree":
+        return spec + ["--speculative-num-steps", str(steps), "--speculative-eagle-topk",
+                       str(topk), "--speculative-num-draft-tokens", str(ntok)]
+    raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """NAME=BASE:ENV=VAL[;ENV=VAL] -> (name, base system, env)."""
+    name, rest = text.split("=", 1)
+    base, _, envs = rest.partition(":")
+    env = dict(kv.split("=", 1) for kv in envs.split(";") if kv)
+    if base not in SYSTEMS:
+        raise SystemExit(f"--variant {text}: base system {base!r} is not one of {SYSTEMS}")
+    return name, base, env
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
+    """Median per-phase times of the timed steps with batch `bs` and max length in [lo, hi]."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    es = [e for e in data["entries"] if e["bs"] == bs and lo <= e["seq_max"] <= hi]
+    if not es:
+        return None
+    out = {"steps": len(es),
+           "step_gpu_ms": _median([e["step_gpu_ms"] for e in es]),
+           "step_host_ms": _median([e["step_host_ms"] for e in es]),
+           "plan_host_ms": _median([e["plan_host_ms"] for e in es])}
+    for kind in ("gpu_ms", "host_ms"):
+        out[kind] = {p: _median([e[kind].get(p) for e in es]) for p in data["phases"]}
+    return out
+
+
+def run_point(srv, L: int, B: int, N: int, seed: int) -> dict:
+    rngs = [random.Random(seed * 1000003 + L * 131 + b) for b in range(B)]
+    prompts = [[r.randrange(100, 30000) for _ in range(L)] for r in rngs]
+    with ThreadPoolExecutor(B) as ex:
+        t = time.perf_counter()
+        list(ex.map(lambda p: srv.generate(input_ids=p, max_new_tokens=1), prompts))
+        prefill_s = time.perf_counter() - t
+        outs = list(ex.map(lambda p: srv.generate_stream(input_ids=p, max_new_tokens=N + 1),
+                           prompts))
+    per_req, n_total = [], 0
+    for o in outs:
+        (t0, n0), (t1, n1) = o["arrivals"][0], o["arrivals"][-1]
+        if n1 <= n0:
+            raise RuntimeError(f"stream returned {len(o['arrivals'])} chunks, no decode window")
+        per_req.append(1e3 * (t1 - t0) / (n1 - n0))
+        n_total += n1 - n0
+    window = max(o["arrivals"][-1][0] for o in outs) - min(o["arrivals"][0][0] for o in outs)
+    acc = [o["meta_info"].get("spec_accept_length") for o in outs]
+    acc = [a for a in acc if a is not None]
+    return {"prefill_s": round(prefill_s, 3), "ms_per_token": round(statistics.median(per_req), 3),
+            "ms_per_token_max": round(max(per_req), 3),
+            "tokens_per_s": round(n_total / window, 1) if window > 0 else None,
+            "accept_len": round(sum(acc) / len(acc), 3) if acc else None,
+            "cached_tokens": outs[0]["meta_info"].get("cached_tokens"),
+            "out_head": outs[0]["output_ids"][:32]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--target", default="llama8b", choices=sorted(SHAPES))
+    ap.add_argument("--drafts", default="2l")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=BASE:ENV=VAL[;ENV=VAL], an extra system = BASE with env vars")
+    ap.add_argument("--contexts", default="16384,32768,65536,131072")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--tree", default="3,2,6", help="steps,topk,draft tokens of specsa_tree")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--mem-fraction-static", default=None,
+                    help="default: SGLang's own choice")
+    ap.add_argument("--extra", default="", help="more launch_server arguments")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="stop starting new servers after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default=None, help="only plot this JSON (no GPU)")
+    a = ap.parse_args()
+    if a.plot:
+        plot(Path(a.plot))
+        return
+    if not a.out:
+        raise SystemExit("--out (or $OUT) is required")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage_package()
+    from specsa.sglang_plugin.harness import launch_server
+
+    ctxs = [int(x) for x in a.contexts.split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    tree = tuple(int(x) for x in a.tree.split(","))
+    N = a.new_tokens
+    gpu, short = gpu_name()
+    target = write_model(f"e2e_{a.target}", SHAPES[a.target])
+    drafts = {d: write_model(f"e2e_{a.target}_draft_{d}", draft_config(a.target, d))
+              for d in a.drafts.split(",") if d}
+    runs = [(s, s, {}) for s in a.systems.split(",") if s]
+    runs += [parse_variant(v) for v in a.variant]
+    common = ["--load-format", "dummy", "--dtype", "bfloat16", "--sampling-backend", "pytorch",
+              "--grammar-backend", "none", "--context-length", str(max(ctxs) + N + 512),
+              "--page-size", str(a.page_size), "--max-running-requests", str(max(batches)),
+              "--cuda-graph-max-bs", str(max(batches)), "--skip-tokenizer-init",
+              "--disable-prefill-cuda-graph", *a.extra.split()]
+    if a.mem_fraction_static:
+        common += ["--mem-fraction-static", a.mem_fraction_static]
+    res = {"gpu": gpu, "commit": os.environ.get("SPECSA_COMMIT", "unknown"),
+           "command": " ".join(sys.argv), "target": a.target, "target_config": SHAPES[a.target],
+           "new_tokens": N, "page_size": a.page_size, "rows": [], "servers": {}}
+    path = out / "sglang_e2e.json"
+
+    def save():
+        path.write_text(json.dumps(res, indent=1))
+
+    t_all = time.time()
+    port = 31000
+    for name, system, env in runs:
+        for dname, ddir in (drafts.items() if system in SPEC else [(None, None)]):
+            key = name if dname is None else f"{name}/{dname}"
+            if time.time() - t_all > a.budget_s:
+                res["servers"][key] = {"skipped": "time budget"}
+                continue
+            port += 1
+            timing = out / f"timing_{key.replace('/', '_')}.json"
+            env_full = dict(env)
+            if system.startswith("specsa"):
+                env_full["SPECSA_STEP_TIMING"] = str(timing)
+            args = common + system_args(system, ddir, tree)
+            info = res["servers"][key] = {"system": system, "draft": dname, "env": env,
+                                          "args": args}
+            t0 = time.time()
+            try:
+                with launch_server(target, port, args, cpu=False, env=env_full, timeout=600,
+                                   log_path=out / f"log_{key.replace('/', '_')}.txt") as srv:
+                    info["start_s"] = round(time.time() - t0, 1)
+                    status, si = srv.get("/get_server_info")
+                    if status == 200 and isinstance(si, dict):
+                        info["max_total_num_tokens"] = si.get("max_total_num_tokens")
+                    cap = info.get("max_total_num_tokens") or 1 << 40
+                    t1 = time.time()
+                    for w in range(2):      # compile every prefill / decode / verify kernel
+                        srv.generate(input_ids=[random.Random(w).randrange(100, 30000)
+                                                for _ in range(2000 + 997 * w)],
+                                     max_new_tokens=24)
+                    info["warmup_s"] = round(time.time() - t1, 1)
+                    for L in ctxs:
+                        for B in batches:
+                            row = {"system": name, "base_system": system, "draft": dname,
+                                   "context": L, "batch": B}
+                            if B * (L + N + 2 * a.page_size + 64) > cap:
+                                row["skipped"] = f"KV pool holds {cap} tokens"
+                                res["rows"].append(row)
+                                continue
+                            try:
+                                row.update(run_point(srv, L, B, N, a.seed))
+                            except Exception as e:  # noqa: BLE001 - record, go on
+                                row["error"] = str(e)[-1500:]
+                            if row.get("accept_len") and row.get("ms_per_token"):
+                                row["step_ms"] = round(row["ms_per_token"] * row["accept_len"], 3)
+                                row["projected_ms_per_token"] = {
+                                    str(x): round(row["step_ms"] / x, 3) for x in ACCEPT_PROJECTIONS}
+                            if system.startswith("specsa"):
+                                row["breakdown"] = breakdown(timing, B, L, L + N + 64)
+                            res["rows"].append(row)
+                            print(json.dumps({k: v for k, v in row.items()
+                                              if k not in ("out_head",)}), flush=True)
+                            save()
+            except Exception as e:  # noqa: BLE001 - a server that fails is a result too
+                info["error"] = str(e)[-3000:]
+                print(key, "FAILED", info["error"][-1500:], flush=True)
+            save()
+    base = {(r["context"], r["batch"]): r.get("out_head") for r in res["rows"]
+            if r["system"] == "nsa_ar" and "out_head" in r}
+    for r in res["rows"]:
+        ref = base.get((r["context"], r["batch"]))
+        if ref and "out_head" in r and r["system"] != "nsa_ar":
+            r["same_head_as_nsa_ar"] = r["out_head"] == ref
+    res["wall_s"] = round(time.time() - t_all, 1)
+    save()
+    print(table(res))
+
+
+def table(res: dict) -> str:
+    lines = ["| system | draft | context | batch | ms/token | tokens/s | accept | step ms | prefill s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "ms_per_token" not in r:
+            lines.append(f"| {r['system']} | {r['draft'] or '-'} | {r['context']} | {r['batch']} "
+                         f"| {r.get('skipped') or 'error'} | | | | |")
+            continue
+        lines.append(f"| {r['system']} | {r['draft'] or '-'} | {r['context']} | {r['batch']} | "
+                     f"{r['ms_per_token']} | {r['tokens_per_s']} | {r.get('accept_len') or '-'} | "
+                     f"{r.get('step_ms') or '-'} | {r['prefill_s']} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = json.loads(path.read_text())
+    rows = [r for r in res["rows"] if "ms_per_token" in r]
+    for metric, fname, ylabel in (("ms_per_token", "sglang_e2e_ms_per_token.png", "ms / token"),
+                                  ("tokens_per_s", "sglang_e2e_tokens_per_s.png", "tokens / s")):
+        batches = sorted({r["batch"] for r in rows})
+        fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+        for ax, B in zip(axes[0], batches):
+            keys = sorted({(r["system"], r["draft"]) for r in rows if r["batch"] == B},
+                          key=str)
+            for s, d in keys:
+                pts = sorted((r["context"], r[metric]) for r in rows
+                             if r["batch"] == B and r["system"] == s and r["draft"] == d)
+                ax.plot([p[0] // 1024 for p in pts], [p[1] for p in pts], marker="o",
+                        label=s if d is None else f"{s} ({d})")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (K tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"batch {B}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"SGLang end to end, {res['target']} (dummy weights), {res['gpu']}, "
+                     f"commit {res['commit']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path.parent / fname, dpi=110)
+        plt.close(fig)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
