@@ -6,6 +6,8 @@
   `python -m sglang.launch_server --model-path M --speculative-algo specsa` works;
 - lets `specsa` serve as an EAGLE draft attention backend (dense, torch; used on CPU);
 - works around 0.5.17's `get_draft_kv_pool` startup crash for workers without a draft runner;
+- fits NSA's compressed KV into SGLang's memory sizing: page size >= the compression stride
+  and the compressed cache counted in the KV pool's bytes per token (memory.py);
 - loads native NSA weights (gates, learned compression) into SGLang's Llama / Qwen2 classes
   (native_weights.py);
 - only with SGLANG_PLATFORM=specsa_cpu: installs the torch fallbacks of cpu_fallbacks.py.
@@ -53,6 +55,12 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__",
                           record_user_backends, HookType.BEFORE)
     _register_draft_kv_pool_fix(HookRegistry, HookType)
+    from .memory import page_size_hook, pool_configurator_hook
+    HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_page_size",
+                          page_size_hook, HookType.AROUND)
+    HookRegistry.register("sglang.srt.model_executor.pool_configurator."
+                          "DefaultPoolConfigurator.__init__", pool_configurator_hook,
+                          HookType.AROUND)
     from .native_weights import MODEL_CLASSES, load_weights_hook
     for cls in MODEL_CLASSES:          # native NSA checkpoints: gate / compression weights
         HookRegistry.register(f"{cls}.load_weights", load_weights_hook, HookType.AROUND)

@@ -12,6 +12,7 @@ path-dependent provisional tokens (`provisional_cmp`). Committed compressed toke
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,10 @@ class SpecsaAttnBackend(AttentionBackend):
                 page_size=self.page_size, params=self.nsa.params,
                 num_kv_heads=pool.head_num, head_dim=pool.head_dim,
                 v_head_dim=getattr(pool, "v_head_dim", pool.head_dim), device=self.device)
+            logging.getLogger("specsa").warning(
+                "specsa: target NSA attention on the torch path (page %d); compressed KV "
+                "%.1f MiB for a pool of %d tokens", self.page_size, self.cmp.nbytes() / 2**20,
+                pool.size)
 
     # -- metadata ------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):

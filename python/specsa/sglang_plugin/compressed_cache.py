@@ -33,6 +33,9 @@ class PagedCompressedKV:
         # layer -> (wk, bk, wv, bv) for learned compression; absent = MEAN
         self.weights = weights or {}
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ck, self.cv, self.valid))
+
     def invalidate(self, slots: torch.Tensor) -> None:
         """Forget every entry of the pages that `slots` (KV writes of this forward) touch."""
         if slots.numel():

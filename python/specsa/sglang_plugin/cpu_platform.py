@@ -73,6 +73,12 @@ def _platform_cls():
         def get_default_attention_backend(self):
             return "torch_native"
 
+        def apply_server_args_defaults(self, server_args):
+            # a laptop-sized KV pool unless --max-total-tokens is given (SGLang would size it
+            # from the machine's RAM: gigabytes for a tiny model)
+            from .memory import apply_cpu_defaults
+            apply_cpu_defaults(server_args)
+
         def is_pin_memory_available(self, device=None):
             return False
 

@@ -33,8 +33,9 @@ from specsa.kernels.compression import (
 from specsa.kernels.prefill import chunked_nsa_prefill
 
 from .backend import forward_geometry
+from .memory import compressed_shape
 from .native_weights import layer_native
-from .triton_plan import StepBuffers, StepPlanner, block_table_from, check_pool_layout
+from .triton_plan import StepBuffers, StepPlanner, block_table_from
 
 
 class SpecsaTritonBackend(AttentionBackend):
@@ -53,10 +54,10 @@ class SpecsaTritonBackend(AttentionBackend):
         self.draft_tokens = int(getattr(sa, "speculative_num_draft_tokens", None) or 1)
         mc = runner.model_config
         hkv, d = self.pool.head_num, self.pool.head_dim
-        num_pages = check_pool_layout(self.pool.get_key_buffer(self.pool.start_layer).shape[0], ps)
-        cpp = self.params.cmp_per_page(ps)
+        rows = self.pool.get_key_buffer(self.pool.start_layer).shape[0]
         dtype = self.pool.get_key_buffer(self.pool.start_layer).dtype
-        shape = (mc.num_hidden_layers, num_pages, cpp, hkv, d)
+        shape = compressed_shape(mc.num_hidden_layers, rows, ps, nsa, hkv, d)
+        num_pages = shape[1]
         self.ck = torch.zeros(shape, dtype=dtype, device=self.device)
         self.cv = torch.zeros(shape, dtype=dtype, device=self.device)
         width = -(-self.req_to_token_pool.req_to_token.shape[1] // ps)
@@ -68,8 +69,10 @@ class SpecsaTritonBackend(AttentionBackend):
         self.extend = None
         self.timer = None        # step_timing.StepTimer, set by the worker when timing is on
         logging.getLogger("specsa").warning(
-            "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d)",
-            self.device, ps, self.planner.margin)
+            "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d); "
+            "compressed KV %.1f MiB for a pool of %d tokens", self.device, ps,
+            self.planner.margin, 2 * self.ck.numel() * self.ck.element_size() / 2**20,
+            num_pages * ps)
 
     # -- metadata ------------------------------------------------------------------------
     def get_cuda_graph_seq_len_fill_value(self):

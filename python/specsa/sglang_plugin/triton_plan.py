@@ -132,10 +132,3 @@ class StepPlanner:
         buf.group_size = plan.group_size
         return buf
 
-
-def check_pool_layout(size_with_pad: int, page_size: int) -> int:
-    """Pages of SGLang's pool; the pool must be a whole number of pages."""
-    if size_with_pad % page_size:
-        raise ValueError(f"specsa triton backend: KV pool of {size_with_pad} slots is not a "
-                         f"multiple of page_size {page_size}")
-    return size_with_pad // page_size
