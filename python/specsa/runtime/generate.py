@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,10 @@ from specsa.model.cache import PagedKVCache
 from specsa.model.decoder import NSADecoder
 
 from .sampling import make_generator, sample
+
+# progress(phase, n): "prefill" once per prefill forward (one chunk per prefilling request),
+# "decode" with the number of tokens just generated. The CLI draws tqdm bars from it.
+Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def _sync(device: torch.device) -> None:
 
 def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[int]],
             rids: Sequence[int], out: list[list[int]], sampling: SamplingConfig,
-            gen: torch.Generator | None, chunk_size: int) -> tuple[list[int], int]:
+            gen: torch.Generator | None, chunk_size: int, progress: Progress | None = None
+            ) -> tuple[list[int], int]:
     """Chunked prefill of every prompt (chunks of `chunk_size`, committed whole); the last
     chunk's logits give each request its first token, appended to out[i]  # mutable.
     Shared by autoregressive and speculative generation so both commit identical KV and
@@ -93,16 +98,21 @@ def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[i
             for j, t in zip(finished, sample(logits[finished], sampling, gen).tolist()):
                 out[batch[j]].append(t)
         steps += 1
+        if progress is not None:
+            progress("prefill", 1)
     return live, steps
 
 
 def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-             cache: PagedKVCache | None = None, page_size: int = 16, chunk_size: int = 256
+             cache: PagedKVCache | None = None, page_size: int = 16, chunk_size: int = 256,
+             progress: Progress | None = None
              ) -> tuple[list[GenerationResult], GenerationStats]:
     """Generate for every prompt (token id lists of any, different lengths).
 
     cache: an existing cache to run in (its free-page count is restored at the end);
     default: a new one sized to prompts + max_new_tokens with `page_size`.
+    progress: called as progress("prefill", 1) per prefill forward and
+    progress("decode", n) for every n tokens generated (the CLI's progress bars).
     Raises CacheFullError (naming the sizes) when a request cannot fit.
     """
     if chunk_size < 1:
@@ -130,10 +140,12 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
         _sync(dev)
         t0 = time.perf_counter()
         live, prefill_steps = prefill(model, cache, prompts, rids, out, sampling, gen,
-                                      chunk_size)
+                                      chunk_size, progress)
         _sync(dev)
         prefill_s = time.perf_counter() - t0
         # -- phase 2: decode ---------------------------------------------------------------
+        if progress is not None:
+            progress("decode", sum(len(o) for o in out))   # first tokens come from prefill
         live = [i for i in live if not _finished(out[i], sampling, stop, reason, i)]
         decode_steps = decode_tokens = 0
         t0 = time.perf_counter()
@@ -146,6 +158,8 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
                 out[i].append(t)
             decode_steps += 1
             decode_tokens += len(live)
+            if progress is not None:
+                progress("decode", len(live))
             for i in [i for i in live if _finished(out[i], sampling, stop, reason, i)]:
                 cache.free_request(rids[i])
                 rids[i] = None

@@ -26,7 +26,7 @@ from specsa.model.cache import PagedKVCache, PendingKV
 from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import Acceptance, greedy_accept, sample_accept, sampling_probs
 from specsa.runtime.drafters.base import Draft, DraftError, Drafter, DraftRequest
-from specsa.runtime.generate import GenerationResult, cache_for, prefill
+from specsa.runtime.generate import GenerationResult, Progress, cache_for, prefill
 from specsa.runtime.sampling import make_generator
 from specsa.runtime.tree import DraftTree
 
@@ -79,7 +79,8 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
                          sampling: SamplingConfig, *, cache: PagedKVCache | None = None,
                          page_size: int = 16, chunk_size: int = 256,
                          traversal: Traversal | None = None, hook: StepHook | None = None,
-                         controller=None) -> tuple[list[GenerationResult], SpecStats]:
+                         controller=None, progress: Progress | None = None
+                         ) -> tuple[list[GenerationResult], SpecStats]:
     """Generate for every prompt with speculative decoding.
 
     traversal: renumber each tree in CHAIN / BFS / DFS order before verification (the order
@@ -87,6 +88,7 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
     controller: an `specsa.orchestrator.AdaptiveController`; it picks the draft shape (or no
     speculation) and traversal per step from measured acceptance. Output is unchanged by it
     in the STRICT class: it only changes what is drafted, never what is accepted.
+    progress: as in `specsa.runtime.generate.generate` (prefill forwards, generated tokens).
     Raises DraftError if the drafter's vocabulary differs from the target's, CacheFullError
     (naming the sizes) if a request or a verified tree cannot fit the cache.
     """
@@ -102,8 +104,12 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
         cache.add_request(r)
     try:
         t0 = time.perf_counter()
-        live = _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats)
+        live = _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
+                        progress)
         stats.prefill_s = time.perf_counter() - t0
+        emitted = sum(len(o) for o in out)
+        if progress is not None:
+            progress("decode", emitted)                  # first tokens come from prefill
         live = _retire(live, out, rids, reason, sampling, cache, drafter)
         t0 = time.perf_counter()
         if controller is not None and live:
@@ -116,6 +122,10 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
             _step(model, cache, drafter, [(rids[i], prompts[i], out[i]) for i in live],
                   sampling, trav, acc_gen, stats, hook, controller)
             live = _retire(live, out, rids, reason, sampling, cache, drafter)
+            if progress is not None:
+                now = sum(len(o) for o in out)
+                progress("decode", now - emitted)
+                emitted = now
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)   # honest wall time of async kernels
         stats.decode_s = time.perf_counter() - t0
@@ -261,9 +271,10 @@ def _commit(cache: PagedKVCache, rid: int, pending: PendingKV, nodes: Sequence[i
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats) -> list[int]:
+def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
+             progress=None) -> list[int]:
     """Chunked prefill exactly as autoregressive generation does it (the same function)."""
-    live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size)
+    live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, progress)
     stats.prefill_steps += steps
     return live
 

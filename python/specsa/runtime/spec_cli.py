@@ -5,6 +5,11 @@
 SPEC: self:K | model:DIR | ngram:N | oracle:P (oracle: benchmark only; the runner first runs
 autoregressive generation to learn the continuation). The mode's JSON part adds
 accept_histogram, mean_accept_len and tokens_per_forward to the AR fields.
+
+Every flag of this group defaults to None so the CLI can tell a flag the user gave from a
+default: speculative flags without `--mode specsa` are a usage error (`given_spec_flags`),
+never silently ignored. `check_spec_args` validates them all without a model, so the CLI
+rejects bad values before it loads anything.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from pathlib import Path
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Traversal,
                            parse_enum)
 from specsa.runtime.tree import TreeSpec
+
+# flags of the group below (argparse dests); all default to None
+SPEC_FLAGS = ("draft", "tree", "gamma", "traversal", "plan", "profile", "precision")
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -29,14 +37,42 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                        help="draft chain length (default 4)")
     g.add_argument("--traversal", default=None, choices=[t.value for t in Traversal],
                    help="verification flattening order (default: drafter order)")
-    g.add_argument("--plan", choices=("fixed", "auto"), default="fixed",
-                   help="auto: the orchestrator picks the draft shape (or no speculation) per "
-                        "step from --profile and measured acceptance, inside --precision")
+    g.add_argument("--plan", choices=("fixed", "auto"), default=None,
+                   help="fixed (default): the --tree / --gamma shape every step; auto: the "
+                        "orchestrator picks the draft shape (or no speculation) per step from "
+                        "--profile and measured acceptance, inside --precision")
     g.add_argument("--profile", default=None, metavar="JSON",
                    help="latency profile for --plan auto (default: configs/profiles/<device>/)")
-    g.add_argument("--precision", default="strict",
+    g.add_argument("--precision", default=None,
                    choices=[c.value for c in PrecisionClass],
-                   help="precision class the orchestrator must stay inside")
+                   help="precision class --plan auto must stay inside (default strict)")
+
+
+def given_spec_flags(args: argparse.Namespace) -> list[str]:
+    """The speculative flags the user gave (as `--flag`), in the group's order."""
+    return ["--" + f for f in SPEC_FLAGS if getattr(args, f, None) is not None]
+
+
+def check_spec_args(args: argparse.Namespace) -> None:
+    """Validate the speculative flags without a model (raises ConfigError / DraftError naming
+    the flag): a drafter is given and parses, a draft model folder exists, the tree shape and
+    traversal parse, --profile / --precision come with --plan auto and the profile exists."""
+    from specsa.runtime.drafters import DraftError, parse_draft_spec
+
+    if not args.draft:
+        raise ConfigError("--mode specsa needs --draft SPEC (self:K, model:DIR, ngram:N, oracle:P)")
+    spec = parse_draft_spec(args.draft)
+    if spec.kind == "model" and not Path(spec.path).is_dir():
+        raise DraftError(f"--draft {args.draft!r}: draft model folder {spec.path!r} does not exist")
+    tree_spec_from_args(args)
+    if args.traversal is not None:
+        parse_enum(Traversal, args.traversal, "--traversal")
+    if getattr(args, "plan", None) != "auto":
+        extra = [f for f in ("--profile", "--precision") if getattr(args, f[2:], None) is not None]
+        if extra:
+            raise ConfigError(f"{' and '.join(extra)} only apply with --plan auto")
+    elif args.profile is not None and not Path(args.profile).is_file():
+        raise ConfigError(f"--profile: file {args.profile!r} does not exist")
 
 
 def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
@@ -47,15 +83,15 @@ def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
 
 def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
                        sampling: SamplingConfig, cache: CacheConfig, *, chunk_size: int = 256,
-                       tokenizer=None) -> dict:
+                       tokenizer=None, progress=None) -> dict:
     """Run speculative generation for one prompt; returns the mode's part of the JSON report.
-    Raises ConfigError (subclasses: DraftError) for bad --draft / --tree / --gamma values."""
+    Raises ConfigError (subclasses: DraftError) for bad --draft / --tree / --gamma values.
+    progress: see `specsa.runtime.generate.generate`."""
     from specsa.runtime.drafters import parse_draft_spec
     from specsa.runtime.drafters.build import build_drafter
     from specsa.runtime.loop import speculative_generate
 
-    if not args.draft:
-        raise ConfigError("--mode specsa needs --draft SPEC (self:K, model:DIR, ngram:N, oracle:P)")
+    check_spec_args(args)
     spec = parse_draft_spec(args.draft)
     tree = tree_spec_from_args(args)
     trav = None if args.traversal is None else parse_enum(Traversal, args.traversal, "--traversal")
@@ -67,10 +103,10 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
         drafter.set_truth(0, list(prompt_ids) + truth)   # first request id of a fresh cache
     kv = model.new_cache(CacheConfig(page_size=cache.page_size,
                                      num_pages=cache.num_pages + _tree_pages(tree, cache)))
-    controller = _controller(args, model) if args.plan == "auto" else None
+    controller = _controller(args, model) if getattr(args, "plan", None) == "auto" else None
     results, stats = speculative_generate(model, [prompt_ids], drafter, sampling, cache=kv,
                                           chunk_size=chunk_size, traversal=trav,
-                                          controller=controller)
+                                          controller=controller, progress=progress)
     d = stats.to_dict()
     return {"tokens": results[0].tokens, "finish_reason": results[0].finish_reason,
             "steps": stats.prefill_steps + stats.verify_steps, **d,
@@ -92,14 +128,16 @@ def _controller(args: argparse.Namespace, model):
         if not found:
             raise ConfigError(f"--plan auto: no profile under {_PROFILES / dev}; pass --profile")
         path = found[0]
-    return AdaptiveController(load_profile(path), parse_enum(PrecisionClass, args.precision,
-                                                               "--precision"))
+    return AdaptiveController(load_profile(path), parse_enum(PrecisionClass,
+                                                             args.precision or "strict",
+                                                             "--precision"))
 
 
 def run_specsa(req) -> dict:
     """Runner for specsa.cli's MODES registry (req: specsa.cli.RunRequest)."""
     return run_spec_from_args(req.args, req.model, req.prompt_ids, req.sampling, req.cache,
-                              chunk_size=req.chunk_size)
+                              chunk_size=req.chunk_size, tokenizer=req.tokenizer,
+                              progress=req.progress)
 
 
 def _tree_pages(tree: TreeSpec, cache: CacheConfig) -> int:
