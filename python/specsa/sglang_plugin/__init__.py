@@ -76,11 +76,29 @@ def _draft_backend_name(factory, phase_field: str) -> str | None:
     return factory.draft_attn_backend or getattr(sa, phase_field, None) or sa.attention_backend
 
 
+def _draft_window(factory):
+    """The draft's sink + window (draft_backend.py), or None for dense attention. CUDA: the
+    default. CPU harness: dense torch unless SPECSA_DRAFT_ATTN is set and Triton runs in the
+    interpreter (tests of the window path)."""
+    import os
+
+    from .settings import ENV_DRAFT_ATTN, draft_attention
+    on_cuda = str(factory.draft_model_runner.device).startswith("cuda")
+    if on_cuda or (os.environ.get(ENV_DRAFT_ATTN) and os.environ.get("TRITON_INTERPRET") == "1"):
+        return draft_attention()
+    return None
+
+
 def _draft_decode_backend(original, factory):
     if _draft_backend_name(factory, "decode_attention_backend") != "specsa":
         return original(factory)
     if factory.speculative_num_steps <= 1:
         return None
+    win = _draft_window(factory)
+    if win is not None:
+        from .draft_backend import SpecsaDraftDecodeBackend as WindowDecode
+        return WindowDecode(factory.draft_model_runner, factory.topk,
+                            factory.speculative_num_steps, win)
     from .backend import SpecsaDraftDecodeBackend
     return SpecsaDraftDecodeBackend(factory.draft_model_runner, factory.topk,
                                     factory.speculative_num_steps)
@@ -89,6 +107,13 @@ def _draft_decode_backend(original, factory):
 def _draft_extend_backend(original, factory):
     if _draft_backend_name(factory, "prefill_attention_backend") != "specsa":
         return original(factory)
+    win = _draft_window(factory)
+    if win is not None:
+        from .draft_backend import SpecsaDraftExtendBackend, cpu_draft_extend_backend
+        runner = factory.draft_model_runner
+        make = SpecsaDraftExtendBackend if str(runner.device).startswith("cuda") \
+            else cpu_draft_extend_backend
+        return make(runner, win, runner.server_args.speculative_num_draft_tokens)
     from .backend import SpecsaAttnBackend
     return SpecsaAttnBackend(factory.draft_model_runner, dense=True)
 
@@ -115,9 +140,14 @@ def _register_draft_kv_pool_fix(HookRegistry, HookType) -> None:
 
 
 def _draft_graphs(original, worker, *args, **kwargs):
-    """Keep only the draft CUDA graphs SPECSA_DRAFT_GRAPHS names (SpecSA servers only). On the
-    H200, 0.5.17's draft-extend graph with this STANDALONE-shaped pipeline left a draft input
-    whose hidden_states a later filter_batch indexed out of bounds (device-side assert)."""
+    """Keep only the draft CUDA graphs SPECSA_DRAFT_GRAPHS names (SpecSA servers only), and
+    drop the hidden states of the draft-extend graph's output.
+
+    0.5.17's draft-extend graph runs its forward in CaptureHiddenMode.LAST (one row per
+    request) but the worker then indexes those rows with per-token select indices (up to
+    bs * num_draft_tokens): with a STANDALONE-shaped draft that needs no hidden states this
+    read out of bounds (device-side assert on the H200, later in filter_batch). The eager path
+    returns none for such drafts (CaptureHiddenMode.NULL), so the graph path now does too."""
     result = original(worker, *args, **kwargs)
     algo = getattr(getattr(worker, "server_args", None), "speculative_algorithm", None)
     if str(algo).upper() != "SPECSA":
@@ -128,5 +158,14 @@ def _draft_graphs(original, worker, *args, **kwargs):
         worker.cuda_graph_runner_for_draft_extend = None
     if mode == "none":
         worker.cuda_graph_runner = None
+    runner = getattr(worker, "cuda_graph_runner_for_draft_extend", None)
+    if runner is not None:
+        execute = runner.execute
+
+        def execute_without_hidden(forward_batch):
+            out = execute(forward_batch)
+            out.hidden_states = None
+            return out
+        runner.execute = execute_without_hidden
     logger.warning("specsa: draft CUDA graphs kept: %s", mode)
     return result

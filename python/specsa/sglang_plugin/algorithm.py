@@ -121,10 +121,14 @@ def handle_specsa_server_args(sa) -> None:
         sa.speculative_draft_model_path = sa.model_path
         sa.speculative_draft_model_revision = sa.revision
     if sa.speculative_draft_attention_backend is None:
-        # The draft model is dense: on CUDA SGLang's Triton draft backends serve it; on the CPU
-        # harness the specsa backend does (dense mode).
-        sa.speculative_draft_attention_backend = "triton" if str(sa.device).startswith("cuda") \
-            else BACKEND
+        # The draft's attention: on CUDA the specsa backend gives it a sink + window through the
+        # fused kernel (draft_backend.py) unless SPECSA_DRAFT_ATTN=dense, which keeps SGLang's
+        # Triton backend over the whole context; on the CPU harness the specsa backend runs
+        # it densely (torch).
+        from .settings import draft_attention
+        on_cuda = str(sa.device).startswith("cuda")
+        sa.speculative_draft_attention_backend = \
+            "triton" if on_cuda and draft_attention() is None else BACKEND
     sa.disable_overlap_schedule = True
     if sa.enable_mixed_chunk:
         logger.warning("specsa: mixed chunked prefill is disabled for speculative decoding")

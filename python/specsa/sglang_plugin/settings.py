@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from specsa.config import Combine, Compression, ConfigError, NSAConfig
+from specsa.kernels.common.params import NSAParams
 
 ENV_NSA = "SPECSA_NSA"
 # which implementation computes the target's NSA attention: auto (Triton kernels on CUDA, the
@@ -23,7 +25,11 @@ ENV_ATTN = "SPECSA_SGLANG_ATTN"
 # which of the draft worker's CUDA graphs SpecSA keeps: all (SGLang's draft decode and draft
 # extend graphs), decode (draft extend runs eagerly), none. The target's graphs are not affected.
 ENV_DRAFT_GRAPHS = "SPECSA_DRAFT_GRAPHS"
-DEFAULT_DRAFT_GRAPHS = "decode"
+DEFAULT_DRAFT_GRAPHS = "all"
+# what the draft model attends to on CUDA: "window" (sink + recent window through the fused NSA
+# kernel, draft_backend.py; optionally "window=W,sink=S"), or "dense" (SGLang's Triton backend
+# over the whole context). Lossless either way: the target verifies every draft token.
+ENV_DRAFT_ATTN = "SPECSA_DRAFT_ATTN"
 
 
 def _env_overrides(raw: str) -> dict | str:
@@ -116,3 +122,41 @@ def torch_profile_spec(env: dict | None = None) -> str | None:
     if len(parts) > 3 or not all(p.strip().isdigit() for p in parts[1:]):
         raise ConfigError(f"{ENV_TORCH_PROFILE}={raw!r}: use <dir>[,skip[,steps]]")
     return raw
+
+
+
+@dataclass(frozen=True)
+class DraftWindow:
+    """What a draft query attends to on CUDA: block 0 (`sink` tokens), the last `window`
+    committed positions and its own new tokens (draft_backend.py)."""
+
+    sink: int = 64
+    window: int = 1024
+
+    def params(self) -> NSAParams:
+        # one selected block (the sink) of `sink` tokens, union combine with the window
+        return NSAParams(block=self.sink, stride=self.sink, select=self.sink, topn=1,
+                         init_blocks=1, local_blocks=0, window=self.window, gated=False)
+
+
+def draft_attention(env: dict | None = None) -> DraftWindow | None:
+    """None (dense: SGLang's Triton backend) or the DraftWindow (see ENV_DRAFT_ATTN):
+    "window", "window=W" or "window=W,sink=S"."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_DRAFT_ATTN, "window").strip().lower() or "window"
+    if raw == "dense":
+        return None
+    bad = ConfigError(f"{ENV_DRAFT_ATTN}={raw!r}: choose dense, window, window=W or "
+                      "window=W,sink=S (positive integers)")
+    if raw == "window":
+        return DraftWindow()
+    kw = {}
+    for part in raw.split(","):
+        key, eq, val = part.partition("=")
+        if not eq or key not in ("window", "sink") or key in kw or not val.isdigit() \
+                or int(val) < 1:
+            raise bad
+        kw[key] = int(val)
+    if "window" not in kw:
+        raise bad
+    return DraftWindow(**kw)
