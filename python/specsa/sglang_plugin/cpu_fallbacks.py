@@ -5,6 +5,10 @@ Python loops over the batch: fine for tiny CPU tests, never used on CUDA.
 """
 from __future__ import annotations
 
+import sys
+import threading
+import types
+
 import torch
 
 
@@ -167,27 +171,142 @@ def build_tree_kernel_efficient_torch(parent_list, selected_index, verified_seq_
             raise NotImplementedError("specsa CPU harness: bit-packed tree masks are not supported")
 
 
-def reject_sampled_requests(result, params, *args, **kwargs):
-    """AFTER hook on SamplingParams.verify (tokenizer manager): with SPECSA on the CPU harness
-    a sampled request that generates tokens (top_k != 1 after SGLang's normalisation;
-    temperature 0 means top_k 1) is rejected with a clear error. SGLang 0.5.17 verifies sampled trees only with sgl_kernel's
-    CUDA op (eagle_utils.py: no CPU branch on an out-of-tree platform), so it would crash the
-    scheduler; greedy verification would silently change the output distribution."""
-    from .algorithm import SELECTED
-    # max_new_tokens 0 (the frontend's prefix caching / select scoring) generates nothing
-    if SELECTED["specsa"] and params.top_k != 1 and params.max_new_tokens != 0:
-        raise ValueError(
-            "specsa CPU harness verifies draft trees greedily only: send temperature 0 (or "
-            f"top_k 1); got temperature={params.temperature}, top_k={params.top_k}. Sampled "
-            "verification needs the CUDA path.")
-    return result
+# -- sampled tree verification ------------------------------------------------------------
+# eagle_utils.eagle_sample (0.5.17) verifies a batch with any sampled request through
+# `from sgl_kernel import top_k_renorm_prob, top_p_renorm_prob,
+# tree_speculative_sampling_target_only`: CUDA ops that do not even import without a GPU.
+# The torch versions below keep SGLang's semantics; `eagle_sample_cpu` (AROUND hook on
+# eagle_sample) puts them where that import finds them for the duration of the call.
+
+def top_k_renorm_prob(probs, top_ks):
+    """Keep each row's top_ks[i] largest probabilities (rank order, ties to the lower token
+    id, as the torch sampler of the AR path), zero the rest, renormalise."""
+    probs = probs.float()
+    srt, idx = probs.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
+    srt = torch.where(rank < top_ks.view(-1, 1).to(rank.dtype), srt, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, idx, srt)
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def top_p_renorm_prob(probs, top_ps):
+    """Keep the most likely tokens up to and including the one where the cumulative
+    probability reaches top_ps[i] (the AR torch sampler's rule), zero the rest, renormalise."""
+    probs = probs.float()
+    srt, idx = probs.sort(dim=-1, descending=True, stable=True)
+    before = torch.cumsum(srt, dim=-1) - srt
+    srt = torch.where(before > top_ps.view(-1, 1).to(srt.dtype), 0.0, srt)
+    out = torch.zeros_like(probs).scatter_(-1, idx, srt)
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def _sample_index(weights: torch.Tensor, coin: float) -> int:
+    """Inverse-CDF draw from unnormalised non-negative weights with a uniform coin in [0, 1)."""
+    w = weights.double()
+    cdf = torch.cumsum(w, dim=0)
+    i = int(torch.searchsorted(cdf, torch.tensor([coin * float(cdf[-1])], dtype=cdf.dtype),
+                               right=True)[0])
+    nz = (w > 0).nonzero()
+    if i >= w.numel() or w[i] <= 0:          # rounding at the top end: the last possible token
+        i = int(nz[-1]) if nz.numel() else w.numel() - 1
+    return i
+
+
+def tree_speculative_sampling_target_only(predicts, accept_index, accept_token_num, candidates,
+                                          retrive_index, retrive_next_token,
+                                          retrive_next_sibling, uniform_samples,
+                                          uniform_samples_for_final_sampling, target_probs,
+                                          draft_probs, threshold_single=1.0, threshold_acc=1.0,
+                                          deterministic=True):
+    """sgl_kernel's tree speculative sampling (target-only: drafts are point proposals).
+
+    Per request, from the root, level by level: one coin u per level; the children of the last
+    accepted node are tried in sibling order, accumulating their target probabilities, and the
+    first child whose running sum reaches u (or whose probability alone reaches
+    threshold_single) is accepted; that is, a token drawn from the target distribution by
+    inverse CDF over the siblings first. A rejected child's target probability is copied into
+    draft_probs at the parent's row. When no child is accepted (or the tree ends), the next
+    token is drawn from relu(target - draft_probs) at the last accepted node: the target
+    distribution without the rejected siblings. With threshold_single = threshold_acc = 1
+    (SGLang's defaults) every emitted token follows the target distribution exactly.
+    Writes predicts [bs * n] (token after each accepted node, at its retrive_index),
+    accept_index [bs, steps] and accept_token_num [bs] (drafts accepted, bonus excluded)."""
+    bs, n = candidates.shape
+    steps = accept_index.shape[1]
+    coins = uniform_samples.reshape(bs, n).tolist()
+    final = uniform_samples_for_final_sampling.reshape(-1).tolist()
+    cand, ridx = candidates.tolist(), retrive_index.tolist()
+    nxt, sib = retrive_next_token.tolist(), retrive_next_sibling.tolist()
+    tp = target_probs.reshape(bs, n, -1)
+    dp = draft_probs.reshape(bs, n, -1)
+    for b in range(bs):
+        last = ridx[b][0]
+        accept_index[b, 0] = last
+        n_acc, cur, row, coin, acc = 0, 0, 0, coins[b][0], 0.0
+        for _ in range(1, steps):
+            cur = nxt[b][cur]
+            while cur != -1:
+                tok = cand[b][cur]
+                p = float(tp[b, row, tok])
+                acc += p
+                if coin <= acc / threshold_acc or p >= threshold_single:
+                    predicts[last] = tok
+                    n_acc += 1
+                    last = ridx[b][cur]
+                    accept_index[b, n_acc] = last
+                    row, coin, acc = cur, coins[b][cur], 0.0
+                    break
+                dp[b, row, tok] = tp[b, row, tok]
+                cur = sib[b][cur]
+            if cur == -1:
+                break
+        accept_token_num[b] = n_acc
+        q = tp[b, row].double()
+        if n_acc != steps - 1:                  # the bonus after a full path has no rejections
+            q = (q - dp[b, row].double()).clamp(min=0.0)
+        predicts[last] = _sample_index(q, final[b])
+    return predicts, accept_index, accept_token_num
+
+
+class _TorchSglKernel(types.ModuleType):
+    """What eagle_sample's sampled branch imports from sgl_kernel, in torch."""
+
+    def __init__(self):
+        super().__init__("sgl_kernel")
+        self.top_k_renorm_prob = top_k_renorm_prob
+        self.top_p_renorm_prob = top_p_renorm_prob
+        self.tree_speculative_sampling_target_only = tree_speculative_sampling_target_only
+
+
+_SGL_KERNEL = _TorchSglKernel()
+_sgl_kernel_lock = threading.Lock()
+
+
+def eagle_sample_cpu(original, verify_input, batch, logits_output, *args, **kwargs):
+    """AROUND hook on eagle_utils.eagle_sample: an all-greedy batch runs SGLang's code as is
+    (greedy tree verification through verify_tree_greedy_func); a batch with sampled
+    requests runs it with the torch ops above bound as `sgl_kernel` for the call (SGLang
+    imports them inside the function; the real sgl_kernel needs CUDA). Penalties, logit bias,
+    grammar masks, temperature and coins stay SGLang's own code."""
+    if batch.forward_mode.is_idle() or batch.sampling_info.is_all_greedy:
+        return original(verify_input, batch, logits_output, *args, **kwargs)
+    with _sgl_kernel_lock:
+        saved = sys.modules.get("sgl_kernel")
+        sys.modules["sgl_kernel"] = _SGL_KERNEL
+        try:
+            return original(verify_input, batch, logits_output, *args, **kwargs)
+        finally:
+            if saved is None:
+                sys.modules.pop("sgl_kernel", None)
+            else:
+                sys.modules["sgl_kernel"] = saved
 
 
 def install(HookRegistry, HookType) -> None:
     """Register the CPU stand-ins (call only on the specsa_cpu platform)."""
     R = HookRegistry.register
-    R("sglang.srt.sampling.sampling_params.SamplingParams.verify", reject_sampled_requests,
-      HookType.AFTER)
+    # eagle_utils.py:723: sampled verification imports CUDA ops from sgl_kernel (torch above).
+    R("sglang.srt.speculative.eagle_utils.eagle_sample", eagle_sample_cpu, HookType.AROUND)
     # utils/common.py:1304 decides Triton by backend name only (not torch_native -> Triton);
     # write_cache_indices and compute_position would launch Triton for backend "specsa".
     R("sglang.srt.utils.common.support_triton", lambda backend: False, HookType.REPLACE)
