@@ -1,4 +1,4 @@
-"""GPU timing helpers for the kernel benchmarks (STYLE.md 24): CUDA-graph replays timed with
+"""GPU timing helpers for the kernel benchmarks: CUDA-graph replays timed with
 events, L2 flushed between replays (cold L2), median reported; measured copy bandwidth as the
 memory ceiling. Falls back to wall-clock timing without CUDA (CPU smoke runs only)."""
 from __future__ import annotations

@@ -57,7 +57,7 @@ def parse_enum(cls: type[enum.Enum], value: str | enum.Enum, field: str) -> enum
 
 @dataclass(frozen=True)
 class NSAConfig:
-    """NSA hyperparameters (DESIGN.md section 3). Defaults are the NSA paper's.
+    """NSA hyperparameters (docs/DESIGN.md section 3). Defaults are the NSA paper's.
 
     block (l) compression block, stride (d), select (l') selection block, topn (n) selected
     blocks counting the forced ones (init_blocks leading + local_blocks trailing), window (w).

@@ -1,5 +1,5 @@
 """Host planning of provisional compressed tokens: the compression blocks that close inside a
-draft tree (DESIGN.md section 2). Shared by the runtime's Triton forward plan and the SGLang
+draft tree (docs/DESIGN.md section 2). Shared by the runtime's Triton forward plan and the SGLang
 Triton backend, which differ only in how a committed position names its KV source."""
 from __future__ import annotations
 

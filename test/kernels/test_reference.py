@@ -1,6 +1,6 @@
 """The NSA reference (kernels/*/naive.py) against an independent brute-force formulation.
 
-The brute force below is written from DESIGN.md section 3 without sharing code with naive.py:
+The brute force below is written from docs/DESIGN.md section 3 without sharing code with naive.py:
 explicit position sets for every compressed token, selection block and branch; overlap
 weights by literally intersecting position sets; float64 dense softmax over index lists.
 """

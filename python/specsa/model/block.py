@@ -4,7 +4,7 @@ Every forward (prefill chunk, decode step, tree verification) gives each request
 new tokens with parents *inside the block*: a chain has parents [-1, 0, 1, ...], a decode
 step is one token with parent -1, a draft tree is any parents with parents[u] < u. Node u
 sits at position P + depth(u) (P = committed length) and sees the committed context, its
-ancestors and itself (DESIGN.md section 3); `specsa.kernels.nsa.build_tree_visibility`
+ancestors and itself (docs/DESIGN.md section 3); `specsa.kernels.nsa.build_tree_visibility`
 turns (P, parents) into the masks.
 
 Example: P = 6, parents [-1, 0, 0, 1] -> depth [0, 1, 1, 2], positions [6, 7, 7, 8]; node 3

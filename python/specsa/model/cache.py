@@ -11,7 +11,7 @@ All layers live in one tensor [L, num_pages, ...] so that a commit writes every 
 one indexed copy; the per-layer accessors return views with the contract's layout.
 
 The model's forward writes nothing here: it returns a `PendingKV` and the runtime calls
-`commit(rid, pending, accepted_nodes)` (the fused refresh/reuse step of DESIGN.md 3).
+`commit(rid, pending, accepted_nodes)` (the fused refresh/reuse step of docs/DESIGN.md section 3).
 """
 from __future__ import annotations
 
