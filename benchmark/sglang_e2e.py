@@ -95,9 +95,9 @@ def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
     return out
 
 
-def run_point(srv, L: int, B: int, N: int, seed: int) -> dict:
+def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dict:
     rngs = [random.Random(seed * 1000003 + L * 131 + b) for b in range(B)]
-    prompts = [[r.randrange(100, 30000) for _ in range(L)] for r in rngs]
+    prompts = [[r.randrange(2, id_hi) for _ in range(L)] for r in rngs]
     with ThreadPoolExecutor(B) as ex:
         t = time.perf_counter()
         list(ex.map(lambda p: srv.generate(input_ids=p, max_new_tokens=1), prompts))
@@ -141,7 +141,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="stop starting new servers after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-profile", default=None, metavar="SKIP,STEPS",
+                    help="torch.profiler tables of STEPS decode steps after SKIP (specsa servers)")
     ap.add_argument("--plot", default=None, help="only plot this JSON (no GPU)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="check this script on the CPU harness with a tiny model (no GPU)")
     a = ap.parse_args()
     if a.plot:
         plot(Path(a.plot))
@@ -158,9 +162,16 @@ def main() -> None:
     tree = tuple(int(x) for x in a.tree.split(","))
     N = a.new_tokens
     gpu, short = gpu_name()
-    target = write_model(f"e2e_{a.target}", SHAPES[a.target])
-    drafts = {d: write_model(f"e2e_{a.target}_draft_{d}", draft_config(a.target, d))
-              for d in a.drafts.split(",") if d}
+    if a.cpu_smoke:
+        from specsa.model.tiny import build_tiny
+        target = str(build_tiny(out / "smoke_target", kind="llama", seed=0))
+        drafts = {d: str(build_tiny(out / f"smoke_draft_{d}", kind="llama", seed=0,
+                                    num_layers=1)) for d in a.drafts.split(",") if d}
+    else:
+        target = write_model(f"e2e_{a.target}", SHAPES[a.target])
+        drafts = {d: write_model(f"e2e_{a.target}_draft_{d}", draft_config(a.target, d))
+                  for d in a.drafts.split(",") if d}
+    id_hi = min(30000, json.loads((Path(target) / "config.json").read_text())["vocab_size"])
     runs = [(s, s, {}) for s in a.systems.split(",") if s]
     runs += [parse_variant(v) for v in a.variant]
     common = ["--load-format", "dummy", "--dtype", "bfloat16", "--sampling-backend", "pytorch",
@@ -170,6 +181,11 @@ def main() -> None:
               "--disable-prefill-cuda-graph", *a.extra.split()]
     if a.mem_fraction_static:
         common += ["--mem-fraction-static", a.mem_fraction_static]
+    if a.cpu_smoke:      # the CPU harness: fp32, real (tiny) weights, no CUDA graphs
+        common = [x for x in common if x not in ("--load-format", "dummy",
+                                                  "--disable-prefill-cuda-graph")]
+        common[common.index("bfloat16")] = "float32"
+        common += ["--max-total-tokens", str(max(batches) * (max(ctxs) + N + 512))]
     res = {"gpu": gpu, "commit": os.environ.get("SPECSA_COMMIT", "unknown"),
            "command": " ".join(sys.argv), "target": a.target, "target_config": SHAPES[a.target],
            "new_tokens": N, "page_size": a.page_size, "rows": [], "servers": {}}
@@ -191,12 +207,15 @@ def main() -> None:
             env_full = dict(env)
             if system.startswith("specsa"):
                 env_full["SPECSA_STEP_TIMING"] = str(timing)
+                if a.torch_profile:
+                    env_full["SPECSA_TORCH_PROFILE"] = \
+                        f"{out / ('prof_' + key.replace('/', '_'))},{a.torch_profile}"
             args = common + system_args(system, ddir, tree)
             info = res["servers"][key] = {"system": system, "draft": dname, "env": env,
                                           "args": args}
             t0 = time.time()
             try:
-                with launch_server(target, port, args, cpu=False, env=env_full, timeout=600,
+                with launch_server(target, port, args, cpu=a.cpu_smoke, env=env_full, timeout=600,
                                    log_path=out / f"log_{key.replace('/', '_')}.txt") as srv:
                     info["start_s"] = round(time.time() - t0, 1)
                     status, si = srv.get("/get_server_info")
@@ -205,9 +224,9 @@ def main() -> None:
                     cap = info.get("max_total_num_tokens") or 1 << 40
                     t1 = time.time()
                     for w in range(2):      # compile every prefill / decode / verify kernel
-                        srv.generate(input_ids=[random.Random(w).randrange(100, 30000)
-                                                for _ in range(2000 + 997 * w)],
-                                     max_new_tokens=24)
+                        n_warm = min(2000 + 997 * w, max(ctxs) // 2)
+                        srv.generate(input_ids=[random.Random(w).randrange(2, id_hi)
+                                                for _ in range(n_warm)], max_new_tokens=24)
                     info["warmup_s"] = round(time.time() - t1, 1)
                     for L in ctxs:
                         for B in batches:
@@ -218,7 +237,7 @@ def main() -> None:
                                 res["rows"].append(row)
                                 continue
                             try:
-                                row.update(run_point(srv, L, B, N, a.seed))
+                                row.update(run_point(srv, L, B, N, a.seed, id_hi))
                             except Exception as e:  # noqa: BLE001 - record, go on
                                 row["error"] = str(e)[-1500:]
                             if row.get("accept_len") and row.get("ms_per_token"):
@@ -226,6 +245,8 @@ def main() -> None:
                                 row["projected_ms_per_token"] = {
                                     str(x): round(row["step_ms"] / x, 3) for x in ACCEPT_PROJECTIONS}
                             if system.startswith("specsa"):
+                                time.sleep(0.6)       # the timer writes at most every 0.5 s,
+                                srv.generate(input_ids=[5] * 8, max_new_tokens=4)  # at a step end
                                 row["breakdown"] = breakdown(timing, B, L, L + N + 64)
                             res["rows"].append(row)
                             print(json.dumps({k: v for k, v in row.items()

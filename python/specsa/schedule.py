@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from specsa.config import ConfigError, Traversal
+from specsa.config import ConfigError, Schedule, Traversal
 
 MAX_TREE = 64      # the tree mask is one int64 bitmask per query row
 # Q-tile rows per program (C x G). Every row computes every union block, so rows cost MMA work
@@ -20,6 +20,12 @@ MAX_TREE = 64      # the tree mask is one int64 bitmask per query row
 # 0.5, bf16, benchmark/results/h200/kernels.json "tuning"): 16 rows win for T <= 16 and at
 # batch 1; 64 rows win for many queries (B=16, T=64: 698 vs 823 us).
 ROWS_SMALL, ROWS_LARGE, LARGE_STEP = 16, 64, 512
+# Steps of at most this many verifier queries (all requests together) run INDEPENDENT: a 4-query
+# step is one 16-row tile either way, and EXACT_MERGED's union launch and ownership masks cost
+# more than they save (H200, benchmark/results/h200/kernels.json "grid", 16K-128K: T=4 batch 1
+# 23.4-24.0 us INDEPENDENT vs 32.3-32.7 us EXACT_MERGED; T=4 batch 16 and T=16 batch 1 are
+# faster merged: 90-93 vs 104-105 us, 37.7-39.4 vs 42.8-44.1 us).
+SMALL_STEP_QUERIES = 8
 
 
 def as_parents(parents: Sequence[int] | torch.Tensor) -> list[int]:
@@ -78,6 +84,11 @@ def default_group_size(gqa: int, num_queries: int = 1) -> int:
     """C such that C x G fills (without overflowing) the Q tile chosen for this step size."""
     rows = ROWS_LARGE if num_queries >= LARGE_STEP else ROWS_SMALL
     return max(1, min(MAX_TREE, rows // gqa))
+
+
+def default_schedule(num_queries: int) -> Schedule:
+    """The exact schedule (STRICT) for a verification step of `num_queries` queries."""
+    return Schedule.INDEPENDENT if num_queries <= SMALL_STEP_QUERIES else Schedule.EXACT_MERGED
 
 
 def default_num_splits(num_programs: int, work_tiles: int, num_sms: int) -> int:

@@ -8,7 +8,8 @@ marks the phase boundaries of every decode step
 with a CUDA event and a host clock each, synchronises at the end of the step (timing only:
 this costs the overlap SGLang would otherwise keep) and appends one entry
 {bs, seq_max, gpu_ms{phase}, host_ms{phase}, plan_host_ms, step_gpu_ms, step_host_ms} to a
-ring buffer that it writes to the file every `every` steps. GPU time of a phase is the time
+ring buffer that it writes to the file at the end of a step, at most every `every_s` seconds
+(so the last entries reach the file with a later step). GPU time of a phase is the time
 between its two events on the compute stream, idle gaps waiting for the host included; host
 time is the Python time between the marks. `plan_host_ms` is the part of the host time the
 specsa target backend spent planning (init_forward_metadata*), added by the backend.
@@ -29,9 +30,10 @@ PHASES = ("draft", "verify_prep", "target_fwd", "accept", "draft_extend")
 
 
 class StepTimer:
-    def __init__(self, path: str, every: int = 16, keep: int = 4096):
+    def __init__(self, path: str, every_s: float = 0.5, keep: int = 1024):
         self.path = Path(path)
-        self.every, self.keep = every, keep
+        self.every_s, self.keep = every_s, keep
+        self._flushed = 0.0
         self.entries: list[dict] = []
         self.active = False
         self._marks: list[tuple[str, torch.cuda.Event | None, float]] = []
@@ -79,10 +81,11 @@ class StepTimer:
         self.entries.append(entry)
         if len(self.entries) > self.keep:
             del self.entries[: len(self.entries) - self.keep]
-        if len(self.entries) % self.every == 0:
+        if time.perf_counter() - self._flushed >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed = time.perf_counter()
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"phases": list(PHASES), "entries": self.entries}))
         os.replace(tmp, self.path)

@@ -1,7 +1,8 @@
 """The `specsa` target backend on the Triton kernels (the CUDA path; CPU only under the Triton
 interpreter, for tests): extend through `chunked_nsa_prefill`, decode and TARGET_VERIFY through
 the refresh kernel (`score_topk_grouped` on the verifier's groups) and `NSAVerifier.run`
-(EXACT_MERGED), capturable in SGLang's CUDA graphs.
+(EXACT_MERGED, or INDEPENDENT for steps of at most 8 queries: schedule.default_schedule),
+capturable in SGLang's CUDA graphs.
 
 Compressed KV: [layers, num_pages, CPP, Hkv, D] in the pool dtype, CONTRACTS.md section 4
 layout (token i lives in the page of its closing position). It is filled from the committed

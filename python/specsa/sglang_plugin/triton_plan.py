@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from specsa.attention import NSAVerifier
-from specsa.config import NSAConfig, Schedule, Traversal
+from specsa.config import NSAConfig, Traversal
 from specsa.kernels.nsa.naive import tree_depths
 from specsa.provisional import closing_blocks, visible_rows
+from specsa.schedule import default_schedule
 
 
 def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Tensor:
@@ -127,7 +128,8 @@ class StepPlanner:
         # committed sources -> SGLang slots (req_to_token), tail rows stay negative
         slots = req_rows.index_select(0, buf.q_req.long()).gather(1, buf.prov_code.clamp(min=0))
         buf.prov_idx.copy_(torch.where(buf.prov_code >= 0, slots, buf.prov_code).to(torch.int32))
-        plan = buf.verifier.plan(parents, prefix_lens, buf.bt, schedule=Schedule.EXACT_MERGED,
+        plan = buf.verifier.plan(parents, prefix_lens, buf.bt,
+                                 schedule=default_schedule(buf.num_tokens),
                                  traversal=Traversal.BFS)
         buf.group_size = plan.group_size
         return buf
