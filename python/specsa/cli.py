@@ -263,6 +263,11 @@ def _run(args: argparse.Namespace) -> int:
                            args.allow_long_positions)
     if warn:
         print(warn, file=sys.stderr)
+    need = -(-(len(ids) + args.max_new_tokens) // args.page_size)
+    if args.num_pages is not None and args.num_pages < need:
+        raise UsageError(f"--num-pages {args.num_pages}: the prompt ({len(ids)} tokens) + "
+                         f"--max-new-tokens {args.max_new_tokens} need {need} pages of "
+                         f"--page-size {args.page_size}")
     stops = () if args.ignore_eos else cfg.eos_token_ids
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, max_new_tokens=args.max_new_tokens,

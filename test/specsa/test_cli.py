@@ -104,6 +104,7 @@ def test_demo_reports_a_mismatch(tmp_path, capsys, monkeypatch):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--top-k", "-1"], "--top-k must be >= 0"),
     (["--nsa", "window=abc"], "window must be an integer"),
+    (["--num-pages", "1", "--page-size", "1", "--max-new-tokens", "4"], "need 5 pages"),
 ])
 def test_usage_errors_before_model_loads(ckpt, capsys, monkeypatch, argv, msg):
     """Every check runs before the weights load: loading them would fail the test."""
