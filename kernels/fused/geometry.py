@@ -1,6 +1,6 @@
 """Host-side construction of `VerifyGeometry` (once per step, never per layer).
 
-Plain lists in, device int tensors out; one host->device copy per tensor. The per-step plan
+Plain lists in, device int tensors out; one asynchronous (pinned) host->device copy per tensor. The per-step plan
 (`specsa.metadata`) calls this; CUDA-graph users copy the result into the captured buffers with
 `copy_geometry_`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..common.upload import to_device
 from .verify import VerifyGeometry
 
 
@@ -77,9 +78,9 @@ def build_geometry(parents: list[list[int]], prefix_lens: list[int], block_table
     dev = block_table.device
 
     def i32(x):
-        return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+        return to_device(x, torch.int32, dev)
 
-    anc = torch.from_numpy(np.array(q_anc, dtype=np.uint64).view(np.int64)).to(dev, non_blocking=True)
+    anc = to_device(np.array(q_anc, dtype=np.uint64).view(np.int64), torch.int64, dev)
     return VerifyGeometry(
         req_P=i32(list(prefix_lens)), req_off=i32(req_off), req_T=i32([len(p) for p in parents]),
         block_table=block_table, q_pos=i32(q_pos), q_anc=anc, order=i32(order),

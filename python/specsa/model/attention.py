@@ -37,6 +37,7 @@ from torch import nn
 
 from specsa.config import (Combine, Compression, ConfigError, NSAConfig, Schedule, Traversal,
                            parse_enum)
+from specsa.kernels.common.upload import to_device
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp
 
 from .cache import BlockMeta, PagedKVCache
@@ -179,11 +180,11 @@ class TritonForward:
 
 
 def _i32(x, dev) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+    return to_device(x, torch.int32, dev)
 
 
 def _i64(x, dev) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+    return to_device(x, torch.int64, dev)
 
 
 def _table(cache: PagedKVCache, rids: list[int], dev) -> torch.Tensor:

@@ -53,6 +53,7 @@ class SpecsaTritonBackend(AttentionBackend):
         self.nsa, self.params = nsa, nsa.params
         sa = runner.server_args
         self.draft_tokens = int(getattr(sa, "speculative_num_draft_tokens", None) or 1)
+        self.topk = int(getattr(sa, "speculative_eagle_topk", None) or 1)
         mc = runner.model_config
         hkv, d = self.pool.head_num, self.pool.head_dim
         rows = self.pool.get_key_buffer(self.pool.start_layer).shape[0]
@@ -109,7 +110,10 @@ class SpecsaTritonBackend(AttentionBackend):
             prefix = seq
             parents = [chain] * bs
             si = fb.spec_info
-            if not in_capture and si is not None and si.retrieve_next_token is not None:
+            # a chain draft (topk 1) has a fixed shape: reading the tree links would make the
+            # host wait for the draft to finish on the GPU
+            if self.topk > 1 and not in_capture and si is not None \
+                    and si.retrieve_next_token is not None:
                 from .backend import tree_parents
                 nxt, sib = si.retrieve_next_token.tolist(), si.retrieve_next_sibling.tolist()
                 for b in range(min(bs, len(nxt))):       # rows beyond are graph padding

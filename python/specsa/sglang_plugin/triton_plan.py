@@ -23,6 +23,7 @@ import torch
 
 from specsa.attention import NSAVerifier
 from specsa.config import NSAConfig, Traversal
+from specsa.kernels.common.upload import copy_to_
 from specsa.kernels.nsa.naive import tree_depths
 from specsa.provisional import closing_blocks, visible_rows
 from specsa.schedule import default_schedule
@@ -112,17 +113,15 @@ class StepPlanner:
             rows = visible_rows(par, {v: b * t + v for v, x in enumerate(blocks) if x is not None})
             vis.extend(r + [-1] * (t - len(r)) for r in rows)
 
-        def put(dst, x, dtype=torch.int32):
-            dst.copy_(torch.tensor(x, dtype=dtype).view(dst.shape), non_blocking=True)
-
-        put(buf.q_req, q_req)
-        put(buf.q_pos, q_pos)
-        put(buf.cmp_lens, cmp_lens)
-        put(buf.upd_lo, lo)
-        put(buf.upd_hi, list(prefix_lens))
-        put(buf.prov_code, code, torch.int64)
-        put(buf.prov_cidx, cidx)
-        put(buf.prov_vis, vis)
+        # pinned, asynchronous copies: the host never waits for the GPU here
+        copy_to_(buf.q_req, q_req)
+        copy_to_(buf.q_pos, q_pos)
+        copy_to_(buf.cmp_lens, cmp_lens)
+        copy_to_(buf.upd_lo, lo)
+        copy_to_(buf.upd_hi, list(prefix_lens))
+        copy_to_(buf.prov_code, code)
+        copy_to_(buf.prov_cidx, cidx)
+        copy_to_(buf.prov_vis, vis)
         req_rows = req_to_token.index_select(0, pool_idx.long())
         buf.bt.copy_(block_table_from(req_rows, self.page_size, self.width))
         # committed sources -> SGLang slots (req_to_token), tail rows stay negative
