@@ -1,9 +1,21 @@
-"""Chunked NSA prefill on the GPU: compress the chunk's closed blocks, refresh (score_topk),
-then selected + window attention with the combine. Three launches, no host sync.
+"""Chunked NSA prefill on the GPU. No host sync: every launch grid comes from tensor shapes.
 
-Legend: N chunk rows (any mix of requests), B requests, Hq / Hkv heads, D head dim, PS page
-size, CPP = ceil(PS / d). The chunk's K/V must already be in the paged cache (the backend
-writes KV before attention, as SGLang does).
+Default path ("tiles"), per chunk:
+  1. compression: the compressed tokens closed inside the chunk (`compress_paged`);
+  2. refresh: compressed attention + Eq. 9 scores + GQA sum + top-n for tiles of `group_size`
+     consecutive rows of one request (`score_topk_grouped`: each compressed key is read once
+     per tile of C rows x G heads; row t sees only the compressed tokens closed at <= t, its
+     own count num_cmp(t + 1), so the chunk's own closes need no provisional tokens);
+  3. per pass of at most `pass_rows` rows (bounds the partial buffers):
+     a. free selected blocks (not forced) one KV block per program with the rows that selected
+        it (sparse.py, Flash Sparse Attention order): normalised partials (o, lse);
+     b. tile kernel (tile.py): forced blocks + window + the partials + the combine.
+"rows": the previous path (per-row `score_topk`, one program per (row, KV head) for the
+selected + window attention), kept as a reference / fallback.
+
+Legend: N chunk rows (any mix of requests, each request's rows contiguous), B requests,
+Hq / Hkv heads, D head dim, PS page size, CPP = ceil(PS / d). The chunk's K/V must already be
+in the paged cache (the backend writes KV before attention, as SGLang does).
 """
 from __future__ import annotations
 
@@ -13,7 +25,44 @@ import triton
 from ..common.params import NSAParams
 from ..compression.blocks import compress_paged
 from ..compression.score_topk import score_topk
+from ..compression.score_topk_grouped import score_topk_grouped
 from .attention import sel_win_attention_kernel
+from .sparse import _maxb, free_slots, prefill_sparse, sparse_items
+from .tile import prefill_tile
+
+IMPLS = ("tiles", "rows")
+
+
+def row_tiles(q_req: torch.Tensor, num_req: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiles of at most `size` consecutive rows of one request, on the device without a host
+    sync: (order [N] = arange, g_start [NG], g_len [NG]) int32 with NG = ceil(N / size) + B
+    (a bound: each request adds at most one partial tile; unused slots have g_len 0). Needs
+    each request's rows contiguous in the chunk.
+
+    Example: q_req [0, 0, 0, 1], size 2 -> tiles (0, 2), (2, 1), (3, 1), then 2 empty slots.
+    """
+    n = q_req.shape[0]
+    dev = q_req.device
+    i = torch.arange(n, device=dev, dtype=torch.int64)
+    brk = torch.ones(n, dtype=torch.bool, device=dev)
+    brk[1:] = q_req[1:] != q_req[:-1]
+    run0 = torch.cummax(torch.where(brk, i, 0), 0).values
+    is_start = (i - run0) % size == 0
+    tid = torch.cumsum(is_start.to(torch.int32), 0).to(torch.int64) - 1
+    ng = -(-n // size) + num_req
+    g_start = torch.zeros(ng + 1, dtype=torch.int32, device=dev)
+    g_start.scatter_(0, torch.where(is_start, tid, ng), i.to(torch.int32))
+    g_len = torch.zeros(ng + 1, dtype=torch.int32, device=dev)
+    g_len.scatter_add_(0, tid, torch.ones(n, dtype=torch.int32, device=dev))
+    return i.to(torch.int32), g_start[:ng], g_len[:ng]
+
+
+def _check_rows(q_req: torch.Tensor) -> None:
+    # rows of one request must be contiguous (the tile bound); checked where it costs no sync
+    if q_req.device.type == "cpu" and q_req.numel() > 1:
+        runs = int((q_req[1:] != q_req[:-1]).sum()) + 1
+        if runs != torch.unique(q_req).numel():
+            raise ValueError("chunked_nsa_prefill: each request's rows must be contiguous")
 
 
 def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -22,7 +71,11 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         prefix_lens: torch.Tensor, seq_lens: torch.Tensor, params: NSAParams,
                         scale: float, cw=None, gates: torch.Tensor | None = None,
                         out: torch.Tensor | None = None, sel: torch.Tensor | None = None,
-                        compress_programs: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                        compress_programs: int | None = None, impl: str = "tiles",
+                        group_size: int = 16, tile_rows: int = 64, item_rows: int = 64,
+                        pass_rows: int | None = None, part_dtype: torch.dtype | None = None,
+                        refresh_splits: int | None = None, _stages: int = 15
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA output of a prefill chunk.
 
     Args:
@@ -34,34 +87,107 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             are written here first; earlier ones must be present.
         block_table (torch.Tensor): shape [B, max_pages] int.
         q_req, q_pos (torch.Tensor): shape [N] int, request and position t of each row
-            (prefix_lens[b] <= t < seq_lens[b]).
+            (prefix_lens[b] <= t < seq_lens[b]); each request's rows contiguous (any order
+            of positions; consecutive positions make the tiles efficient).
         prefix_lens, seq_lens (torch.Tensor): shape [B] int, lengths before / after the chunk.
         params (NSAParams): geometry and combine (params.gated needs gates [N, Hq, 3], sigmoid
             already applied, order (cmp, slc, win)).
         scale (float): softmax scale. cw: learned compression (wk, bk, wv, bv) or None (MEAN).
         out (torch.Tensor | None): shape [N, Hq, D]; # mutable. sel: [N, Hkv, topn] int32.
-        compress_programs (int): programs per (request, head) for the chunk's compression.
+        compress_programs (int | None): programs per (request, head) for the chunk's
+            compression; None: from N (16..128).
+        impl (str): "tiles" (default, see the module docstring) or "rows" (the old path).
+        group_size (int): rows per refresh tile (C; C * pow2(G) MMA rows), 1..64.
+        tile_rows (int): MMA rows of the tile kernel (consecutive rows per tile = tile_rows // G).
+        item_rows (int): MMA rows of the sparse kernel (entries per item = item_rows // G).
+        pass_rows (int | None): rows per sparse + tile pass (partial buffers: pass_rows * Hkv *
+            NF * G * D elements); None: about 512 MiB of partials.
+        part_dtype (torch.dtype | None): partial o dtype; None: fp32 for fp32 q, else q.dtype.
+        refresh_splits (int | None): splits of the refresh kernel (None: its default).
+        _stages (int): profiling only: bit 1 compression, 2 refresh (without it the given
+            `sel` is used and o_cmp is zero), 4 sparse (index + kernel), 8 tile kernel.
     Returns:
         (out [N, Hq, D] q.dtype, sel [N, Hkv, topn] int32 sorted, -1 padded).
+    CUDA graphs: no host sync (grids from N, B and the block-table width).
     """
     n, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
+    if impl not in IMPLS:
+        raise ValueError(f"chunked_nsa_prefill: impl must be one of {IMPLS}, got {impl!r}")
     if params.gated != (gates is not None):
         raise ValueError("chunked_nsa_prefill: gates must be given exactly when params.gated")
     if gates is not None and (tuple(gates.shape) != (n, hq, 3) or not gates.is_contiguous()):
         raise ValueError(f"chunked_nsa_prefill: gates must be contiguous [N={n}, Hq={hq}, 3]")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.is_contiguous()):
         raise ValueError("chunked_nsa_prefill: q, k_cache, v_cache must be contiguous")
-    compress_paged(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens, seq_lens,
-                   params, cw=cw, num_programs=compress_programs)
+    if compress_programs is None:
+        compress_programs = min(128, max(16, triton.next_power_of_2(max(1, n // (8 * params.stride)))))
+    if _stages & 1:
+        compress_paged(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens, seq_lens,
+                       params, cw=cw, num_programs=compress_programs)
     lens = seq_lens.to(torch.int32)
     cmp_lens = torch.where(lens >= params.block, (lens - params.block) // params.stride + 1, 0)
-    sel, o_cmp, _ = score_topk(q, ck_cache, cv_cache, block_table, q_req, q_pos,
-                               cmp_lens.to(torch.int32), params, scale, ps,
-                               with_out=params.gated, sel=sel)
+    cmp_lens = cmp_lens.to(torch.int32)
     out = torch.empty_like(q) if out is None else out
+    if tuple(out.shape) != (n, hq, dim) or not out.is_contiguous():
+        raise ValueError(f"chunked_nsa_prefill: out must be contiguous [N={n}, Hq={hq}, D={dim}]")
+    if impl == "rows":
+        sel, o_cmp, _ = score_topk(q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
+                                   params, scale, ps, with_out=params.gated, sel=sel)
+        if n:
+            _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates,
+                            out, params, scale)
+        return out, sel
+    if sel is None:
+        sel = torch.empty(n, hkv, params.topn, dtype=torch.int32, device=q.device)
     if n == 0:
         return out, sel
+    _check_rows(q_req)
+    g = hq // hkv
+    nb = prefix_lens.shape[0]
+    groups = row_tiles(q_req, nb, group_size)
+    o_cmp = None
+    if _stages & 2:
+        sel, o_cmp, _ = score_topk_grouped(q, ck_cache, cv_cache, block_table, q_req, q_pos,
+                                           cmp_lens, params, scale, ps, with_out=params.gated,
+                                           sel=sel, group_size=group_size, groups=groups,
+                                           num_splits=refresh_splits)
+    elif params.gated:
+        o_cmp = torch.zeros_like(q)
+    ct = max(1, tile_rows // g)
+    cq = max(1, item_rows // g)
+    slo, nf = free_slots(params)
+    pdt = part_dtype or (torch.float32 if q.dtype == torch.float32 else q.dtype)
+    per_row = max(1, hkv * nf * g * dim * torch.empty(0, dtype=pdt).element_size())
+    if pass_rows is None:
+        pass_rows = max(ct, (512 << 20) // per_row)
+    pass_rows = max(ct, pass_rows // ct * ct)
+    maxb = _maxb(block_table, ps, params)
+    part_o = part_lse = None
+    if nf > 0 and _stages & 4:
+        rows = min(n, pass_rows)
+        part_o = torch.empty(rows * hkv * nf * g * dim, dtype=pdt, device=q.device)
+        part_lse = torch.empty(rows * hkv * nf * g, dtype=torch.float32, device=q.device)
+    for r0 in range(0, n, pass_rows):
+        r1 = min(n, r0 + pass_rows)
+        qp, qr, qt = q[r0:r1], q_req[r0:r1], q_pos[r0:r1]
+        if part_o is not None:
+            index = sparse_items(sel[r0:r1], qr, qt, params, nb, maxb, cq)
+            prefill_sparse(qp, k_cache, v_cache, block_table, qt, index, params, scale,
+                           part_o, part_lse, cq)
+        if _stages & 8:
+            _, g_start, g_len = row_tiles(qr, nb, ct)
+            prefill_tile(qp, k_cache, v_cache, block_table, qr, qt, (g_start, g_len),
+                         sel[r0:r1], params, scale, out[r0:r1], ct, part_o=part_o,
+                         part_lse=part_lse, o_cmp=None if o_cmp is None else o_cmp[r0:r1],
+                         gates=None if gates is None else gates[r0:r1], slots=(slo, nf))
+    return out, sel
+
+
+def _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out,
+                    params: NSAParams, scale: float) -> None:
+    n, hq, dim = q.shape
+    hkv, ps = k_cache.shape[2], k_cache.shape[1]
     g = hq // hkv
     sel_win_attention_kernel[(n, hkv)](
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, q_req=q_req,
@@ -72,4 +198,3 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         LS=params.select, BLS=max(16, triton.next_power_of_2(params.select)), W=params.window,
         BW=64, PS=ps, TOPN=params.topn, GATED=params.gated,
         F32=q.dtype == torch.float32 or q.device.type == "cpu")
-    return out, sel

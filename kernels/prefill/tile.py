@@ -1,0 +1,193 @@
+"""Prefill tile kernel: forced selected blocks + sliding window + the free blocks' partials +
+the NSA combine, for a tile of consecutive query rows of one request.
+
+A program owns CT consecutive rows of one request x the G heads of one KV head (an [R, D] Q
+tile, rows r = c * G + gg, R = pow2(CT * G) >= 16) and walks, with per-row masks:
+  1. the forced initial blocks [0, INIT * l'),
+  2. the forced local blocks of the tile's rows (row t: blocks cur(t) - LOCAL + 1 .. cur(t)),
+  3. the window band [t_min - w + 1, t_max] (row t: max(0, t - w + 1) .. t),
+  4. the partials (o, lse) of the row's free selected blocks, written by sparse.py, merged
+     into the same online softmax (selected branch when gated).
+Union combine: one softmax; tokens inside the row's window are taken only by pass 3, so every
+token of selected U window enters once (passes 1-2 and the free partials mask them). Gated:
+o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (o_cmp from the refresh kernel).
+Adjacent rows share the window and the forced blocks, so the tile reads them once (about
+(w + CT) tokens per tile instead of w per row).
+
+Legend (FLA): i_ program ids / scalars, o_ offsets, m_ masks, p_ pointers, b_ on-chip blocks.
+Constexprs: HQ / HKV heads, G = HQ // HKV, D head dim (BD tile), R rows, LS selection block l',
+W window, PS page size, TOPN n, INIT / LOCAL forced blocks, SLO / NF free slots (sparse.py),
+BN token tile, GATED combine, HAS_PART free partials present.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.params import NSAParams
+from ..common.tl_math import dot_f32 as _dot
+
+
+@triton.jit
+def _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d,
+        HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr):
+    b_pg = tl.load(p_bt + o_pos // PS, mask=m_t, other=0).to(tl.int64)
+    o_kv = ((b_pg * PS + o_pos % PS) * HKV + i_h) * D                             # [BN]
+    m_kv = m_t[:, None] & m_d[None, :]
+    b_k = tl.load(k_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
+    b_v = tl.load(v_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
+    return b_k, b_v
+
+
+@triton.jit
+def _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32: tl.constexpr):
+    # one online-softmax step (log2 units); rows with nothing yet keep m = -inf
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+    b_p = tl.exp2(b_s - b_ms[:, None])
+    b_a = tl.exp2(b_m - b_ms)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    b_acc = b_acc * b_a[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def prefill_tile_kernel(
+    q, k_cache, v_cache, block_table, q_req, q_pos, g_start_p, g_len_p, sel, part_o, part_lse,
+    o_cmp, gates, out, qk_scale, stride_bt,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    R: tl.constexpr, LS: tl.constexpr, W: tl.constexpr, PS: tl.constexpr, TOPN: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, SLO: tl.constexpr, NF: tl.constexpr,
+    BN: tl.constexpr, GATED: tl.constexpr, HAS_PART: tl.constexpr, F32: tl.constexpr,
+):
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    g_len = tl.load(g_len_p + i_g)
+    if g_len == 0:
+        return
+    g_start = tl.load(g_start_p + i_g).to(tl.int64)
+    o_r = tl.arange(0, R)
+    o_c = o_r // G
+    gg = o_r % G
+    m_r = o_c < g_len
+    i_q = g_start + tl.where(m_r, o_c, 0)                                         # [R] row
+    i_req = tl.load(q_req + g_start).to(tl.int64)
+    t_r = tl.load(q_pos + i_q, mask=m_r, other=0)                                 # [R]
+    t_max = tl.max(tl.where(m_r, t_r, 0), 0)
+    t_min = tl.min(tl.where(m_r, t_r, 2147483647), 0)
+    cur_r = t_r // LS
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_hq = i_q * HQ + i_h * G + gg                                                # [R]
+    m_qd = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
+    p_bt = block_table + i_req * stride_bt
+    b_m = tl.full([R], float("-inf"), tl.float32)      # union, or gated selected branch
+    b_l = tl.zeros([R], tl.float32)
+    b_acc = tl.zeros([R, BD], tl.float32)
+    w_m = tl.full([R], float("-inf"), tl.float32)      # gated window branch
+    w_l = tl.zeros([R], tl.float32)
+    w_acc = tl.zeros([R, BD], tl.float32)
+    o_n = tl.arange(0, BN)
+    # ---- 1. forced initial blocks --------------------------------------------------------
+    hi = tl.minimum(INIT * LS, t_max + 1)
+    if not GATED:
+        hi = tl.minimum(hi, t_max - W + 1)
+    for p0 in range(0, hi, BN):
+        o_pos = p0 + o_n
+        m_t = o_pos < hi
+        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale                            # [R, BN]
+        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None])
+        if not GATED:
+            m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
+        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    # ---- 2. forced local blocks (positions from block max(INIT, cur_min - LOCAL + 1)) ------
+    lo = tl.maximum(INIT, t_min // LS - LOCAL + 1) * LS
+    hi = tl.minimum((t_max // LS + 1) * LS, t_max + 1)
+    if not GATED:
+        hi = tl.minimum(hi, t_max - W + 1)
+    for p0 in range(lo, hi, BN):
+        o_pos = p0 + o_n
+        m_t = o_pos < hi
+        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale
+        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None]) \
+            & (o_pos[None, :] // LS > cur_r[:, None] - LOCAL)
+        if not GATED:
+            m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
+        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    # ---- 3. window band ------------------------------------------------------------------
+    lo = tl.maximum(t_min - W + 1, 0)
+    for p0 in range(lo, t_max + 1, BN):
+        o_pos = p0 + o_n
+        m_t = o_pos <= t_max
+        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale
+        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None]) \
+            & (o_pos[None, :] >= t_r[:, None] - W + 1)
+        if GATED:
+            w_m, w_l, w_acc = _online(w_m, w_l, w_acc, b_s, m_s, b_v, F32)
+        else:
+            b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    # ---- 4. free selected blocks: merge the partials of sparse.py ------------------------
+    if HAS_PART:
+        for f in range(NF):
+            b_blk = tl.load(sel + (i_q * HKV + i_h) * TOPN + SLO + f, mask=m_r, other=-1)
+            m_p = m_r & (b_blk >= INIT) & (b_blk <= cur_r - LOCAL)
+            if not GATED:
+                m_p = m_p & (b_blk * LS < t_r - W + 1)
+            o_e = ((i_q * HKV + i_h) * NF + f) * G + gg                            # [R]
+            b_pl = tl.load(part_lse + o_e, mask=m_p, other=float("-inf"))
+            b_po = tl.load(part_o + o_e[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :],
+                           other=0.).to(tl.float32)
+            b_mn = tl.maximum(b_m, b_pl)
+            b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+            b_a = tl.exp2(b_m - b_ms)
+            b_w = tl.exp2(b_pl - b_ms)
+            b_l = b_l * b_a + b_w
+            b_acc = b_acc * b_a[:, None] + b_w[:, None] * b_po
+            b_m = b_mn
+    # ---- epilogue ------------------------------------------------------------------------
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
+    if GATED:
+        b_ow = w_acc / tl.where(w_l > 0, w_l, 1.)[:, None]
+        p_g = gates + o_hq * 3
+        b_gc = tl.load(p_g, mask=m_r, other=0.).to(tl.float32)
+        b_gs = tl.load(p_g + 1, mask=m_r, other=0.).to(tl.float32)
+        b_gw = tl.load(p_g + 2, mask=m_r, other=0.).to(tl.float32)
+        b_oc = tl.load(o_cmp + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.).to(tl.float32)
+        b_o = b_gc[:, None] * b_oc + b_gs[:, None] * b_o + b_gw[:, None] * b_ow
+    tl.store(out + o_hq[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_qd)
+
+
+def prefill_tile(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
+                 tiles: tuple[torch.Tensor, torch.Tensor], sel: torch.Tensor, params: NSAParams,
+                 scale: float, out: torch.Tensor, ct: int, part_o: torch.Tensor | None = None,
+                 part_lse: torch.Tensor | None = None, o_cmp: torch.Tensor | None = None,
+                 gates: torch.Tensor | None = None, slots: tuple[int, int] = (0, 0),
+                 num_warps: int | None = None, num_stages: int = 2, block_n: int = 64) -> None:
+    """Launch the tile kernel over tiles = (g_start [NG], g_len [NG]) of at most ct rows."""
+    g_start, g_len = tiles
+    nq, hq, dim = q.shape
+    _, ps, hkv, _ = k_cache.shape
+    g = hq // hkv
+    r = max(16, triton.next_power_of_2(ct * g))
+    bd = max(16, triton.next_power_of_2(dim))
+    slo, nf = slots
+    has_part = part_o is not None and nf > 0
+    if num_warps is None:
+        num_warps = 8 if r * bd >= 128 * 128 or (params.gated and r * bd >= 64 * 128) else 4
+    prefill_tile_kernel[(g_len.shape[0], hkv)](
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, q_req=q_req,
+        q_pos=q_pos, g_start_p=g_start, g_len_p=g_len, sel=sel,
+        part_o=part_o if has_part else q, part_lse=part_lse if has_part else q,
+        o_cmp=o_cmp if params.gated else q, gates=gates if params.gated else q, out=out,
+        qk_scale=float(scale) * 1.4426950408889634, stride_bt=block_table.stride(0),
+        HQ=hq, HKV=hkv, G=g, D=dim, BD=bd, R=r, LS=params.select, W=params.window, PS=ps,
+        TOPN=params.topn, INIT=params.init_blocks, LOCAL=params.local_blocks, SLO=slo,
+        NF=max(nf, 1), BN=block_n, GATED=params.gated, HAS_PART=has_part,
+        F32=q.dtype == torch.float32 or q.device.type == "cpu",
+        num_warps=num_warps, num_stages=num_stages)
