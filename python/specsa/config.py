@@ -158,6 +158,61 @@ def _split_kv(spec: str, flag: str) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
+class VerifyKnobs:
+    """How verification runs inside a precision class (DESIGN.md, precision classes).
+
+    precision: the user's class; schedule: None = the exact default for the step's size
+    (specsa.schedule.default_schedule); group_size C: None = the default for the Q tile;
+    refresh_period R: layer l refreshes its block selection when l % R == 0 and reuses the last
+    refresh layer's selection otherwise (R = 1: every layer refreshes, exact). Whether a
+    combination stays inside the class is checked by `specsa.orchestrator.planner.knobs_error`.
+    """
+
+    precision: PrecisionClass = PrecisionClass.STRICT
+    schedule: Schedule | None = None
+    group_size: int | None = None
+    refresh_period: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision",
+                           parse_enum(PrecisionClass, self.precision, "precision"))
+        if self.schedule is not None:
+            object.__setattr__(self, "schedule", parse_enum(Schedule, self.schedule, "schedule"))
+        for name, lo in (("group_size", 1), ("refresh_period", 1)):
+            v = getattr(self, name)
+            if v is None and name == "group_size":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+    _KEYS = ("precision", "schedule", "group_size", "refresh_period")
+
+    @classmethod
+    def parse(cls, spec: str | dict, flag: str) -> "VerifyKnobs":
+        """From `key=value,...` or a dict; unknown keys and bad values name `flag`."""
+        items = spec.items() if isinstance(spec, dict) else _split_kv(spec, flag)
+        kw = {}
+        for key, val in items:
+            key = key.replace("-", "_")
+            if key not in cls._KEYS:
+                raise ConfigError(f"{flag}: unknown key {key!r} (allowed: {', '.join(cls._KEYS)})")
+            if key in ("group_size", "refresh_period"):
+                try:
+                    val = int(val)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{flag}: {key} must be an integer, got {val!r}") from None
+            kw[key] = val
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+
+    def refreshes(self, layer: int) -> bool:
+        """Does layer `layer` (0-based among the model's attention layers) refresh?"""
+        return layer % self.refresh_period == 0
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache geometry. page_size in {1, 16, 64} is tested; any positive value works."""
 

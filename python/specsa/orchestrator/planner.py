@@ -54,6 +54,20 @@ def allowed(precision: PrecisionClass, schedule: Schedule, refresh_period: int) 
     return schedule in schedules and (refresh_period == 1 or reuse)
 
 
+def knobs_error(precision: PrecisionClass, schedule: Schedule | None,
+                refresh_period: int) -> str | None:
+    """Why (schedule, refresh period) leaves the precision class, as a sentence; None if not."""
+    schedules, reuse = PRECISION_RULES[precision]
+    if schedule is not None and schedule not in schedules:
+        return (f"schedule {schedule.value} is approximate and needs an APPROX precision class "
+                f"(approx or approx_reuse), but precision is {precision.value}")
+    if refresh_period != 1 and not reuse:
+        return (f"refresh period {refresh_period} reuses block selections across layers and "
+                f"needs a REUSE precision class (reuse or approx_reuse), but precision is "
+                f"{precision.value}")
+    return None
+
+
 @dataclass(frozen=True)
 class DraftShape:
     """topk children per expanded node, depth levels, tokens draft nodes (root excluded);

@@ -135,7 +135,8 @@ def handle_specsa_server_args(sa) -> None:
         sa.enable_mixed_chunk = False
     if sa.max_running_requests is None:
         sa.max_running_requests = 48
-    from .settings import attn_impl
+    from .settings import attn_impl, verify_knobs
+    verify_knobs()          # a knob outside its precision class fails here, before start-up
     if attn_impl(str(sa.device)) == "torch" or not str(sa.device).startswith("cuda"):
         _disable_target_cuda_graphs(sa)
 

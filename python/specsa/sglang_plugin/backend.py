@@ -19,18 +19,24 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from specsa.config import Compression, NSAConfig
+from specsa.config import Compression, ConfigError, NSAConfig, VerifyKnobs
 from specsa.kernels.nsa.masked import build_tree_visibility, masked_nsa, provisional_cmp
 
 from .compressed_cache import PagedCompressedKV
 from .native_weights import layer_native
-from .settings import attn_impl, resolve_nsa_config
+from .settings import ENV_VERIFY, attn_impl, resolve_nsa_config, verify_knobs
 
 
 def make_target_backend(runner):
     """The `specsa` backend of a model runner: dense for a draft runner; NSA on the Triton
     kernels (CUDA, graph-capturable) or the torch path (CPU harness) for the target."""
-    if runner.is_draft_worker or attn_impl(str(runner.device)) == "torch":
+    if runner.is_draft_worker:
+        return SpecsaAttnBackend(runner)
+    if attn_impl(str(runner.device)) == "torch":
+        if verify_knobs() != VerifyKnobs():
+            raise ConfigError(f"{ENV_VERIFY} (non-STRICT verification knobs) needs the Triton "
+                              f"path: the torch reference path is exact NSA only (set "
+                              f"SPECSA_SGLANG_ATTN=triton, with TRITON_INTERPRET=1 on a CPU)")
         return SpecsaAttnBackend(runner)
     nsa = resolve_nsa_config(runner.model_config.hf_config)
     from .triton_backend import SpecsaTritonBackend

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from specsa.config import Combine, Compression, ConfigError, NSAConfig
+from specsa.config import Combine, Compression, ConfigError, NSAConfig, VerifyKnobs
 from specsa.kernels.common.params import NSAParams
 
 ENV_NSA = "SPECSA_NSA"
@@ -160,3 +160,31 @@ def draft_attention(env: dict | None = None) -> DraftWindow | None:
     if "window" not in kw:
         raise bad
     return DraftWindow(**kw)
+
+
+# how the target verifies inside a precision class: "precision=reuse,refresh_period=4", a JSON
+# object with those keys, or the path of a JSON file holding one (VerifyKnobs); default STRICT
+ENV_VERIFY = "SPECSA_VERIFY"
+
+
+def verify_knobs(env: dict | None = None) -> VerifyKnobs:
+    """The server's VerifyKnobs, validated against its precision class (ConfigError names the
+    variable and the problem)."""
+    from specsa.orchestrator.planner import knobs_error
+    env = os.environ if env is None else env
+    raw = env.get(ENV_VERIFY, "").strip()
+    if not raw:
+        return VerifyKnobs()
+    spec: str | dict = raw
+    if raw.startswith("{") or raw.endswith(".json") or os.path.isfile(raw):
+        try:
+            spec = json.loads(raw) if raw.startswith("{") else json.load(open(raw))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{ENV_VERIFY}: cannot read {raw!r} as JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{ENV_VERIFY}: expected a JSON object, got {type(spec).__name__}")
+    knobs = VerifyKnobs.parse(spec, ENV_VERIFY)
+    why = knobs_error(knobs.precision, knobs.schedule, knobs.refresh_period)
+    if why:
+        raise ConfigError(f"{ENV_VERIFY}: {why}")
+    return knobs

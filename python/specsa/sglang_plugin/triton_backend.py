@@ -36,6 +36,7 @@ from specsa.kernels.prefill import chunked_nsa_prefill
 from .backend import forward_geometry
 from .memory import compressed_shape
 from .native_weights import layer_native
+from .settings import verify_knobs
 from .triton_plan import StepBuffers, StepPlanner, block_table_from
 
 
@@ -65,16 +66,22 @@ class SpecsaTritonBackend(AttentionBackend):
         width = -(-self.req_to_token_pool.req_to_token.shape[1] // ps)
         hq = mc.num_attention_heads // max(1, getattr(sa, "tp_size", 1))
         scale = getattr(mc, "head_dim", d) ** -0.5
+        self.knobs = verify_knobs()
         self.planner = StepPlanner(nsa, hq, hkv, d, scale, ps, width,
-                                   margin=self.draft_tokens + 1, device=self.device)
+                                   margin=self.draft_tokens + 1, device=self.device,
+                                   knobs=self.knobs)
+        # REUSE classes: the selection of the last refresh layer of the current step
+        self._last_sel: torch.Tensor | None = None
+        self._refreshed = [0, 0]          # [layers that refreshed, layers] of the current step
+        self._reported = False
         self.step: StepBuffers | None = None
         self.extend = None
         self.timer = None        # step_timing.StepTimer, set by the worker when timing is on
         logging.getLogger("specsa").warning(
             "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d); "
-            "compressed KV %.1f MiB for a pool of %d tokens", self.device, ps,
+            "compressed KV %.1f MiB for a pool of %d tokens; verify %s", self.device, ps,
             self.planner.margin, 2 * self.ck.numel() * self.ck.element_size() / 2**20,
-            num_pages * ps)
+            num_pages * ps, self.knobs)
 
     # -- metadata ------------------------------------------------------------------------
     def get_cuda_graph_seq_len_fill_value(self):
@@ -92,12 +99,23 @@ class SpecsaTritonBackend(AttentionBackend):
         if mode.is_idle():
             return
         t0 = time.perf_counter()
+        self._report_reuse()
         if mode.is_target_verify() or mode.is_decode():
             self.step = self._plan_step(fb, in_capture)
         else:
             self.extend = self._plan_extend(fb)
         if self.timer is not None:
             self.timer.add_plan_host(time.perf_counter() - t0)
+
+    def _report_reuse(self) -> None:
+        """Once: how many layers of an eager step ran the refresh (the REUSE saving)."""
+        done, total = self._refreshed
+        if total and not self._reported:
+            self._reported = True
+            logging.getLogger("specsa").warning(
+                "specsa: a decode/verify step ran the selection refresh in %d of %d layers "
+                "(refresh period %d)", done, total, self.knobs.refresh_period)
+        self._refreshed = [0, 0]
 
     def _plan_step(self, fb, in_capture: bool) -> StepBuffers:
         verify = fb.forward_mode.is_target_verify()
@@ -205,15 +223,27 @@ class SpecsaTritonBackend(AttentionBackend):
         kn = k3.to(kc.dtype).contiguous()
         vn = v3.to(vc.dtype).contiguous()
         gates, cw = self._native(layer)
+        # every layer keeps its committed compressed tokens current (a later step may refresh it)
         compress_paged(kc, vc, ck, cv, s.bt, s.upd_lo, s.upd_hi, p, cw=cw)
-        pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p, cw=cw)
-        plan = s.verifier._plan
-        geo = plan.geometry
-        sel, o_cmp, _ = score_topk_grouped(
-            q3, ck, cv, s.bt, s.q_req, s.q_pos, s.cmp_lens, p, layer.scaling, self.page_size,
-            with_out=p.gated, group_size=plan.group_size,
-            groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
-            prov_v=pv.to(cv.dtype), prov_cidx=s.prov_cidx, prov_vis=s.prov_vis)
+        refresh = self.knobs.refreshes(layer.layer_id - self.pool.start_layer) \
+            or self._last_sel is None
+        o_cmp = None
+        if refresh or p.gated:
+            # the gated combine needs this layer's compressed-branch output even when the
+            # selection is reused, so only the union combine skips the refresh kernel
+            plan = s.verifier._plan
+            geo = plan.geometry
+            pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p, cw=cw)
+            own, o_cmp, _ = score_topk_grouped(
+                q3, ck, cv, s.bt, s.q_req, s.q_pos, s.cmp_lens, p, layer.scaling,
+                self.page_size, with_out=p.gated, group_size=plan.group_size,
+                groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
+                prov_v=pv.to(cv.dtype), prov_cidx=s.prov_cidx, prov_vis=s.prov_vis)
+            if refresh:
+                self._last_sel = own
+            self._refreshed[0] += 1
+        sel = self._last_sel
+        self._refreshed[1] += 1
         out = q3.new_empty(n, layer.tp_q_head_num, layer.v_head_dim)
         s.verifier.scale = float(layer.scaling)
         s.verifier.run(q3, kn, vn, kc, vc, sel, o_cmp=o_cmp,

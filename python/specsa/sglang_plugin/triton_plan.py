@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from specsa.attention import NSAVerifier
-from specsa.config import NSAConfig, Traversal
+from specsa.config import NSAConfig, Traversal, VerifyKnobs
 from specsa.kernels.common.upload import copy_to_
 from specsa.kernels.nsa.naive import tree_depths
 from specsa.provisional import closing_blocks, visible_rows
@@ -67,7 +67,9 @@ class StepPlanner:
     """Allocates `StepBuffers` per (mode, batch size) and fills them for each step."""
 
     def __init__(self, nsa: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, page_size: int, table_width: int, margin: int, device):
+                 scale: float, page_size: int, table_width: int, margin: int, device,
+                 knobs: VerifyKnobs = VerifyKnobs()):
+        self.knobs = knobs
         self.nsa, self.params = nsa, nsa.params
         self.hq, self.hkv, self.head_dim, self.scale = num_q_heads, num_kv_heads, head_dim, scale
         self.page_size, self.width, self.margin = page_size, table_width, margin
@@ -127,9 +129,11 @@ class StepPlanner:
         # committed sources -> SGLang slots (req_to_token), tail rows stay negative
         slots = req_rows.index_select(0, buf.q_req.long()).gather(1, buf.prov_code.clamp(min=0))
         buf.prov_idx.copy_(torch.where(buf.prov_code >= 0, slots, buf.prov_code).to(torch.int32))
+        k = self.knobs
         plan = buf.verifier.plan(parents, prefix_lens, buf.bt,
-                                 schedule=default_schedule(buf.num_tokens),
-                                 traversal=Traversal.BFS)
+                                 schedule=k.schedule or default_schedule(buf.num_tokens),
+                                 traversal=Traversal.BFS, precision=k.precision,
+                                 group_size=k.group_size)
         buf.group_size = plan.group_size
         return buf
 
