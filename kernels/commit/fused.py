@@ -8,7 +8,7 @@ Grid (B, A + C, Hkv): program column n < A copies accepted node n of request b t
 seq_lens[b] + n; column n >= A stores provisional compressed token path_cmp[b, n - A]. Padded
 entries (-1) exit at once, so the grid is fixed by buffer capacities (CUDA-graph safe, no
 host sync). Pure copies: the committed compressed tokens are bit-identical to what the
-verify step attended to (the "reuse" of DESIGN.md section 3).
+verify step attended to (the "reuse" of docs/DESIGN.md section 3).
 """
 from __future__ import annotations
 

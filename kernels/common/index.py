@@ -4,7 +4,7 @@ Each group of C <= 64 verifier queries (consecutive flat slots) has C sorted, -1
 topn blocks per KV head. One program per (group, KV head) builds, fully in parallel (sort +
 prefix sum + segmented OR scan), the ascending union once per block with a bitmask of the
 queries that own it (bit c: the group's c-th query), so the verify kernel reads
-each union block once and masks it to -inf for non-owners (SSV §4.2 "overlap-aware grouping").
+each union block once and masks it to -inf for non-owners (docs/DESIGN.md section 4, overlap-aware grouping).
 SHARED_INDEX reuses this with every slot's selection source set to the representative.
 
 Legend: NG groups, HKV KV heads, CP queries per group (padded), NP = topn padded, CAP capacity.

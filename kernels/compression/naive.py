@@ -1,4 +1,4 @@
-"""Compression branch of NSA, fp32 reference (DESIGN.md section 3, CONTRACTS.md section 2).
+"""Compression branch of NSA, fp32 reference (docs/DESIGN.md section 3, docs/CONTRACTS.md section 2).
 
 Legend: L tokens of a linear path, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head dim,
 l = params.block, d = params.stride, l' = params.select, Nc compressed tokens, Nsel

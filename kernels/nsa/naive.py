@@ -1,5 +1,5 @@
 """Composed NSA reference: one query at a time over its own path (the specification every
-other path must match; DESIGN.md section 3, CONTRACTS.md section 2-3).
+other path must match; docs/DESIGN.md section 3, docs/CONTRACTS.md sections 2-3).
 
 Legend: T queries, P committed tokens, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head
 dim, t query position, n = params.topn. cw = (wk, bk, wv, bv) learned compression weights

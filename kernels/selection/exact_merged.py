@@ -1,4 +1,4 @@
-"""EXACT_MERGED verification (SSV §4.2): queries flattened (CHAIN / BFS / DFS) and cut into
+"""EXACT_MERGED verification (docs/DESIGN.md section 4): queries flattened (CHAIN / BFS / DFS) and cut into
 groups of C; a program's Q tile is C queries x G heads. The group's C sorted selections are
 merged on the device into one ascending union with a per-block ownership bitmask
 (kernels/common/index.py); the verify kernel reads each union block, the committed window

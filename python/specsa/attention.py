@@ -11,7 +11,7 @@
 
 plan() freezes what the host knows (tree topology, positions, page tables, group cuts, union
 capacity, split factor) into device buffers; selections are produced on the device per layer,
-so run() builds the group unions on the device (DESIGN.md section 4). With graph_buffers=True a
+so run() builds the group unions on the device (docs/DESIGN.md section 4). With graph_buffers=True a
 plan of the same shape (batch, tree sizes, schedule) rewrites the previous plan's buffers in
 place, so a graph captured around run() replays with the new step's metadata.
 """

@@ -159,7 +159,7 @@ def _split_kv(spec: str, flag: str) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class VerifyKnobs:
-    """How verification runs inside a precision class (DESIGN.md, precision classes).
+    """How verification runs inside a precision class (docs/DESIGN.md section 5).
 
     precision: the user's class; schedule: None = the exact default for the step's size
     (specsa.schedule.default_schedule); group_size C: None = the default for the Q tile;

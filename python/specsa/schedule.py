@@ -1,5 +1,5 @@
 """Verification schedule geometry on the host: flatten a draft tree (CHAIN / BFS / DFS) and cut
-the flat order into groups of C verifier queries (SSV §4.2). Pure functions of the tree shape;
+the flat order into groups of C verifier queries (docs/DESIGN.md section 4). Pure functions of the tree shape;
 `specsa.attention.NSAVerifier.plan` calls them once per step.
 
 Why the order matters: EXACT_MERGED reads the union of a group's selections once, so adjacent

@@ -24,7 +24,7 @@ CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
   The commit of verify blocks is `fused_commit` (accepted path's KV + its provisional
   compressed tokens, every layer in one launch, no recompute): see `PagedKVCache.commit`.
 
-Keys are post-RoPE (they are what the cache stores), scale is 1/sqrt(head_dim) (DESIGN.md 3).
+Keys are post-RoPE (they are what the cache stores), scale is 1/sqrt(head_dim) (docs/DESIGN.md section 3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Orchestrator (SSV §6): latency profiles, acceptance statistics and the throughput-aware
+"""Orchestrator (docs/DESIGN.md section 5): latency profiles, acceptance statistics and the throughput-aware
 planner that picks the draft/verify strategy per prompt and per step inside a precision class.
 
 Dependencies: specsa.config only (no model, runtime or kernel calls): pure Python on data.

@@ -1,4 +1,4 @@
-"""Throughput-aware planner (SSV §6): pick the draft/verify strategy that maximises expected
+"""Throughput-aware planner (docs/DESIGN.md section 5): pick the draft/verify strategy that maximises expected
 accepted tokens per second inside the user's precision class, or no speculation at all.
 
 `plan_strategy` is a pure function of (profile, statistics, precision class, context, batch,

@@ -99,7 +99,7 @@ def _draft_shape(sa) -> None:
 
 
 # Set in the process that parsed the server arguments (the tokenizer manager's) once SPECSA
-# is selected; read by request-time checks (cpu_fallbacks.reject_sampled_requests).
+# is selected.
 SELECTED = {"specsa": False}
 
 

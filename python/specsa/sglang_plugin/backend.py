@@ -1,5 +1,5 @@
 """The `specsa` SGLang attention backend: extend, decode and TARGET_VERIFY with NSA semantics
-(DESIGN.md section 3) on the target; dense attention on a draft runner.
+(docs/DESIGN.md section 3) on the target; dense attention on a draft runner.
 
 Every forward is reduced to one shape per request: P committed tokens already in the KV pool
 (positions 0..P-1, slots from req_to_token) plus T new tokens hanging below them as a tree

@@ -1,6 +1,6 @@
 """Out-of-tree SGLang platform that runs the real server on a CPU-only machine (test harness).
 
-SGLang's stock CPU engine needs a CPU build of sgl-kernel that is not on PyPI (SGLANG.md 6.2).
+SGLang's stock CPU engine needs a CPU build of sgl-kernel that is not on PyPI.
 This platform (entry point group `sglang.srt.platforms`, name `specsa_cpu`) is selected only by
 `SGLANG_PLATFORM=specsa_cpu`; it supplies the torch KV pool / allocator classes that 0.5.17
 requires from out-of-tree platforms, and `register()` then installs the torch fallbacks of

@@ -7,7 +7,7 @@ Sources, later ones override earlier ones:
    CLI), a JSON object, or the path of a JSON file holding an object.
 
 SGLang owns the command line, so the environment variable is this plugin's "flag"; it is read
-here and nowhere below (STYLE.md section 6, item 9).
+here and nowhere below.
 """
 from __future__ import annotations
 
