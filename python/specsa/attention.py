@@ -24,6 +24,7 @@ import torch
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal, parse_enum
 from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
+from specsa.device_plan import DeviceStepPlan
 from specsa.metadata import VerifyPlan
 from specsa.schedule import (MAX_TREE, as_parents, default_group_size, default_num_splits,
                              flatten)
@@ -114,6 +115,36 @@ class NSAVerifier:
         plan = self._buffers(schedule, traversal, precision, c, num_splits, geo, sizes)
         self._plan = plan
         return plan
+
+    def plan_on_device(self, bs: int, t: int, table_width: int, page_size: int,
+                       schedule: Schedule | str = Schedule.EXACT_MERGED,
+                       precision: PrecisionClass | str = PrecisionClass.STRICT,
+                       group_size: int | None = None, margin: int = 0,
+                       num_splits: int | None = None) -> DeviceStepPlan:
+        """Static buffers for steps of `bs` trees of `t` nodes whose geometry is planned on the
+        device (`DeviceStepPlan.fill`, no host sync); `run()` then reads them. Groups are C
+        consecutive nodes of a tree in node order (any order is exact; level order keeps
+        siblings together)."""
+        schedule = parse_enum(Schedule, schedule, "schedule")
+        precision = parse_enum(PrecisionClass, precision, "precision")
+        g = self.hq // self.hkv
+        c = 1 if schedule is Schedule.INDEPENDENT else (group_size or default_group_size(g, bs * t))
+        c = min(c, t)          # a group never spans two trees
+        why = unsupported_reason(schedule, precision, (t,) * bs, c, self.params.select)
+        if why:
+            raise ConfigError(why)
+        n_groups = bs * -(-t // c)
+        if num_splits is None:
+            sel_tiles = self.params.topn * (1 if c == 1 else max(1, c // 2))
+            work = sel_tiles + -(-self.params.window // 64)
+            num_splits = default_num_splits(n_groups * self.hkv, work, self._num_sms)
+        dplan = DeviceStepPlan(bs, t, table_width, page_size, self.params, c,
+                               schedule is Schedule.SHARED_INDEX, margin, self.device,
+                               num_splits)
+        self._plan = None
+        self._plan = self._buffers(schedule, Traversal.CHAIN if t == 1 else Traversal.BFS,
+                                   precision, c, num_splits, dplan.geo, (t,) * bs)
+        return dplan
 
     def _buffers(self, schedule, traversal, precision, c, nsplit, geo, sizes) -> VerifyPlan:
         old = self._plan

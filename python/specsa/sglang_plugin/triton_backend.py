@@ -26,6 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.config import Compression, NSAConfig
+from specsa.device_plan import parents_from_links
 from specsa.kernels.compression import (
     compress_gather,
     compress_paged,
@@ -43,7 +44,8 @@ from .triton_plan import StepBuffers, StepPlanner, block_table_from
 class SpecsaTritonBackend(AttentionBackend):
     """NSA target attention on the Triton kernels over SGLang's MHA token pool."""
 
-    needs_cpu_seq_lens = True
+    # decode / verify plans read seq_lens on the device; prefill reads SGLang's host lists
+    needs_cpu_seq_lens = False
 
     def __init__(self, runner, nsa: NSAConfig):
         super().__init__()
@@ -118,28 +120,22 @@ class SpecsaTritonBackend(AttentionBackend):
         self._refreshed = [0, 0]
 
     def _plan_step(self, fb, in_capture: bool) -> StepBuffers:
+        """Plan a decode / TARGET_VERIFY step on the device (no host sync)."""
         verify = fb.forward_mode.is_target_verify()
         bs = int(getattr(fb, "batch_size", None) or fb.req_pool_indices.shape[0])
-        seq = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
-        seq = [int(x) for x in seq.tolist()[:bs]]
         t = self.draft_tokens if verify else 1
-        chain = list(range(-1, t - 1))
-        if verify:
-            prefix = seq
-            parents = [chain] * bs
-            si = fb.spec_info
-            # a chain draft (topk 1) has a fixed shape: reading the tree links would make the
-            # host wait for the draft to finish on the GPU
-            if self.topk > 1 and not in_capture and si is not None \
-                    and si.retrieve_next_token is not None:
-                from .backend import tree_parents
-                nxt, sib = si.retrieve_next_token.tolist(), si.retrieve_next_sibling.tolist()
-                for b in range(min(bs, len(nxt))):       # rows beyond are graph padding
-                    parents[b] = tree_parents(nxt[b], sib[b]).tolist()
-        else:
-            prefix = [max(0, s - 1) for s in seq]
-            parents = [chain] * bs
         buf = self.planner.buffers("verify" if verify else "decode", bs, t)
+        seq = fb.seq_lens[:bs].to(torch.int32)
+        # decode: seq_lens counts the token being decoded; verify: the committed prefix only
+        prefix = seq if verify else (seq - 1).clamp(min=0)
+        parents = buf.chain
+        si = fb.spec_info
+        if verify and self.topk > 1 and not in_capture and si is not None \
+                and si.retrieve_next_token is not None:
+            links = parents_from_links(si.retrieve_next_token, si.retrieve_next_sibling)
+            raw = links.shape[0]
+            # rows beyond the batch are CUDA-graph padding: they keep the chain
+            parents = links if raw == bs else torch.cat([links, buf.chain[raw:]])
         return self.planner.fill(buf, prefix, parents, self.req_to_token_pool.req_to_token,
                                  fb.req_pool_indices[:bs])
 
@@ -223,22 +219,22 @@ class SpecsaTritonBackend(AttentionBackend):
         kn = k3.to(kc.dtype).contiguous()
         vn = v3.to(vc.dtype).contiguous()
         gates, cw = self._native(layer)
+        dp = s.plan
         # every layer keeps its committed compressed tokens current (a later step may refresh it)
-        compress_paged(kc, vc, ck, cv, s.bt, s.upd_lo, s.upd_hi, p, cw=cw)
+        compress_paged(kc, vc, ck, cv, dp.block_table, dp.upd_lo, dp.prefix, p, cw=cw)
         refresh = self.knobs.refreshes(layer.layer_id - self.pool.start_layer) \
             or self._last_sel is None
         o_cmp = None
         if refresh or p.gated:
             # the gated combine needs this layer's compressed-branch output even when the
             # selection is reused, so only the union combine skips the refresh kernel
-            plan = s.verifier._plan
-            geo = plan.geometry
-            pk, pv = compress_gather(kc, vc, kn, vn, s.prov_idx, p, cw=cw)
+            geo = dp.geo
+            pk, pv = compress_gather(kc, vc, kn, vn, dp.prov_idx, p, cw=cw)
             own, o_cmp, _ = score_topk_grouped(
-                q3, ck, cv, s.bt, s.q_req, s.q_pos, s.cmp_lens, p, layer.scaling,
-                self.page_size, with_out=p.gated, group_size=plan.group_size,
+                q3, ck, cv, dp.block_table, dp.q_req, dp.q_pos, dp.cmp_lens, p, layer.scaling,
+                self.page_size, with_out=p.gated, group_size=dp.c,
                 groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
-                prov_v=pv.to(cv.dtype), prov_cidx=s.prov_cidx, prov_vis=s.prov_vis)
+                prov_v=pv.to(cv.dtype), prov_cidx=dp.prov_cidx, prov_vis=dp.prov_vis)
             if refresh:
                 self._last_sel = own
             self._refreshed[0] += 1

@@ -1,14 +1,17 @@
-"""Per-step metadata of the Triton NSA path inside SGLang, in static buffers.
+"""Per-step metadata of the Triton NSA path inside SGLang, in static buffers planned on the
+device.
 
 Decode and TARGET_VERIFY forwards have a fixed shape per batch size (every request carries T
 new tokens: 1 for decode, `speculative_num_draft_tokens` for verification), so everything the
 kernels read lives in buffers allocated once per (mode, batch size) and rewritten in place
-before every forward. A CUDA graph captured around the layers therefore replays with the new
-step's metadata; eager forwards use the very same buffers, so CPU tests (Triton interpreter)
-exercise the code the graphs run.
+before every forward by device ops only (`specsa.device_plan`): no host sync, so the host can
+prepare a step while the GPU still runs the previous phase, and a CUDA graph captured around
+the layers replays with the new step's metadata. Eager forwards use the very same buffers, so
+CPU tests (Triton interpreter) exercise the code the graphs run.
 
-Host inputs per step: the committed length P of each request (SGLang's seq_lens on the host)
-and the draft tree (parents). Slots come from SGLang's req_to_token table on the device.
+Inputs per step, on the device: the committed length P of each request (SGLang's seq_lens),
+the draft trees as parent arrays (a chain for decode and topk 1; recovered from the EAGLE
+tree's first-child / next-sibling links otherwise) and SGLang's req_to_token rows.
 
 Layout contract with the kernels (docs/CONTRACTS.md section 4): SGLang's token pool of one
 layer, [size + page_size, Hkv, D], is read as pages [num_pages, page_size, Hkv, D]; a token's
@@ -22,10 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from specsa.attention import NSAVerifier
-from specsa.config import NSAConfig, Traversal, VerifyKnobs
-from specsa.kernels.common.upload import copy_to_
-from specsa.kernels.nsa.naive import tree_depths
-from specsa.provisional import closing_blocks, visible_rows
+from specsa.config import NSAConfig, VerifyKnobs
+from specsa.device_plan import DeviceStepPlan, chain_parents
 from specsa.schedule import default_schedule
 
 
@@ -41,26 +42,19 @@ def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Te
 
 @dataclass
 class StepBuffers:
-    """Static metadata of one (mode, batch size): see the module docstring."""
+    """The static metadata of one (mode, batch size): the device plan and its verifier."""
 
-    bs: int
-    tokens_per_req: int
-    bt: torch.Tensor          # [bs, W] int32
-    q_req: torch.Tensor       # [N] int32
-    q_pos: torch.Tensor       # [N] int32
-    cmp_lens: torch.Tensor    # [bs] int32, num_cmp(P)
-    upd_lo: torch.Tensor      # [bs] int32: compressed tokens closed by positions upd_lo..P-1
-    upd_hi: torch.Tensor      # [bs] int32   are (re)written from the committed pool first
-    prov_code: torch.Tensor   # [N, l] int64 host-planned sources: >= 0 position, < 0 tail row
-    prov_idx: torch.Tensor    # [N, l] int32 compress_gather sources (pool slot or tail row)
-    prov_cidx: torch.Tensor   # [N] int32 compressed index of each node's provisional token
-    prov_vis: torch.Tensor    # [N, T] int32 provisional rows visible to each node, -1 padded
+    plan: DeviceStepPlan
     verifier: NSAVerifier
-    group_size: int = 1
+    chain: torch.Tensor       # [bs, T] the chain's parents (decode, topk 1, graph capture)
 
     @property
     def num_tokens(self) -> int:
-        return self.bs * self.tokens_per_req
+        return self.plan.num_queries
+
+    @property
+    def group_size(self) -> int:
+        return self.plan.c
 
 
 class StepPlanner:
@@ -79,61 +73,21 @@ class StepPlanner:
     def buffers(self, mode: str, bs: int, t: int) -> StepBuffers:
         key = (mode, bs, t)
         if key not in self._bufs:
-            n, l, dev = bs * t, self.params.block, self.device
-            i32 = dict(dtype=torch.int32, device=dev)
-            self._bufs[key] = StepBuffers(
-                bs=bs, tokens_per_req=t, bt=torch.zeros(bs, self.width, **i32),
-                q_req=torch.zeros(n, **i32), q_pos=torch.zeros(n, **i32),
-                cmp_lens=torch.zeros(bs, **i32), upd_lo=torch.zeros(bs, **i32),
-                upd_hi=torch.zeros(bs, **i32),
-                prov_code=torch.zeros(n, l, dtype=torch.int64, device=dev),
-                prov_idx=torch.zeros(n, l, **i32), prov_cidx=torch.zeros(n, **i32),
-                prov_vis=torch.full((n, t), -1, **i32),
-                verifier=NSAVerifier(self.nsa, self.hq, self.hkv, self.head_dim, device=dev,
-                                     scale=self.scale, graph_buffers=True))
+            k = self.knobs
+            verifier = NSAVerifier(self.nsa, self.hq, self.hkv, self.head_dim,
+                                   device=self.device, scale=self.scale, graph_buffers=True)
+            plan = verifier.plan_on_device(
+                bs, t, self.width, self.page_size,
+                schedule=k.schedule or default_schedule(bs * t), precision=k.precision,
+                group_size=k.group_size, margin=self.margin)
+            self._bufs[key] = StepBuffers(plan, verifier, chain_parents(bs, t, self.device))
         return self._bufs[key]
 
-    def fill(self, buf: StepBuffers, prefix_lens: list[int], parents: list[list[int]],
+    def fill(self, buf: StepBuffers, prefix: torch.Tensor, parents: torch.Tensor,
              req_to_token: torch.Tensor, pool_idx: torch.Tensor) -> StepBuffers:
-        """Rewrite `buf` in place for one step: P per request (host), trees (host), slots
-        (device). Shapes never change, so captured graphs stay valid."""
-        p, t, bs = self.params, buf.tokens_per_req, buf.bs
-        if len(prefix_lens) != bs or len(parents) != bs or any(len(x) != t for x in parents):
-            raise ValueError(f"specsa triton plan: expected {bs} requests of {t} tokens, got "
-                             f"{len(prefix_lens)} lengths and trees of {[len(x) for x in parents]}")
-        q_req, q_pos, cmp_lens, lo, code, cidx, vis = [], [], [], [], [], [], []
-        for b, (P, par) in enumerate(zip(prefix_lens, parents)):
-            q_req.extend([b] * t)
-            q_pos.extend(P + dv for dv in tree_depths(par))
-            cmp_lens.append(p.num_cmp(P))
-            lo.append(max(0, P - self.margin))
-            # committed sources as positions (mapped to slots on the device below); one row per
-            # node, so the shapes never change: rows of nodes closing no block are unused
-            blocks = closing_blocks(par, P, p, lambda t: t, b * t)
-            code.extend([0] * p.block if x is None else x[0] for x in blocks)
-            cidx.extend(0 if x is None else x[1] for x in blocks)
-            rows = visible_rows(par, {v: b * t + v for v, x in enumerate(blocks) if x is not None})
-            vis.extend(r + [-1] * (t - len(r)) for r in rows)
-
-        # pinned, asynchronous copies: the host never waits for the GPU here
-        copy_to_(buf.q_req, q_req)
-        copy_to_(buf.q_pos, q_pos)
-        copy_to_(buf.cmp_lens, cmp_lens)
-        copy_to_(buf.upd_lo, lo)
-        copy_to_(buf.upd_hi, list(prefix_lens))
-        copy_to_(buf.prov_code, code)
-        copy_to_(buf.prov_cidx, cidx)
-        copy_to_(buf.prov_vis, vis)
-        req_rows = req_to_token.index_select(0, pool_idx.long())
-        buf.bt.copy_(block_table_from(req_rows, self.page_size, self.width))
-        # committed sources -> SGLang slots (req_to_token), tail rows stay negative
-        slots = req_rows.index_select(0, buf.q_req.long()).gather(1, buf.prov_code.clamp(min=0))
-        buf.prov_idx.copy_(torch.where(buf.prov_code >= 0, slots, buf.prov_code).to(torch.int32))
-        k = self.knobs
-        plan = buf.verifier.plan(parents, prefix_lens, buf.bt,
-                                 schedule=k.schedule or default_schedule(buf.num_tokens),
-                                 traversal=Traversal.BFS, precision=k.precision,
-                                 group_size=k.group_size)
-        buf.group_size = plan.group_size
+        """Rewrite `buf` in place for one step (device ops only): prefix [bs] committed
+        lengths, parents [bs, T], the requests' req_to_token rows through pool_idx [bs]."""
+        rows = req_to_token.index_select(0, pool_idx.long())
+        buf.plan.fill(prefix, parents, block_table_from(rows, self.page_size, self.width),
+                      self.params.window)
         return buf
-
