@@ -204,6 +204,8 @@ def check(pr: Prompt, rows: int, n_ref: int) -> dict:
     res["rel_rms_vs_old_same_sel"] = float((o_n[rr] - o_o[rr]).pow(2).mean().sqrt()
                                            / o_o[rr].pow(2).mean().sqrt()) if rr.numel() else None
     pick = sorted({0, (e - s) // 2, e - s - 1})[:n_ref]
+    if not pick:
+        return res
     ks, vs = pr.key_value_seq(e)
     q_rows = pr.q[s:e][pick].float().cpu()
     o_ref, s_ref = naive_nsa_prefill_rows(q_rows, ks.cpu(), vs.cpu(), [s + i for i in pick], p,
@@ -215,6 +217,25 @@ def check(pr: Prompt, rows: int, n_ref: int) -> dict:
     got = o_n[pick].cpu()
     res["rel_rms_vs_fp32_ref"] = float((got - o_ref).pow(2).mean().sqrt() / o_ref.pow(2).mean().sqrt())
     return res
+
+
+def tune(pr: Prompt, rep_ms: int) -> list:
+    """Knob sweep at one context: refresh group size (refresh stage alone) and the tile /
+    sparse kernels' MMA rows (selected + window stage alone); defaults first."""
+    rows = []
+
+    def one(rec, **kw):
+        try:
+            rec["ms"] = median_ms(lambda: pr.run(**kw), rep_ms)
+        except Exception as e:  # noqa: BLE001 - a knob that does not compile is a result too
+            rec["error"] = repr(e)[-500:]
+        rows.append(rec)
+    for gs in (32, 16, 64):
+        one(dict(stage="refresh", group_size=gs), stages=2, group_size=gs)
+    for tr, ir in ((64, 64), (128, 64), (64, 128), (128, 128), (64, 32)):
+        one(dict(stage="sel_win", tile_rows=tr, item_rows=ir), stages=12, tile_rows=tr, item_rows=ir)
+    pr.run()                                # leave the default selections in place
+    return rows
 
 
 def dense_ms(pr: Prompt, rep_ms: int) -> tuple[float | None, str]:
@@ -253,12 +274,15 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=600, help="do_bench rep time per measurement")
     ap.add_argument("--check-rows", type=int, default=2048)
     ap.add_argument("--no-stages", action="store_true")
+    ap.add_argument("--tune-ctx", type=int, default=65536,
+                    help="context of the knob sweep (refresh group size, tile / item rows); 0: none")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     a = ap.parse_args()
     if a.smoke:
         a.hq, a.hkv, a.dim, a.page, a.dtype = 8, 2, 32, 16, torch.float32
         p = NSAParams(block=8, stride=4, select=16, topn=6, window=32, gated=a.gated)
         a.contexts, a.chunk, a.old_max_ctx, a.check_rows, a.rep_ms = "96,160", 64, 160, 48, 1
+        a.tune_ctx = 160
     else:
         a.hq, a.hkv, a.dim, a.page, a.dtype = 32, 8, 128, 16, torch.bfloat16
         p = NSAParams(gated=a.gated)
@@ -307,7 +331,9 @@ def main() -> None:
             row["dense_flops"] = 4 * a.hq * a.dim * ctx * ctx / 2
             row["dense_floor_ms"] = row["dense_flops"] / mm * 1e3
             row["speedup_vs_dense"] = row["dense_ms"] / row["nsa_ms"]
-            row["check"] = check(pr, a.check_rows, 3)
+            row["check"] = check(pr, a.check_rows, 3 if ctx <= 65536 else 0)
+            if ctx == a.tune_ctx:
+                row["tune"] = tune(pr, a.rep_ms)
             del pr
             if DEV == "cuda":
                 torch.cuda.empty_cache()

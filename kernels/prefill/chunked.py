@@ -72,7 +72,7 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float, cw=None, gates: torch.Tensor | None = None,
                         out: torch.Tensor | None = None, sel: torch.Tensor | None = None,
                         compress_programs: int | None = None, impl: str = "tiles",
-                        group_size: int = 16, tile_rows: int = 64, item_rows: int = 64,
+                        group_size: int | None = None, tile_rows: int = 64, item_rows: int = 64,
                         pass_rows: int | None = None, part_dtype: torch.dtype | None = None,
                         refresh_splits: int | None = None, _stages: int = 15
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,8 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         compress_programs (int | None): programs per (request, head) for the chunk's
             compression; None: from N (16..128).
         impl (str): "tiles" (default, see the module docstring) or "rows" (the old path).
-        group_size (int): rows per refresh tile (C; C * pow2(G) MMA rows), 1..64.
+        group_size (int | None): rows per refresh tile (C; C * pow2(G) MMA rows), 1..64; None:
+            128 MMA rows (C = 32 at G = 4: the fastest refresh tile measured on the H200).
         tile_rows (int): MMA rows of the tile kernel (consecutive rows per tile = tile_rows // G).
         item_rows (int): MMA rows of the sparse kernel (entries per item = item_rows // G).
         pass_rows (int | None): rows per sparse + tile pass (partial buffers: pass_rows * Hkv *
@@ -145,6 +146,8 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _check_rows(q_req)
     g = hq // hkv
     nb = prefix_lens.shape[0]
+    if group_size is None:
+        group_size = max(1, min(64, 128 // triton.next_power_of_2(g)))
     groups = row_tiles(q_req, nb, group_size)
     o_cmp = None
     if _stages & 2:

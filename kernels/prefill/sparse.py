@@ -118,8 +118,8 @@ def sparse_items(sel: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor, pa
     """The inverted index of the free selected blocks of rows sel [N, Hkv, topn].
 
     Returns (skey [M] sorted keys, sidx [M] entry ids in key order, item_start [NI] int32, M).
-    Entry e = (row * Hkv + head) * NF + f holds slot SLO + f; invalid entries sort last (key
-    2^62) and start no item. NI = ceil(M / cq) + min(M, Hkv * num_req * maxb) bounds the items
+    Entry e = (row * Hkv + head) * NF + f holds slot SLO + f; invalid entries sort last (the
+    key dtype's max: int32 where every key fits) and start no item. NI = ceil(M / cq) + min(M, Hkv * num_req * maxb) bounds the items
     (each key's run is cut into ceil(run / cq) pieces); unused item slots hold M.
     """
     n, hkv, _ = sel.shape
@@ -131,8 +131,11 @@ def sparse_items(sel: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor, pa
     if not params.gated:
         valid &= s * params.select < t - params.window + 1
     head = torch.arange(hkv, device=dev, dtype=torch.int64).view(1, hkv, 1)
-    big = 1 << 62
+    # 32-bit keys where they fit: the radix sort then makes half the passes
+    kdt = torch.int32 if num_req * hkv * maxb < (1 << 31) - 1 else torch.int64
+    big = torch.iinfo(kdt).max
     key = torch.where(valid, (q_req.to(torch.int64).view(n, 1, 1) * hkv + head) * maxb + s, big)
+    key = key.to(kdt)
     skey, sidx = torch.sort(key.reshape(-1), stable=True)
     m = skey.shape[0]
     i = torch.arange(m, device=dev, dtype=torch.int64)
@@ -150,7 +153,7 @@ def sparse_items(sel: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor, pa
 def prefill_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_table: torch.Tensor, q_pos: torch.Tensor, index, params: NSAParams,
                    scale: float, part_o: torch.Tensor, part_lse: torch.Tensor, cq: int,
-                   num_warps: int = 4, num_stages: int = 2) -> None:
+                   num_warps: int | None = None, num_stages: int = 2) -> None:
     """Partial (o, lse) of every valid free entry of `index` (from `sparse_items`, same cq)."""
     skey, sidx, item_start, m = index
     nq, hq, dim = q.shape
@@ -161,13 +164,16 @@ def prefill_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return
     bt = min(64, triton.next_power_of_2(params.select))
     maxb = _maxb(block_table, ps, params)
+    r = max(16, triton.next_power_of_2(cq * g))
+    bd = max(16, triton.next_power_of_2(dim))
+    if num_warps is None:   # sm_90 ptxas: R=128 x D=128 takes 226 registers at 4 warps, 143 at 8
+        num_warps = 8 if r * bd >= 128 * 128 else 4
     prefill_sparse_kernel[(item_start.shape[0],)](
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, q_pos=q_pos,
         skey=skey, sidx=sidx, item_start=item_start, part_o=part_o, part_lse=part_lse,
         qk_scale=float(scale) * 1.4426950408889634, stride_bt=block_table.stride(0), M=m,
-        HQ=hq, HKV=hkv, G=g, D=dim, BD=max(16, triton.next_power_of_2(dim)), LS=params.select,
-        BT=bt, NT=-(-params.select // bt), W=params.window, PS=ps, NF=nf, MAXB=maxb, CQ=cq,
-        R=max(16, triton.next_power_of_2(cq * g)), GATED=params.gated,
+        HQ=hq, HKV=hkv, G=g, D=dim, BD=bd, LS=params.select, BT=bt, NT=-(-params.select // bt),
+        W=params.window, PS=ps, NF=nf, MAXB=maxb, CQ=cq, R=r, GATED=params.gated,
         F32=q.dtype == torch.float32 or q.device.type == "cpu",
         num_warps=num_warps, num_stages=num_stages)
 

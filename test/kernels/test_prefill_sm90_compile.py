@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 which, gated, warps, rows = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 if which == "sparse":
     fn = importlib.import_module("specsa.kernels.prefill.sparse").prefill_sparse_kernel
-    ptr = dict(block_table="*i32", q_pos="*i32", skey="*i64", sidx="*i64", item_start="*i32",
+    ptr = dict(block_table="*i32", q_pos="*i32", skey="*i32", sidx="*i64", item_start="*i32",
                part_lse="*fp32", qk_scale="fp32", stride_bt="i32", M="i32", MAXB="i32")
     const = dict(HQ=32, HKV=8, G=4, D=128, BD=128, LS=64, BT=64, NT=1, W=512, PS=16, NF=13,
                  CQ=rows // 4, R=rows, GATED=gated, F32=False)
