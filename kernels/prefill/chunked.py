@@ -37,7 +37,8 @@ def row_tiles(q_req: torch.Tensor, num_req: int, size: int) -> tuple[torch.Tenso
     """Tiles of at most `size` consecutive rows of one request, on the device without a host
     sync: (order [N] = arange, g_start [NG], g_len [NG]) int32 with NG = ceil(N / size) + B
     (a bound: each request adds at most one partial tile; unused slots have g_len 0). Needs
-    each request's rows contiguous in the chunk.
+    each request's rows contiguous in the chunk (checked on CPU tensors; on the GPU rows past
+    the bound would be left unwritten rather than trip a device assert).
 
     Example: q_req [0, 0, 0, 1], size 2 -> tiles (0, 2), (2, 1), (3, 1), then 2 empty slots.
     """
@@ -50,6 +51,7 @@ def row_tiles(q_req: torch.Tensor, num_req: int, size: int) -> tuple[torch.Tenso
     is_start = (i - run0) % size == 0
     tid = torch.cumsum(is_start.to(torch.int32), 0).to(torch.int64) - 1
     ng = -(-n // size) + num_req
+    tid = tid.clamp_max(ng)     # rows past the bound (a request split in the chunk) go nowhere
     g_start = torch.zeros(ng + 1, dtype=torch.int32, device=dev)
     g_start.scatter_(0, torch.where(is_start, tid, ng), i.to(torch.int32))
     g_len = torch.zeros(ng + 1, dtype=torch.int32, device=dev)
