@@ -206,18 +206,49 @@ def _gather_heads_first(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).float().contiguous()
 
 
-def _cmp_branch(qc: torch.Tensor, ckf: torch.Tensor, cvf: torch.Tensor, c_vis: torch.Tensor,
-                w_overlap: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cmp_branch(qc: torch.Tensor, ckf: torch.Tensor, cvf: torch.Tensor | None,
+                c_vis: torch.Tensor, w_overlap: torch.Tensor, scale: float
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Compressed attention + Eq. 9 scores of a chunk: qc [C, Hkv, G, D], ckf / cvf [Nc, Hkv, D],
-    c_vis [C, Nc] -> (o_cmp [C, Hkv, G, D], scores [C, Hkv, Nsel] fp32, group-summed)."""
+    c_vis [C, Nc] -> (o_cmp [C, Hkv, G, D] (None when cvf is None), scores [C, Hkv, Nsel] fp32,
+    group-summed)."""
     if ckf.shape[0] == 0:
         c, hkv = qc.shape[:2]
-        return torch.zeros_like(qc), qc.new_zeros(c, hkv, w_overlap.shape[1])
+        return (None if cvf is None else torch.zeros_like(qc),
+                qc.new_zeros(c, hkv, w_overlap.shape[1]))
     logits = torch.einsum("chgd,nhd->chgn", qc, ckf) * scale                    # [C, Hkv, G, Nc]
     p = _masked_softmax(logits, c_vis[:, None, None, :])
     # per-head mapping, then the group sum: the order naive_block_scores uses
     scores = torch.einsum("chgn,nj->chgj", p, w_overlap).sum(dim=2)
-    return torch.einsum("chgn,nhd->chgd", p, cvf), scores
+    return (None if cvf is None else torch.einsum("chgn,nhd->chgd", p, cvf)), scores
+
+
+def _cmp_out(qc: torch.Tensor, ckf: torch.Tensor, cvf: torch.Tensor, c_vis: torch.Tensor,
+             scale: float) -> torch.Tensor:
+    """o_cmp of a chunk without the selection scores (a layer reusing a selection under the
+    gated combine): same arithmetic as `_cmp_branch`."""
+    if ckf.shape[0] == 0:
+        return torch.zeros_like(qc)
+    logits = torch.einsum("chgd,nhd->chgn", qc, ckf) * scale
+    p = _masked_softmax(logits, c_vis[:, None, None, :])
+    return torch.einsum("chgn,nhd->chgd", p, cvf)
+
+
+def select_blocks(q: torch.Tensor, q_pos: torch.Tensor, ckf: torch.Tensor,
+                  c_visible: torch.Tensor, w_overlap: torch.Tensor, params: NSAParams,
+                  scale: float, chunk: int = 128) -> torch.Tensor:
+    """Selected blocks of every query (the refresh alone, no attention): q [Nq, Hq, D],
+    q_pos [Nq] int64, ckf [Nc, Hkv, D] float32, c_visible [Nq, Nc], w_overlap [Nc, Nsel]
+    -> [Nq, Hkv, topn] int64 sorted, -1 padded (what `masked_nsa` computes and returns)."""
+    nq, hq, dim = q.shape
+    hkv = ckf.shape[1]
+    sel = torch.full((nq, hkv, params.topn), -1, dtype=torch.int64, device=q.device)
+    for s in range(0, nq, chunk):
+        e = min(s + chunk, nq)
+        qc = q[s:e].float().reshape(e - s, hkv, hq // hkv, dim)
+        _, scores = _cmp_branch(qc, ckf, None, c_visible[s:e], w_overlap, scale)
+        sel[s:e] = _select(scores, q_pos[s:e], params)
+    return sel
 
 
 def _select(scores: torch.Tensor, t: torch.Tensor, params: NSAParams) -> torch.Tensor:
@@ -270,7 +301,8 @@ def masked_nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
                k_pos: torch.Tensor, kv_visible: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
                c_idx: torch.Tensor, c_visible: torch.Tensor, params: NSAParams, scale: float,
                gates: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int = 128, sel: torch.Tensor | None = None,
+               sel_src: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA for many queries at once, each over its own visible keys / compressed tokens.
 
     Args:
@@ -289,8 +321,18 @@ def masked_nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         out (torch.Tensor | None): shape [Nq, Hq, D] # mutable; fully overwritten. Default:
             a new tensor of q's dtype.
         chunk (int): queries per step; memory is O(chunk * Hq * Nk) floats.
+        sel (torch.Tensor | None): shape [Nq, Hkv, topn] int, sorted, -1 padded: use these
+            selected blocks instead of computing them (cross-layer index reuse, the REUSE
+            classes of docs/DESIGN.md section 5): the Eq. 9 scores and the top-n are skipped
+            entirely; with the union combine so is the whole compressed branch (the gated
+            combine still needs o_cmp). Blocks past a query's position or keys off its path
+            stay masked by kv_visible.
+        sel_src (torch.Tensor | None): shape [Nq] int: query u attends with the selection
+            computed for query sel_src[u] (SHARED_INDEX, APPROX classes: a group's
+            representative); selections are then computed for every query first. Not with sel.
     Returns:
-        (o = out [Nq, Hq, D], sel [Nq, Hkv, topn] int64 sorted ascending, -1 padded).
+        (o = out [Nq, Hq, D], sel [Nq, Hkv, topn] int64 sorted ascending, -1 padded): the
+        selection each query attended with (given, shared or its own).
 
     Host syncs (nonzero / max per chunk) make this a CPU / eager path, not CUDA-graph safe.
     Bytes per chunk: reads C*Hq*D + 2*Nk'*Hkv*D + 2*Nc*Hkv*D elements (Nk' = keys visible to
@@ -305,22 +347,43 @@ def masked_nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         out = torch.empty(nq, hq, dim, dtype=q.dtype, device=q.device)
     elif tuple(out.shape) != (nq, hq, dim):
         raise ValueError(f"masked_nsa: out must be [{nq}, {hq}, {dim}], got {tuple(out.shape)}")
-    sel = torch.full((nq, hkv, params.topn), -1, dtype=torch.int64, device=q.device)
+    if sel is not None and sel_src is not None:
+        raise ValueError("masked_nsa: give sel (reused selection) or sel_src (shared "
+                         "selection), not both")
+    if sel is not None and tuple(sel.shape) != (nq, hkv, params.topn):
+        raise ValueError(f"masked_nsa: sel must be [{nq}, {hkv}, {params.topn}], got "
+                         f"{tuple(sel.shape)}")
+    if sel_src is not None and tuple(sel_src.shape) != (nq,):
+        raise ValueError(f"masked_nsa: sel_src must be [{nq}], got {tuple(sel_src.shape)}")
+    given = sel is not None
     if nq == 0:
-        return out, sel
+        return out, torch.full((nq, hkv, params.topn), -1, dtype=torch.int64, device=q.device)
     ckf, cvf = ck.float(), cv.float()
     nsel = params.num_sel(int(q_pos.max()) + 1)  # host sync: sizes the score table
     w_overlap = overlap_weights(c_idx, nsel, params)                            # [Nc, Nsel]
+    if sel_src is not None:
+        own = select_blocks(q, q_pos, ckf, c_visible, w_overlap, params, scale, chunk)
+        sel, given = own[sel_src.to(own.device).long()], True
+    if given:
+        sel = sel.to(device=q.device, dtype=torch.int64)
+    else:
+        sel = torch.full((nq, hkv, params.topn), -1, dtype=torch.int64, device=q.device)
     k_blk = (k_pos // params.select).clamp(max=nsel)    # column nsel of `chosen` is never set
     for s in range(0, nq, chunk):
         e = min(s + chunk, nq)
         qc = q[s:e].float().reshape(e - s, hkv, g, dim)                             # [C, Hkv, G, D]
         tq = q_pos[s:e]
-        o_cmp, scores = _cmp_branch(qc, ckf, cvf, c_visible[s:e], w_overlap, scale)
-        sel_c = _select(scores, tq, params)                                     # [C, Hkv, n]
-        sel[s:e] = sel_c
+        if given:
+            sel_c = sel[s:e]
+            o_cmp = (_cmp_out(qc, ckf, cvf, c_visible[s:e], scale) if gates is not None
+                     else None)
+        else:
+            o_cmp, scores = _cmp_branch(qc, ckf, cvf, c_visible[s:e], w_overlap, scale)
+            sel_c = _select(scores, tq, params)                                 # [C, Hkv, n]
+            sel[s:e] = sel_c
         chosen = torch.zeros(e - s, hkv, nsel + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, sel_c.masked_fill(sel_c < 0, nsel), True)
+        # -1 padding (and, for a given selection, blocks no query here can see) -> column nsel
+        chosen.scatter_(2, sel_c.masked_fill((sel_c < 0) | (sel_c >= nsel), nsel), True)
         # keys some query of the chunk sees AND that lie in a block selected by some
         # (query, head) or in the chunk's window span: the rest would be masked anyway
         vis = kv_visible[s:e]

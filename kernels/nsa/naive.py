@@ -44,7 +44,8 @@ def _compressed_kv(k_path, v_path, params, cw):
 
 def naive_nsa_query(q: torch.Tensor, k_path: torch.Tensor, v_path: torch.Tensor,
                     params: NSAParams, scale: float, cw: CompressionWeights | None = None,
-                    gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    gates: torch.Tensor | None = None, sel: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA output of one query at t = len(k_path) - 1.
 
     Args:
@@ -57,8 +58,13 @@ def naive_nsa_query(q: torch.Tensor, k_path: torch.Tensor, v_path: torch.Tensor,
         gates (torch.Tensor | None): shape [Hq, 3] (cmp, slc, win) sigmoid gates -> gated
             combine; None -> union combine (one softmax over selected-block tokens U window
             tokens, each once; the compressed branch only scores).
+        sel (torch.Tensor | None): shape [Hkv, topn] int, -1 padded: attend with these
+            selected blocks instead of the query's own top-n (another layer's selection under
+            index reuse, a group representative's under SHARED_INDEX; docs/DESIGN.md
+            section 5). Only tokens at positions <= t count.
     Returns:
-        (o [Hq, D] float32, sel [Hkv, topn] int64 sorted ascending, -1 padded).
+        (o [Hq, D] float32, sel [Hkv, topn] int64 sorted ascending, -1 padded): the selection
+        used.
 
     Bytes (per query): compression reads (t+1)*Hkv*D*2 elements, compressed attention reads
     2*Nc*Hkv*D, selection + window read at most 2*Hkv*(n*l' + w)*D; writes Hq*D floats and
@@ -76,8 +82,14 @@ def naive_nsa_query(q: torch.Tensor, k_path: torch.Tensor, v_path: torch.Tensor,
         raise ValueError(f"naive_nsa_query: Hq={hq} must be a multiple of Hkv={hkv}")
     ck, cv = _compressed_kv(k_path, v_path, params, cw)
     o_cmp, p = naive_cmp_attention(q, ck, cv, scale)
-    scores = naive_block_scores(p, t, params, num_kv_heads=hkv)
-    sel = naive_topk(scores, t, params)
+    if sel is None:
+        scores = naive_block_scores(p, t, params, num_kv_heads=hkv)
+        sel = naive_topk(scores, t, params)
+    else:
+        sel = sel.to(torch.int64)
+        if tuple(sel.shape) != (hkv, params.topn):
+            raise ValueError(f"naive_nsa_query: sel must be [Hkv={hkv}, topn={params.topn}], "
+                             f"got {tuple(sel.shape)}")
     if gates is not None:
         if tuple(gates.shape) != (hq, 3):
             raise ValueError(f"naive_nsa_query: gates must be [Hq={hq}, 3], got {tuple(gates.shape)}")
@@ -140,7 +152,8 @@ def tree_path(u: int, parents: list[int]) -> list[int]:
 def naive_nsa_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                    k_tree: torch.Tensor, v_tree: torch.Tensor, parents: torch.Tensor,
                    params: NSAParams, scale: float, cw: CompressionWeights | None = None,
-                   gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   gates: torch.Tensor | None = None, sel: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA verification of a draft tree: node u sits at position P + depth(u) and runs
     `naive_nsa_query` over its path = committed context + ancestors + u. Compression blocks
     closing inside the tree are thereby path-dependent (provisional) automatically.
@@ -152,6 +165,8 @@ def naive_nsa_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
         parents (torch.Tensor): shape [T] int; -1 = child of the committed context (node 0);
             otherwise a smaller node index.
         gates (torch.Tensor | None): shape [T, Hq, 3] or None.
+        sel (torch.Tensor | None): shape [T, Hkv, topn]: given selections (see
+            `naive_nsa_query`), or None for each node's own.
     Returns:
         (o [T, Hq, D] float32, sel [T, Hkv, topn] int64).
 
@@ -169,7 +184,8 @@ def naive_nsa_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
         nodes = torch.tensor(tree_path(u, par), dtype=torch.int64)
         kp = torch.cat([k_ctx.float(), k_tree[nodes].float()])
         vp = torch.cat([v_ctx.float(), v_tree[nodes].float()])
-        o, s = naive_nsa_query(q[u], kp, vp, params, scale, cw, None if gates is None else gates[u])
+        o, s = naive_nsa_query(q[u], kp, vp, params, scale, cw, None if gates is None else gates[u],
+                               None if sel is None else sel[u])
         outs.append(o)
         sels.append(s)
     return torch.stack(outs), torch.stack(sels)

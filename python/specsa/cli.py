@@ -56,12 +56,14 @@ class RunRequest:
 def run_ar(req: RunRequest) -> dict:
     """Autoregressive NSA generation; returns the mode's part of the JSON report."""
     from specsa.runtime.generate import generate
+    from specsa.runtime.spec_cli import knobs_from_args, knobs_report
 
+    knobs = knobs_from_args(req.args, "ar")
     cache = req.model.new_cache(req.cache)
     results, stats = generate(req.model, [req.prompt_ids], req.sampling, cache=cache,
-                              chunk_size=req.chunk_size, progress=req.progress)
+                              chunk_size=req.chunk_size, progress=req.progress, knobs=knobs)
     return {"tokens": results[0].tokens, "finish_reason": results[0].finish_reason,
-            **stats.to_dict()}
+            **stats.to_dict(), "knobs": knobs_report(knobs, "ar")}
 
 
 def run_specsa(req: RunRequest) -> dict:
@@ -151,7 +153,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Every check that needs neither config.json nor weights; resolves args.mode (None ->
     "ar" for generate, "compare" for demo) and the demo's default draft. Raises UsageError /
     ConfigError naming the flag."""
-    from specsa.runtime.spec_cli import check_spec_args, given_spec_flags
+    from specsa.runtime.spec_cli import check_spec_args, given_spec_flags, knobs_from_args
 
     if args.mode is None:
         args.mode = "compare" if args.command == "demo" else "ar"
@@ -163,6 +165,8 @@ def check_args(args: argparse.Namespace) -> None:
         if args.command == "demo" and args.draft is None:
             args.draft = DEMO_DRAFT
         check_spec_args(args)
+    else:
+        knobs_from_args(args, "ar")
     try:
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, max_new_tokens=args.max_new_tokens)
@@ -318,6 +322,11 @@ def _summary(r: dict) -> str:
     if r["mode"] == "specsa":
         s += (f"; draft {r['draft']}, mean accepted length {r['mean_accept_len']:.2f}, "
               f"accept histogram {r['accept_histogram']}")
+    k = r.get("knobs") or {}
+    if k.get("precision", "strict") != "strict":
+        shown = ", ".join(f"{n.replace('_', ' ')} {v}" for n, v in k.items()
+                          if v is not None and n != "plan")
+        s += f"; {shown}"
     return s
 
 

@@ -97,3 +97,21 @@ def default_num_splits(num_programs: int, work_tiles: int, num_sms: int) -> int:
         return 1
     want = -(-2 * num_sms // max(1, num_programs))
     return int(max(1, min(want, work_tiles // 2, 16)))
+
+
+def shared_sources(par: list[int], traversal: Traversal, group_size: int) -> list[int]:
+    """SHARED_INDEX: for every node, the node whose selection it attends with (its group's
+    representative): groups of C consecutive nodes in the flat order, representative = the
+    deepest member, ties to the latest in the order (as `build_geometry(..., shared=True)`
+    in kernels/fused/geometry.py, which the Triton verifier runs).
+
+    Example: chain of 4, C=2 -> [1, 1, 3, 3]; parents [-1, 0, 0, 1], BFS, C=2 -> groups
+    [0, 1], [2, 3] -> [1, 1, 3, 3].
+    """
+    dep = depths(par)
+    src = list(range(len(par)))
+    for group in cut_groups(flatten(par, traversal), group_size):
+        rep = max(group[::-1], key=lambda u: dep[u])
+        for u in group:
+            src[u] = rep
+    return src

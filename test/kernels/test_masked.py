@@ -24,7 +24,8 @@ def _weights(prm, hkv, dim, learned):
             torch.randn(hkv, prm.block) / 3, None)
 
 
-def _run_masked(q, k_ctx, v_ctx, k_tree, v_tree, parents, prm, scale, cw, gates, chunk, out=None):
+def _run_masked(q, k_ctx, v_ctx, k_tree, v_tree, parents, prm, scale, cw, gates, chunk, out=None,
+                **given):
     """Tree / chain / decode through build_tree_visibility + provisional_cmp + masked_nsa, with
     committed compressed tokens from `compress` over the context (as the cache would hold)."""
     P = k_ctx.shape[0]
@@ -38,7 +39,7 @@ def _run_masked(q, k_ctx, v_ctx, k_tree, v_tree, parents, prm, scale, cw, gates,
     assert ck.shape[0] == vis.c_idx.shape[0]
     return masked_nsa(q, torch.cat([k_ctx, k_tree]), torch.cat([v_ctx, v_tree]), vis.q_pos, vis.k_pos,
                       vis.kv_visible, ck, cv, vis.c_idx, vis.c_visible, prm, scale, gates, out=out,
-                      chunk=chunk)
+                      chunk=chunk, **given)
 
 
 CASES = [  # nsa, Hkv, G, D, gated, learned
@@ -159,3 +160,66 @@ def test_masked_rejects_bad_inputs():
         masked_nsa(q, k, k, pos, torch.arange(10), vis, ck, ck, cidx, cvis, prm, 0.25, gates=torch.rand(3, 4, 3))
     with pytest.raises(ValueError, match="out"):
         masked_nsa(q, k, k, pos, torch.arange(10), vis, ck, ck, cidx, cvis, prm, 0.25, out=torch.empty(3, 4))
+
+
+def _tree_case(nsa, hkv, g, dim, gated, learned, seed):
+    prm = NSAParams(**nsa, gated=gated)
+    rng = random.Random(seed)
+    P, T, hq = 150, 12, hkv * g
+    parents = torch.tensor([-1] + [rng.randrange(max(0, u - 3), u) for u in range(1, T)])
+    x = dict(q=torch.randn(T, hq, dim), k_ctx=torch.randn(P, hkv, dim),
+             v_ctx=torch.randn(P, hkv, dim), k_tree=torch.randn(T, hkv, dim),
+             v_tree=torch.randn(T, hkv, dim))
+    gates = torch.rand(T, hq, 3) if gated else None
+    return prm, parents, x, gates, _weights(prm, hkv, dim, learned), dim ** -0.5
+
+
+def _masked(prm, parents, x, gates, cw, scale, **given):
+    return _run_masked(x["q"], x["k_ctx"], x["v_ctx"], x["k_tree"], x["v_tree"], parents, prm,
+                       scale, cw, gates, chunk=5, **given)
+
+
+def _naive(prm, parents, x, gates, cw, scale, sel=None):
+    return naive_nsa_tree(x["q"], x["k_ctx"], x["v_ctx"], x["k_tree"], x["v_tree"], parents,
+                          prm, scale, cw, gates, sel=sel)
+
+
+@pytest.mark.parametrize("nsa, hkv, g, dim, gated, learned", CASES)
+def test_given_selection_matches_naive(nsa, hkv, g, dim, gated, learned):
+    """Index reuse: masked_nsa(sel=X) attends with X (another layer's selection) exactly as
+    the reference given X; its own selection given back changes nothing."""
+    prm, parents, x, gates, cw, scale = _tree_case(nsa, hkv, g, dim, gated, learned, 7)
+    o_own, sel_own = _masked(prm, parents, x, gates, cw, scale)
+    o_same, sel_same = _masked(prm, parents, x, gates, cw, scale, sel=sel_own.clone())
+    assert torch.equal(sel_same, sel_own) and torch.equal(o_same, o_own)
+    # another query set's selection ("another layer"): a fresh random q gives other blocks
+    other = dict(x, q=torch.randn_like(x["q"]))
+    _, sel_other = _masked(prm, parents, other, gates, cw, scale)
+    assert not torch.equal(sel_other, sel_own)
+    o, sel = _masked(prm, parents, x, gates, cw, scale, sel=sel_other)
+    o_ref, _ = _naive(prm, parents, x, gates, cw, scale, sel=sel_other)
+    assert torch.equal(sel, sel_other)
+    assert_close(o, o_ref, what="given selection")
+
+
+@pytest.mark.parametrize("nsa, hkv, g, dim, gated, learned", CASES)
+def test_shared_selection_matches_naive(nsa, hkv, g, dim, gated, learned):
+    """SHARED_INDEX: masked_nsa(sel_src=src) attends with the selection each query's source
+    computes, as the reference given those selections; src = identity is exact NSA."""
+    from specsa.config import Traversal
+    from specsa.schedule import shared_sources
+
+    prm, parents, x, gates, cw, scale = _tree_case(nsa, hkv, g, dim, gated, learned, 9)
+    o_own, sel_own = _masked(prm, parents, x, gates, cw, scale)
+    ident = torch.arange(parents.shape[0])
+    o_id, sel_id = _masked(prm, parents, x, gates, cw, scale, sel_src=ident)
+    assert torch.equal(sel_id, sel_own) and torch.equal(o_id, o_own)
+    src = torch.tensor(shared_sources(parents.tolist(), Traversal.BFS, 4))
+    assert not torch.equal(src, ident)
+    assert not torch.equal(sel_own[src], sel_own), "sharing should change some selection"
+    o, sel = _masked(prm, parents, x, gates, cw, scale, sel_src=src)
+    assert torch.equal(sel, sel_own[src])
+    o_ref, _ = _naive(prm, parents, x, gates, cw, scale, sel=sel_own[src])
+    assert_close(o, o_ref, what="shared selection")
+    with pytest.raises(ValueError, match="not both"):
+        _masked(prm, parents, x, gates, cw, scale, sel=sel_own, sel_src=src)

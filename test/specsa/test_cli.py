@@ -96,8 +96,29 @@ def test_demo_reports_a_mismatch(tmp_path, capsys, monkeypatch):
     (["--mode", "specsa", "--draft", "bogus"], "expected self:K"),
     (["--mode", "specsa", "--draft", "model:/no/such/dir"], "does not exist"),
     (["--mode", "specsa", "--draft", "ngram:2", "--gamma", "0"], "--gamma must be a positive"),
-    (["--mode", "specsa", "--draft", "ngram:2", "--precision", "approx"],
-     "--precision only apply with --plan auto"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--profile", "p.json"],
+     "--profile only applies with --plan auto"),
+    # precision knobs outside their class, or where they do not apply
+    (["--refresh-period", "2"], "--refresh-period 2 with --precision strict: refresh period 2 "
+     "reuses block selections across layers and needs a REUSE precision class"),
+    (["--precision", "approx", "--refresh-period", "4"], "needs a REUSE precision class"),
+    (["--schedule", "exact_merged"], "--schedule only apply to speculative decoding"),
+    (["--precision", "approx", "--group-size", "2"], "--group-size only apply to speculative"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--schedule", "shared_index"],
+     "--schedule shared_index with --precision strict: schedule shared_index is approximate "
+     "and needs an APPROX precision class (approx or approx_reuse), but precision is strict"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--precision", "reuse", "--schedule",
+      "shared_index", "--refresh-period", "2"], "needs an APPROX precision class"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--precision", "approx", "--schedule",
+      "independent", "--group-size", "4"], "--group-size applies to the exact_merged and "
+     "shared_index schedules"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--precision", "approx", "--group-size", "65"],
+     "--group-size must be in 1..64"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--plan", "auto", "--precision", "reuse",
+      "--refresh-period", "2"], "--refresh-period: --plan auto chooses the schedule, group "
+     "size and refresh period per step inside --precision"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--plan", "auto", "--schedule",
+      "exact_merged", "--group-size", "2"], "--schedule, --group-size: --plan auto chooses"),
     (["--mode", "specsa", "--draft", "ngram:2", "--plan", "auto", "--profile", "/no/p.json"],
      "--profile: file '/no/p.json' does not exist"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
@@ -203,6 +224,9 @@ def load_tokenizer_ids(ckpt, text):
     (["--nsa", "window=abc"], "window must be an integer"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-p", "0"], "--top-p must be in"),
+    (["--precision", "loose"], "invalid choice: 'loose'"),
+    (["--refresh-period", "0"], "--refresh-period must be >= 1"),
+    (["--mode", "specsa", "--draft", "ngram:2", "--schedule", "fast"], "invalid choice: 'fast'"),
 ])
 def test_bad_values_exit_2(ckpt, capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
@@ -220,3 +244,66 @@ def test_parser_requires_prompt():
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["generate", "--model", "m"])
     assert e.value.code == 2
+
+
+def test_precision_knobs_in_json(ckpt, capsys):
+    """--json reports the knobs given (summary) and what every step applied (counts)."""
+    base = ["generate", "--model", str(ckpt), "--prompt", "abc abc abc abc abc", "--json",
+            "--max-new-tokens", "6", "--ignore-eos"]
+    assert main(base) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["knobs"] == {"precision": "strict", "refresh_period": 1}
+    assert strict["knob_counts"] == {"refresh_period": {"1": strict["steps"]}}
+    assert main(base + ["--precision", "reuse", "--refresh-period", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == strict["tokens"]   # R=1 is exact
+    assert main(base + ["--precision", "reuse", "--refresh-period", "2"]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert ar["knobs"] == {"precision": "reuse", "refresh_period": 2}
+    assert ar["knob_counts"]["refresh_period"] == {"2": ar["steps"]}
+    # the tiny model has 2 layers: layer 1 reuses layer 0's selection in every forward
+    assert ar["selection"] == {"layers_refreshed": ar["steps"], "layers_reused": ar["steps"]}
+    spec = base + ["--mode", "specsa", "--draft", "ngram:2", "--tree", "topk=2,depth=2,tokens=4"]
+    assert main(spec + ["--precision", "approx_reuse", "--schedule", "shared_index",
+                        "--group-size", "2", "--refresh-period", "2"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    n = rep["verify_steps"]
+    assert rep["knobs"] == {"plan": "fixed", "precision": "approx_reuse",
+                            "schedule": "shared_index", "group_size": 2, "refresh_period": 2}
+    kc = rep["knob_counts"]
+    assert kc["schedule"] == {"shared_index": n} and kc["group_size"] == {"2": n}
+    assert kc["refresh_period"] == {"2": n} and sum(kc["tokens"].values()) == n
+    assert main(spec + ["--precision", "reuse", "--refresh-period", "2"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["tokens"] == ar["tokens"]      # speculation is lossless for the model as run
+    assert rep["knobs"]["schedule"] is None and rep["knob_counts"]["schedule"] == {
+        "exact_merged": rep["verify_steps"]}
+
+
+@pytest.mark.parametrize("precision", ["strict", "reuse", "approx", "approx_reuse"])
+def test_plan_auto_applies_every_knob_inside_the_class(ckpt, capsys, tmp_path, precision):
+    """--plan auto with a profile where shared_index and refresh period 4 are fastest: the
+    knobs the planner picks reach the forwards (knob_counts), never outside --precision."""
+    from test_planner import make_profile
+
+    from specsa.orchestrator import PRECISION_RULES, save_profile
+    from specsa.orchestrator.planner import knobs_error
+    from specsa.config import PrecisionClass, Schedule
+
+    prof = tmp_path / "p.json"
+    save_profile(make_profile(shared=0.3, reuse_gain=0.6, draft_step=0.01), prof)
+    assert main(["generate", "--model", str(ckpt), "--prompt", "abc abc abc abc abc abc",
+                 "--json", "--max-new-tokens", "12", "--ignore-eos", "--mode", "specsa",
+                 "--draft", "ngram:2", "--plan", "auto", "--profile", str(prof),
+                 "--precision", precision]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["knobs"] == {"plan": "auto", "precision": precision}
+    kc = rep["knob_counts"]
+    cls = PrecisionClass(precision)
+    schedules, reuse = PRECISION_RULES[cls]
+    for sched in kc["schedule"]:
+        for r in kc["refresh_period"]:
+            assert knobs_error(cls, Schedule(sched), int(r)) is None
+    assert set(kc["refresh_period"]) == ({"4"} if reuse else {"1"})
+    if Schedule.SHARED_INDEX in schedules:
+        assert "shared_index" in kc["schedule"]
+    assert sum(kc["speculate"].values()) == rep["verify_steps"]

@@ -345,3 +345,33 @@ def test_controller_batch_observations_and_errors():
         ctl.observe([1, 1], depth=[1, 1, 1])
     with pytest.raises(ConfigError, match="hysteresis"):
         AdaptiveController(PROFILE, PrecisionClass.STRICT, hysteresis=-1.0)
+
+
+@pytest.mark.parametrize("precision", list(PrecisionClass), ids=lambda p: p.value)
+def test_never_leaves_the_class_even_when_asked_or_when_faster(precision):
+    """Whatever the measurements favour (approximate options made much faster) and whatever
+    the candidates list (only out-of-class schedules / periods), the planner and the
+    controller return strategies inside the user's class: measured data choose among the
+    options the class allows, never widen them (the runtime applies them as chosen)."""
+    from specsa.orchestrator.planner import knobs_error
+
+    fast_approx = make_profile(shared=0.05, reuse_gain=0.9)
+    asks = [Candidates(),
+            Candidates(schedules=(Schedule.SHARED_INDEX,), refresh_periods=(4,)),
+            Candidates(schedules=(Schedule.SHARED_INDEX,), allow_ar=True),
+            Candidates(refresh_periods=(2, 4))]
+    for cand in asks:
+        for a in (0.0, 0.5, 0.95):
+            try:
+                s = plan_strategy(fast_approx, const_stats(a), precision, 8192, 1, cand)
+            except ConfigError:
+                continue      # nothing allowed among these candidates and no AR fallback
+            assert knobs_error(precision, s.schedule, s.refresh_period) is None, (cand, s)
+    ctl = AdaptiveController(fast_approx, precision, warmup=1, update_interval=1,
+                             probe_interval=3)
+    rng = random.Random(0)
+    ctl.start(4096)
+    for step in range(200):
+        s = ctl.next_strategy(4096 + step)
+        assert knobs_error(precision, s.schedule, s.refresh_period) is None, s
+        ctl.observe(rng.randrange(0, s.depth + 1) if s.speculate else 0)

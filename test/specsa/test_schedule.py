@@ -47,3 +47,27 @@ def test_as_parents_rejects_bad_trees():
         as_parents([0, 0])
     with pytest.raises(ConfigError, match="precede"):
         as_parents([-1, 2, 0])
+
+
+@pytest.mark.parametrize("traversal", [Traversal.BFS, Traversal.DFS])
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 8])
+def test_shared_sources_match_the_kernel_geometry(traversal, c):
+    """The TORCH path's SHARED_INDEX sources are the Triton geometry's (build_geometry with
+    shared=True): same groups, same representative (deepest, ties to the latest)."""
+    import random
+
+    import torch
+
+    from specsa.kernels.fused import build_geometry
+    from specsa.schedule import flatten, shared_sources
+
+    rng = random.Random(c)
+    for _ in range(20):
+        t = rng.randrange(1, 20)
+        par = [-1] + [rng.randrange(0, u) for u in range(1, t)]
+        geo = build_geometry([par], [40], torch.zeros(1, 8, dtype=torch.int32),
+                             [flatten(par, traversal)], c, 32, 1, shared=True)
+        src = [0] * t
+        for slot, u in zip(geo.sel_src.tolist(), geo.order.tolist()):
+            src[u] = slot
+        assert shared_sources(par, traversal, c) == src, (par, c)

@@ -24,19 +24,34 @@ CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
   The commit of verify blocks is `fused_commit` (accepted path's KV + its provisional
   compressed tokens, every layer in one launch, no recompute): see `PagedKVCache.commit`.
 
+Precision knobs (`specsa.config.VerifyKnobs`, docs/DESIGN.md section 5), both paths:
+- refresh period R (REUSE classes): layer l refreshes its block selection when l % R == 0; the
+  other layers take the selection of the last refresh layer of the same forward
+  (`LayerSelections`) and skip the selection work: the Eq. 9 scores and the top-n
+  (`masked_nsa(sel=...)`; on the Triton path the refresh kernel, or for prefill chunks
+  `chunked_nsa_prefill` without its refresh stage). Under the gated combine a reuse layer
+  still computes its own compressed-branch output o_cmp (the refresh kernel runs, its
+  selection is dropped). Prefill, decode and verification forwards alike.
+- schedule SHARED_INDEX with group size C (APPROX classes): the verify rows of a forward are
+  cut into groups of C in the traversal order (`specsa.schedule`); every query of a group
+  attends with its representative's (deepest query's) selection. Prefill chunks longer than
+  TritonOptions.prefill_chain are never grouped (on either path).
+Which combinations a precision class allows is checked at the edge
+(`specsa.orchestrator.planner.knobs_error`), not here.
+
 Keys are post-RoPE (they are what the cache stores), scale is 1/sqrt(head_dim) (docs/DESIGN.md section 3).
 """
 from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from specsa.config import (Combine, Compression, ConfigError, NSAConfig, Schedule, Traversal,
-                           parse_enum)
+from specsa.config import (Combine, Compression, ConfigError, NSAConfig, PrecisionClass,
+                           Schedule, Traversal, VerifyKnobs, parse_enum)
 from specsa.kernels.common.upload import to_device
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp
 
@@ -113,6 +128,9 @@ class RequestView:
     kv_slots: torch.Tensor         # [P] int64
     cmp_slots: torch.Tensor        # [num_cmp(P)] int64
     cmp_offset: int
+    # SHARED_INDEX: row u of the block attends with the selection of row sel_src[u]
+    # (its group's representative); None: every row its own
+    sel_src: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,58 @@ class TritonForward:
     in_place: frozenset[int]       # rids whose block KV the forward writes into its pages
     verify: VerifyPart | None
     prefill: PrefillPart | None
+    knobs: VerifyKnobs = VerifyKnobs()
+
+
+@dataclass(eq=False)
+class LayerSelections:
+    """Cross-layer index reuse inside one forward (REUSE classes, docs/DESIGN.md section 5).
+
+    Layer l refreshes when `knobs.refreshes(l)` (l % R == 0) or when no earlier layer of this
+    forward refreshed for `key`; every other layer takes `last[key]`, the selection of the
+    last refresh layer. key: the request id (TORCH path) or the row part, "verify" /
+    "prefill" (TRITON path). refreshed / reused count layers (not requests) for reports and
+    tests.
+    """
+
+    knobs: VerifyKnobs = VerifyKnobs()
+    last: dict = field(default_factory=dict)
+    refreshed: int = 0
+    reused: int = 0
+    _layer: int | None = None
+
+    def refresh(self, layer: int, key) -> bool:
+        """Whether `layer` computes its own selection for `key` (counted once per layer)."""
+        own = self.knobs.refreshes(layer) or key not in self.last
+        if self._layer != layer:
+            self._layer = layer
+            if own:
+                self.refreshed += 1
+            else:
+                self.reused += 1
+        return own
+
+    def get(self, key) -> torch.Tensor:
+        return self.last[key]
+
+    def put(self, key, sel: torch.Tensor) -> None:
+        self.last[key] = sel
+
+
+def effective_options(options: "TritonOptions", knobs: VerifyKnobs,
+                      traversal: Traversal | None = None) -> "TritonOptions":
+    """TritonOptions with the knobs' schedule / group size (when set) and the step's traversal
+    (when given): what a forward runs with."""
+    from dataclasses import replace as _replace
+
+    kw = {}
+    if knobs.schedule is not None:
+        kw["schedule"] = knobs.schedule
+    if knobs.group_size is not None:
+        kw["group_size"] = knobs.group_size
+    if traversal is not None:
+        kw["traversal"] = traversal
+    return _replace(options, **kw) if kw else options
 
 
 def _i32(x, dev) -> torch.Tensor:
@@ -196,7 +266,8 @@ def _table(cache: PagedKVCache, rids: list[int], dev) -> torch.Tensor:
 def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], tuple[int, ...]]],
                         nsa: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
                         scale: float, device: torch.device,
-                        options: TritonOptions = TritonOptions()) -> TritonForward:
+                        options: TritonOptions = TritonOptions(),
+                        knobs: VerifyKnobs = VerifyKnobs()) -> TritonForward:
     """Host geometry of one Triton forward.
 
     Args:
@@ -204,7 +275,10 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
             only moves at commit).
         blocks: validated (rid, token ids, parents) per request, distinct rids.
         nsa / heads / head_dim / scale: the model's attention geometry.
-        options: verification schedule knobs.
+        options: verification schedule knobs (already combined with `knobs`:
+            `effective_options`).
+        knobs: precision class (checked by the verifier's plan for SHARED_INDEX) and refresh
+            period, carried in the TritonForward for the layers.
     Returns:
         TritonForward. A chain block longer than options.prefill_chain is a prefill chunk
         (written in place); everything else is verified from the draft tail.
@@ -269,8 +343,8 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         bt = _table(cache, v_rids, dev)
         verifier = NSAVerifier(nsa, num_q_heads, num_kv_heads, head_dim, device=dev, scale=scale)
         plan = verifier.plan(v_par, v_P, bt, schedule=options.schedule,
-                             traversal=options.traversal, group_size=options.group_size,
-                             num_splits=options.num_splits)
+                             traversal=options.traversal, precision=knobs.precision,
+                             group_size=options.group_size, num_splits=options.num_splits)
         geo = plan.geometry
         # the refresh reuses the verifier's groups (rows request-major in node order, as the
         # verify rows here); a request of one node (decode) is a group of 1
@@ -294,7 +368,7 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
             slots=_i64(f_slots, dev))
     return TritonForward(tokens=_i64(toks, dev), positions=_i64(poss, dev),
                          last_rows=_i64(last, dev), metas=metas, in_place=frozenset(in_place),
-                         verify=verify, prefill=prefill)
+                         verify=verify, prefill=prefill, knobs=knobs)
 
 
 class LearnedCompression(nn.Module):
@@ -324,11 +398,15 @@ class NSAAttention(nn.Module):
         self.compress_v = LearnedCompression(hkv, nsa.block, d, compress_bias) if learned else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: PagedKVCache, layer: int, views: list[RequestView] | TritonForward
+                cache: PagedKVCache, layer: int, views: list[RequestView] | TritonForward,
+                sels: LayerSelections | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] (normed layer input) -> (out [N, hidden], k, v [N, Hkv, D] post-RoPE,
         ck, cv [C, Hkv, D] provisional compressed tokens of all requests, in view order).
-        `views`: per-request views (TORCH path) or a TritonForward (TRITON path)."""
+        `views`: per-request views (TORCH path) or a TritonForward (TRITON path).
+        `sels`: the forward's cross-layer selection state (None: every layer refreshes)."""
+        if sels is None:
+            sels = LayerSelections()
         n = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(n, self.hq, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(n, self.hkv, self.head_dim), cos, sin)
@@ -340,18 +418,23 @@ class NSAAttention(nn.Module):
         o = torch.empty(n, self.hq, self.head_dim, dtype=x.dtype, device=x.device)
         if isinstance(views, TritonForward):
             ck, cv = self._triton(q.contiguous(), k.contiguous(), v.contiguous(), gates, cache,
-                                  layer, views, o)
+                                  layer, views, o, sels)
             return self.o_proj(o.view(n, -1)), k, v, ck, cv
         cks, cvs = [], []
         for rv in views:
             rows = slice(rv.offset, rv.offset + rv.n)
             kc, vc, ckc, cvc = cache.gather(layer, rv.kv_slots, rv.cmp_slots)
             pk, pv = self._provisional(kc, vc, k[rows], v[rows], rv)
-            masked_nsa(q[rows], torch.cat([kc, k[rows]]), torch.cat([vc, v[rows]]),
-                       rv.vis.q_pos, rv.vis.k_pos, rv.vis.kv_visible,
-                       torch.cat([ckc, pk]), torch.cat([cvc, pv]), rv.vis.c_idx,
-                       rv.vis.c_visible, self.params, self.scale,
-                       None if gates is None else gates[rows], out=o[rows])
+            own = sels.refresh(layer, rv.rid)
+            _, sel = masked_nsa(q[rows], torch.cat([kc, k[rows]]), torch.cat([vc, v[rows]]),
+                                rv.vis.q_pos, rv.vis.k_pos, rv.vis.kv_visible,
+                                torch.cat([ckc, pk]), torch.cat([cvc, pv]), rv.vis.c_idx,
+                                rv.vis.c_visible, self.params, self.scale,
+                                None if gates is None else gates[rows], out=o[rows],
+                                sel=None if own else sels.get(rv.rid),
+                                sel_src=rv.sel_src if own else None)
+            if own:
+                sels.put(rv.rid, sel)    # what the rows attended with (shared under SHARED_INDEX)
             cks.append(pk)
             cvs.append(pv)
         return self.o_proj(o.view(n, -1)), k, v, torch.cat(cks), torch.cat(cvs)
@@ -363,11 +446,11 @@ class NSAAttention(nn.Module):
                 self.compress_v.bias)
 
     def _triton(self, q, k, v, gates, cache: PagedKVCache, layer: int, fwd: TritonForward,
-                o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                o: torch.Tensor, sels: LayerSelections) -> tuple[torch.Tensor, torch.Tensor]:
         """TRITON path of one layer (no host syncs): writes o, returns the provisional
         compressed tokens (ck, cv) [Np, Hkv, D] of the verify rows (PendingKV order)."""
-        from specsa.kernels.compression import compress_gather, score_topk, score_topk_grouped
-        from specsa.kernels.prefill import chunked_nsa_prefill
+        from specsa.kernels import compression as kc_ops
+        from specsa.kernels.compression import compress_gather
 
         p, cw = self.params, self._cw()
         kc, vc, ckc, cvc = (cache.k_cache(layer), cache.v_cache(layer), cache.ck_cache(layer),
@@ -382,10 +465,17 @@ class NSAAttention(nn.Module):
             flat = (-1, self.hkv, self.head_dim)
             kc.view(flat).index_copy_(0, fp.slots, kf.to(kc.dtype))
             vc.view(flat).index_copy_(0, fp.slots, vf.to(vc.dtype))
-            of, _ = chunked_nsa_prefill(
-                fp.rows.take(q), kc, vc, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos,
-                fp.prefix_lens, fp.seq_lens, p, self.scale, cw=cw,
-                gates=None if gates is None else fp.rows.take(gates).contiguous())
+            gf = None if gates is None else fp.rows.take(gates).contiguous()
+            if sels.refresh(layer, "prefill"):
+                from specsa.kernels.prefill import chunked_nsa_prefill
+
+                of, sel = chunked_nsa_prefill(
+                    fp.rows.take(q), kc, vc, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos,
+                    fp.prefix_lens, fp.seq_lens, p, self.scale, cw=cw, gates=gf)
+                sels.put("prefill", sel)
+            else:
+                of = self._prefill_reuse(fp.rows.take(q), kc, vc, ckc, cvc, fp, gf, cw,
+                                         sels.get("prefill"), cache.page_size)
             fp.rows.put(o, of)
         vp = fwd.verify
         if vp is not None:
@@ -396,18 +486,54 @@ class NSAAttention(nn.Module):
                 prov = dict(prov_k=pk, prov_v=pv, prov_cidx=vp.prov_cidx, prov_vis=vp.prov_vis)
             args = (qv, ckc, cvc, vp.block_table, vp.q_req, vp.q_pos, vp.cmp_lens, p,
                     self.scale, cache.page_size)
-            if vp.groups is not None:
-                sel, o_cmp, _ = score_topk_grouped(*args, with_out=p.gated,
-                                                   group_size=vp.group_size, groups=vp.groups,
-                                                   **prov)
+            own = sels.refresh(layer, "verify")
+            sel = o_cmp = None
+            # a reuse layer skips the refresh kernel, except that the gated combine needs this
+            # layer's o_cmp (then the kernel runs and its selection is dropped)
+            if own or p.gated:
+                if vp.groups is not None:
+                    sel, o_cmp, _ = kc_ops.score_topk_grouped(
+                        *args, with_out=p.gated, group_size=vp.group_size, groups=vp.groups,
+                        **prov)
+                else:
+                    sel, o_cmp, _ = kc_ops.score_topk(*args, with_out=p.gated, **prov)
+            if own:
+                # each row's own selection; SHARED_INDEX applies its sources inside run()
+                sels.put("verify", sel)
             else:
-                sel, o_cmp, _ = score_topk(*args, with_out=p.gated, **prov)
+                sel = sels.get("verify")
             gv = None if gates is None else vp.rows.take(gates).contiguous()
             if vp.rows.idx is None:
                 vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv, out=o)
             else:
                 vp.rows.put(o, vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv))
         return pk, pv
+
+    def _prefill_reuse(self, q, kc, vc, ckc, cvc, fp: PrefillPart, gates, cw,
+                       sel: torch.Tensor, page_size: int) -> torch.Tensor:
+        """A prefill chunk attending with a reused selection: `chunked_nsa_prefill` without
+        its refresh stage (compression, sparse and tile stages only; stage bits in its
+        docstring). Under the gated combine that path takes o_cmp as zero, so g_cmp * o_cmp
+        is added from a compressed-branch pass (the refresh kernel's output, its selection
+        dropped)."""
+        from specsa.kernels import compression as kc_ops
+        from specsa.kernels.prefill import chunked_nsa_prefill
+        from specsa.kernels.prefill.chunked import row_tiles
+
+        p = self.params
+        of, _ = chunked_nsa_prefill(q, kc, vc, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos,
+                                    fp.prefix_lens, fp.seq_lens, p, self.scale, cw=cw,
+                                    gates=gates, sel=sel, _stages=15 & ~2)
+        if gates is None:
+            return of
+        lens = fp.seq_lens.to(torch.int32)
+        cmp_lens = torch.where(lens >= p.block, (lens - p.block) // p.stride + 1, 0)
+        size = 16
+        _, o_cmp, _ = kc_ops.score_topk_grouped(
+            q, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos, cmp_lens.to(torch.int32), p,
+            self.scale, page_size, with_out=True, group_size=size,
+            groups=row_tiles(fp.q_req, fp.prefix_lens.shape[0], size))
+        return (of.float() + gates[..., 0:1] * o_cmp.float()).to(of.dtype)
 
     def _provisional(self, kc, vc, kb, vb, rv: RequestView) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed tokens closed inside the block, cast to the cache dtype so that a

@@ -14,24 +14,43 @@ beyond the committed length, which only commit makes visible; see model/attentio
     cache.commit(0, pending)                          # whole chain accepted
     logits, pending = model(cache, [BlockInput(0, [7, 3, 5], parents=[-1, 0, 0])])  # tree
     cache.commit(0, pending, [0, 2])                  # accept root, then its child 2
+
+Precision knobs (`VerifyKnobs`: refresh period, schedule, group size; docs/DESIGN.md section 5)
+come per forward (`knobs=`) or from `model.verify_knobs` (every forward that passes none:
+prefill, decode, drafts of a self-draft view built afterwards); `model.last_forward` reports
+what the last forward applied (`ForwardInfo`).
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from specsa.config import CacheConfig, NSAConfig
+from specsa.config import CacheConfig, ConfigError, NSAConfig, Schedule, Traversal, VerifyKnobs
 from specsa.kernels.nsa import TreeVisibility, build_tree_visibility
 
-from .attention import (AttnImpl, NSAAttention, RequestView, TritonForward, TritonOptions,
-                        plan_triton_forward, resolve_attn_impl)
+from .attention import (AttnImpl, LayerSelections, NSAAttention, RequestView, TritonForward,
+                        TritonOptions, effective_options, plan_triton_forward,
+                        resolve_attn_impl)
 from .block import BlockInput, BlockError, as_list, normalise_parents
 from .cache import BlockMeta, PagedKVCache, PendingKV
 from .config import ModelConfig
 from .rope import Rotary
+
+
+@dataclass(frozen=True)
+class ForwardInfo:
+    """What one forward applied: schedule / group size of its verify rows (None when it had
+    none: a long prefill chunk only), the refresh period, and how many layers computed their
+    block selection (refreshed) or took the last refresh layer's (reused)."""
+
+    schedule: Schedule | None
+    group_size: int | None
+    refresh_period: int
+    refreshed: int
+    reused: int
 
 
 class RMSNorm(nn.Module):
@@ -94,6 +113,9 @@ class NSADecoder(nn.Module):
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
         self._attn_impl: AttnImpl | None = None      # None: TRITON on CUDA, TORCH on CPU
         self.triton_options = TritonOptions()
+        # knobs of forwards that pass none (validated against the class at the edge)
+        self.verify_knobs = VerifyKnobs()
+        self.last_forward: ForwardInfo | None = None
 
     @property
     def attn_impl(self) -> AttnImpl:
@@ -123,17 +145,30 @@ class NSADecoder(nn.Module):
                             head_dim=self.cfg.head_dim, nsa=self.params, cache=cache,
                             dtype=self.dtype, device=self.device)
 
-    def plan_triton(self, cache: PagedKVCache, blocks: Sequence[BlockInput]) -> TritonForward:
+    def set_verify_knobs(self, knobs: VerifyKnobs) -> "NSADecoder":
+        """Knobs for every forward that passes none (prefill, AR decode, ...). Whether they
+        fit a precision class is the caller's check (`orchestrator.planner.knobs_error`)."""
+        if not isinstance(knobs, VerifyKnobs):
+            raise TypeError(f"set_verify_knobs: VerifyKnobs expected, got {type(knobs).__name__}")
+        self.verify_knobs = knobs
+        return self
+
+    def plan_triton(self, cache: PagedKVCache, blocks: Sequence[BlockInput],
+                    knobs: VerifyKnobs | None = None,
+                    traversal: Traversal | None = None) -> TritonForward:
         """Host geometry of a TRITON-path forward (reusable: `forward(..., plan=)` then runs
         without host work, e.g. under CUDA-graph capture). Prefill chunks reserve pages."""
         cfg = self.cfg
+        knobs = self.verify_knobs if knobs is None else knobs
         return plan_triton_forward(cache, self._validated(blocks), self.nsa, cfg.num_heads,
                                    cfg.num_kv_heads, cfg.head_dim, cfg.scale, self.device,
-                                   self.triton_options)
+                                   effective_options(self.triton_options, knobs, traversal),
+                                   knobs)
 
     @torch.inference_mode()
     def forward(self, cache: PagedKVCache, blocks: Sequence[BlockInput], *,
-                last_only: bool = False, plan: TritonForward | None = None
+                last_only: bool = False, plan: TritonForward | None = None,
+                knobs: VerifyKnobs | None = None, traversal: Traversal | None = None
                 ) -> tuple[torch.Tensor, PendingKV]:
         """Run the new blocks of several requests in one batch.
 
@@ -141,27 +176,41 @@ class NSADecoder(nn.Module):
             cache: committed context of every request (read only here).
             blocks: one `BlockInput` per request (distinct rids, each already in the cache).
             last_only: return logits only for the last node of each block (prefill / decode).
+            knobs: this forward's precision knobs (default `self.verify_knobs`; a given
+                `plan` carries its own).
+            traversal: flattening order the schedule groups verify rows in (default
+                `self.triton_options.traversal`); matters only for SHARED_INDEX.
         Returns:
             logits: [N, V] float32 (N = total nodes, blocks concatenated in order) or [B, V]
             with last_only; pending: `PendingKV` to pass to `cache.commit`.
         """
+        knobs = self.verify_knobs if knobs is None else knobs
         if plan is None and self.attn_impl is AttnImpl.TRITON:
-            plan = self.plan_triton(cache, blocks)
+            plan = self.plan_triton(cache, blocks, knobs, traversal)
         if plan is not None:
+            knobs = plan.knobs
             views, tokens, positions = plan, plan.tokens, plan.positions
+            vp = plan.verify
+            sched = None if vp is None else vp.verifier._plan.schedule
+            c = None if vp is None else vp.verifier._plan.group_size
         else:
-            views, tokens, positions = self._plan(cache, blocks)
+            views, tokens, positions, sched, c = self._plan(cache, blocks, knobs, traversal)
+        sels = LayerSelections(knobs)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         h = self.model.embed_tokens(tokens)
         ks, vs, cks, cvs = [], [], [], []
         for i, layer in enumerate(self.model.layers):
-            a, k, v, ck, cv = layer.self_attn(layer.input_layernorm(h), cos, sin, cache, i, views)
+            a, k, v, ck, cv = layer.self_attn(layer.input_layernorm(h), cos, sin, cache, i, views,
+                                              sels)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             ks.append(k)
             vs.append(v)
             cks.append(ck)
             cvs.append(cv)
+        self.last_forward = ForwardInfo(schedule=sched, group_size=c,
+                                        refresh_period=knobs.refresh_period,
+                                        refreshed=sels.refreshed, reused=sels.reused)
         if last_only:
             h = h[plan.last_rows if plan is not None else
                   torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
@@ -179,27 +228,55 @@ class NSADecoder(nn.Module):
                             cv=torch.stack(cvs), blocks=metas)
         return logits, pending
 
-    def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput]
-              ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor]:
-        """Host-side geometry of the batch: flat tokens, positions and one view per request."""
+    def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput], knobs: VerifyKnobs,
+              traversal: Traversal | None
+              ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor, Schedule | None,
+                         int | None]:
+        """Host-side geometry of the batch: flat tokens, positions, one view per request, and
+        the schedule / group size its verify rows run with (the TRITON path's rule: chains
+        longer than triton_options.prefill_chain are prefill chunks, never grouped)."""
+        from specsa.schedule import as_parents, default_group_size, shared_sources
+
         dev = self.device
+        opts = effective_options(self.triton_options, knobs, traversal)
+        blocks = self._validated(blocks)
+        verify = [par for _, ids, par in blocks
+                  if not (par == tuple(range(-1, len(ids) - 1)) and len(ids) > opts.prefill_chain)]
+        sched = c = None
+        if verify:
+            from specsa.attention import unsupported_reason
+
+            sched = opts.schedule
+            sizes = [len(p) for p in verify]
+            c = 1 if sched is Schedule.INDEPENDENT else (
+                opts.group_size or default_group_size(self.cfg.num_heads // self.cfg.num_kv_heads,
+                                                      sum(sizes)))
+            why = (unsupported_reason(sched, knobs.precision, sizes, c, self.params.select)
+                   if sched is Schedule.SHARED_INDEX else None)
+            if why:    # the TRITON path's verifier refuses the same (NSAVerifier.plan)
+                raise ConfigError(why)
         views, toks, poss = [], [], []
         offset = cmp_offset = 0
-        for rid, ids, par in self._validated(blocks):
+        for rid, ids, par in blocks:
             parents = torch.tensor(par, dtype=torch.int64)
             P = cache.length(rid)
             vis = build_tree_visibility(P, parents, self.params)
             kv_slots, cmp_slots = cache.committed_slots(rid)
+            src = None
+            grouped = not (par == tuple(range(-1, len(ids) - 1)) and len(ids) > opts.prefill_chain)
+            if sched is Schedule.SHARED_INDEX and grouped and c > 1:
+                src = torch.tensor(shared_sources(as_parents(par), opts.traversal, c),
+                                   dtype=torch.int64, device=dev)
             views.append(RequestView(
                 rid=rid, offset=offset, n=len(ids), prefix_len=P, parents=parents.to(dev),
                 vis=_to_device(vis, dev), kv_slots=kv_slots, cmp_slots=cmp_slots,
-                cmp_offset=cmp_offset))
+                cmp_offset=cmp_offset, sel_src=src))
             toks.extend(ids)
             poss.append(vis.q_pos)
             offset += len(ids)
             cmp_offset += int(vis.cmp_nodes.numel())
         return (views, torch.tensor(toks, dtype=torch.int64, device=dev),
-                torch.cat(poss).to(dev))
+                torch.cat(poss).to(dev), sched, c)
 
     def _validated(self, blocks: Sequence[BlockInput]
                    ) -> list[tuple[int, list[int], tuple[int, ...]]]:

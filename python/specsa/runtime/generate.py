@@ -8,6 +8,11 @@ a stop token (kept in its output) or after max_new_tokens, and its pages are fre
 
     results, stats = generate(model, [ids_a, ids_b], SamplingConfig(max_new_tokens=32))
     results[0].tokens, stats.decode_tokens_per_s
+
+Precision knobs: `knobs` (default `model.verify_knobs`) must stay inside their precision class
+(`specsa.orchestrator.planner.knobs_error`); autoregressive decoding applies their refresh
+period (REUSE classes: layers between refresh layers reuse the last refresh layer's
+selection) to prefill and decode forwards alike; a schedule has nothing to group here.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from specsa.config import CacheConfig, ConfigError, SamplingConfig
+from specsa.config import CacheConfig, ConfigError, SamplingConfig, VerifyKnobs
 from specsa.model.block import BlockInput
 from specsa.model.cache import PagedKVCache
 from specsa.model.decoder import NSADecoder
@@ -45,6 +50,11 @@ class GenerationStats:
     decode_s: float
     prefill_tokens: int
     decode_tokens: int        # tokens sampled by decode steps (first tokens come from prefill)
+    # refresh period of the forwards -> how many ran with it; (forward, layer) pairs that
+    # computed their block selection / reused the last refresh layer's
+    refresh_period_counts: dict | None = None
+    layers_refreshed: int = 0
+    layers_reused: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -60,7 +70,10 @@ class GenerationStats:
                 "decode_s": self.decode_s, "prefill_tokens": self.prefill_tokens,
                 "decode_tokens": self.decode_tokens,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
+                "decode_tokens_per_s": self.decode_tokens_per_s,
+                "knob_counts": {"refresh_period": dict(self.refresh_period_counts or {})},
+                "selection": {"layers_refreshed": self.layers_refreshed,
+                              "layers_reused": self.layers_reused}}
 
 
 def cache_for(model: NSADecoder, total_tokens: Sequence[int], page_size: int = 16) -> CacheConfig:
@@ -76,12 +89,15 @@ def _sync(device: torch.device) -> None:
 
 def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[int]],
             rids: Sequence[int], out: list[list[int]], sampling: SamplingConfig,
-            gen: torch.Generator | None, chunk_size: int, progress: Progress | None = None
+            gen: torch.Generator | None, chunk_size: int, progress: Progress | None = None,
+            *, knobs: VerifyKnobs | None = None, on_forward: Callable[[], None] | None = None
             ) -> tuple[list[int], int]:
     """Chunked prefill of every prompt (chunks of `chunk_size`, committed whole); the last
     chunk's logits give each request its first token, appended to out[i]  # mutable.
     Shared by autoregressive and speculative generation so both commit identical KV and
-    sample the identical first token. Returns (indices of live requests, forward passes)."""
+    sample the identical first token. knobs: the forwards' precision knobs (None: the
+    model's); on_forward: called after every forward (counters read `model.last_forward`).
+    Returns (indices of live requests, forward passes)."""
     done = [0] * len(prompts)
     steps = 0
     live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
@@ -89,7 +105,9 @@ def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[i
         batch = [i for i in live if done[i] < len(prompts[i])]
         blocks = [BlockInput(rids[i], list(prompts[i][done[i]:done[i] + chunk_size]))
                   for i in batch]
-        logits, pending = model(cache, blocks, last_only=True)
+        logits, pending = model(cache, blocks, last_only=True, knobs=knobs)
+        if on_forward is not None:
+            on_forward()
         for i, b in zip(batch, blocks):
             cache.commit(rids[i], pending)
             done[i] += len(b.tokens)
@@ -105,7 +123,7 @@ def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[i
 
 def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              cache: PagedKVCache | None = None, page_size: int = 16, chunk_size: int = 256,
-             progress: Progress | None = None
+             progress: Progress | None = None, knobs: VerifyKnobs | None = None
              ) -> tuple[list[GenerationResult], GenerationStats]:
     """Generate for every prompt (token id lists of any, different lengths).
 
@@ -113,8 +131,25 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
     default: a new one sized to prompts + max_new_tokens with `page_size`.
     progress: called as progress("prefill", 1) per prefill forward and
     progress("decode", n) for every n tokens generated (the CLI's progress bars).
-    Raises CacheFullError (naming the sizes) when a request cannot fit.
+    knobs: precision knobs (default `model.verify_knobs`); their refresh period applies.
+    Raises CacheFullError (naming the sizes) when a request cannot fit, ConfigError for
+    knobs outside their precision class.
     """
+    from specsa.orchestrator.planner import knobs_error
+
+    knobs = model.verify_knobs if knobs is None else knobs
+    why = knobs_error(knobs.precision, knobs.schedule, knobs.refresh_period)
+    if why:
+        raise ConfigError(why)
+    knobs = VerifyKnobs(precision=knobs.precision, refresh_period=knobs.refresh_period)
+    counts = {"forwards": 0, "refreshed": 0, "reused": 0}
+
+    def on_forward() -> None:
+        info = model.last_forward
+        counts["forwards"] += 1
+        counts["refreshed"] += info.refreshed
+        counts["reused"] += info.reused
+
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}")
     prompts = [[int(t) for t in p] for p in prompts]
@@ -140,7 +175,7 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
         _sync(dev)
         t0 = time.perf_counter()
         live, prefill_steps = prefill(model, cache, prompts, rids, out, sampling, gen,
-                                      chunk_size, progress)
+                                      chunk_size, progress, knobs=knobs, on_forward=on_forward)
         _sync(dev)
         prefill_s = time.perf_counter() - t0
         # -- phase 2: decode ---------------------------------------------------------------
@@ -151,7 +186,8 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
         t0 = time.perf_counter()
         while live:
             logits, pending = model(cache, [BlockInput(rids[i], [out[i][-1]]) for i in live],
-                                    last_only=True)
+                                    last_only=True, knobs=knobs)
+            on_forward()
             toks = sample(logits, sampling, gen).tolist()
             for i, t in zip(live, toks):
                 cache.commit(rids[i], pending)
@@ -175,7 +211,9 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
     stats = GenerationStats(steps=prefill_steps + decode_steps, prefill_steps=prefill_steps,
                             decode_steps=decode_steps, prefill_s=prefill_s, decode_s=decode_s,
                             prefill_tokens=sum(len(p) for p in prompts),
-                            decode_tokens=decode_tokens)
+                            decode_tokens=decode_tokens,
+                            refresh_period_counts={str(knobs.refresh_period): counts["forwards"]},
+                            layers_refreshed=counts["refreshed"], layers_reused=counts["reused"])
     return results, stats
 
 

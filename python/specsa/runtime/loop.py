@@ -11,6 +11,14 @@ drafter proposes a tree below it; one target forward verifies the trees of all l
 recompute) and everything else simply never reaches the cache. Prefill, stop tokens and
 max_new_tokens behave exactly as `specsa.runtime.generate` (same chunking, a stop token is
 kept and ends the request), so greedy output is token-identical to autoregressive NSA.
+
+Precision knobs (`VerifyKnobs`, docs/DESIGN.md section 5): a fixed plan passes `knobs`; the
+verify forwards run with all of them, prefill with its precision and refresh period only (a
+layer refreshes or reuses in every forward; SHARED_INDEX groups verifier queries only). Under
+a controller (`--plan auto`) every step runs with the knobs of the strategy the planner chose
+(schedule, group size, refresh period, traversal, draft shape), and prefill with the refresh
+period of the per-prompt plan. `SpecStats.knob_counts` counts, per verify step, the values
+the target forward applied (`NSADecoder.last_forward`).
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from specsa.config import ConfigError, SamplingConfig, Traversal
+from specsa.config import ConfigError, SamplingConfig, Traversal, VerifyKnobs
 from specsa.model.block import BlockInput
 from specsa.model.cache import PagedKVCache, PendingKV
 from specsa.model.decoder import NSADecoder
@@ -49,6 +57,10 @@ class SpecStats:
     verify_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0            # wall time after prefill (draft + verify + accept)
+    # per verify step, the knob values the target forward applied: name -> {value: steps}
+    knob_counts: dict = field(default_factory=dict)
+    layers_refreshed: int = 0        # (forward, layer) pairs that computed their selection
+    layers_reused: int = 0           # ... that took the last refresh layer's (REUSE classes)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -72,14 +84,35 @@ class SpecStats:
                 "mean_accept_len": self.mean_accept_len,
                 "tokens_per_forward": self.tokens_per_forward, "draft_s": self.draft_s,
                 "verify_s": self.verify_s, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+                "decode_s": self.decode_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "knob_counts": self.knob_counts,
+                "selection": {"layers_refreshed": self.layers_refreshed,
+                              "layers_reused": self.layers_reused}}
+
+    def count_forward(self, model: NSADecoder, step: dict | None = None) -> None:
+        """Add the last forward's selection counts; with `step` (a verify step's knob values
+        besides the forward's own), count its knob values too."""
+        info = model.last_forward
+        if info is None:
+            return
+        self.layers_refreshed += info.refreshed
+        self.layers_reused += info.reused
+        if step is None:
+            return
+        vals = dict(step)
+        vals.update(schedule=None if info.schedule is None else info.schedule.value,
+                    group_size=info.group_size, refresh_period=info.refresh_period)
+        for name, v in vals.items():
+            d = self.knob_counts.setdefault(name, {})
+            d[str(v)] = d.get(str(v), 0) + 1
 
 
 def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], drafter: Drafter,
                          sampling: SamplingConfig, *, cache: PagedKVCache | None = None,
                          page_size: int = 16, chunk_size: int = 256,
                          traversal: Traversal | None = None, hook: StepHook | None = None,
-                         controller=None, progress: Progress | None = None
+                         controller=None, progress: Progress | None = None,
+                         knobs: VerifyKnobs | None = None
                          ) -> tuple[list[GenerationResult], SpecStats]:
     """Generate for every prompt with speculative decoding.
 
@@ -89,9 +122,13 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
     speculation) and traversal per step from measured acceptance. Output is unchanged by it
     in the STRICT class: it only changes what is drafted, never what is accepted.
     progress: as in `specsa.runtime.generate.generate` (prefill forwards, generated tokens).
-    Raises DraftError if the drafter's vocabulary differs from the target's, CacheFullError
-    (naming the sizes) if a request or a verified tree cannot fit the cache.
+    knobs: precision knobs of a fixed plan (default `model.verify_knobs`); with a controller,
+    only their precision may be given and must equal the controller's (it picks the rest).
+    Raises ConfigError for knobs outside their precision class, DraftError if the drafter's
+    vocabulary differs from the target's, CacheFullError (naming the sizes) if a request or a
+    verified tree cannot fit the cache.
     """
+    knobs = _check_knobs(model, knobs, controller)
     prompts, cache = _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size)
     gen = make_generator(sampling.seed, model.device)
     acc_gen = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed + 7)
@@ -104,8 +141,12 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
         cache.add_request(r)
     try:
         t0 = time.perf_counter()
+        if controller is not None:
+            # the per-prompt plan (context = the prompt) also sets prefill's refresh period
+            s0 = controller.start(max(len(p) for p in prompts), len(prompts))
+            knobs = VerifyKnobs(precision=controller.precision, refresh_period=s0.refresh_period)
         live = _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
-                        progress)
+                        progress, _prefill_knobs(knobs))
         stats.prefill_s = time.perf_counter() - t0
         emitted = sum(len(o) for o in out)
         if progress is not None:
@@ -115,12 +156,12 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
         if controller is not None and live:
             controller.start(max(cache.length(rids[i]) for i in live), len(live))
         while live:
-            trav = traversal
+            trav, step_knobs = traversal, knobs
             if controller is not None:
-                trav = _apply_strategy(controller, drafter, cache, [rids[i] for i in live],
-                                       traversal)
+                trav, step_knobs = _apply_strategy(controller, drafter, cache,
+                                                   [rids[i] for i in live], traversal)
             _step(model, cache, drafter, [(rids[i], prompts[i], out[i]) for i in live],
-                  sampling, trav, acc_gen, stats, hook, controller)
+                  sampling, trav, acc_gen, stats, hook, controller, step_knobs)
             live = _retire(live, out, rids, reason, sampling, cache, drafter)
             if progress is not None:
                 now = sum(len(o) for o in out)
@@ -142,8 +183,9 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
 def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
           live: list[tuple[int, list[int], list[int]]], sampling: SamplingConfig,
           traversal: Traversal | None, gen: torch.Generator | None, stats: SpecStats,
-          hook: StepHook | None, controller=None) -> None:
-    """One speculative step for the live requests (rid, prompt, out); extends each out."""
+          hook: StepHook | None, controller=None, knobs: VerifyKnobs | None = None) -> None:
+    """One speculative step for the live requests (rid, prompt, out); extends each out.
+    knobs: the verify forward's precision knobs (None: the model's)."""
     rids = [rid for rid, _, _ in live]
     reqs = [DraftRequest(rid, tuple(p + o)) for rid, p, o in live]
     if controller is not None and not controller.strategy.speculate:
@@ -155,8 +197,14 @@ def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
     trees = _plan(cache, drafts, rids, [sampling.max_new_tokens - len(o) for _, _, o in live],
                   traversal)
     t0 = time.perf_counter()
-    logits, pending = _verify(model, cache, rids, trees)
+    logits, pending = _verify(model, cache, rids, trees, knobs, traversal)
     stats.verify_s += time.perf_counter() - t0
+    step = {"traversal": "drafter" if traversal is None else traversal.value,
+            "tokens": max(t.size for t, _, _ in trees)}
+    if controller is not None:
+        s = controller.strategy
+        step.update(speculate=s.speculate, topk=s.topk, depth=s.depth)
+    stats.count_forward(model, step)
     off = 0
     accepted: list[int] = []
     depths: list[int] = []
@@ -182,14 +230,42 @@ def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
 
 
 def _apply_strategy(controller, drafter: Drafter, cache: PagedKVCache, rids: list[int],
-                    traversal: Traversal | None) -> Traversal | None:
-    """Ask the controller for this step's strategy and point the drafter at its shape."""
+                    traversal: Traversal | None) -> tuple[Traversal | None, VerifyKnobs]:
+    """Ask the controller for this step's strategy, point the drafter at its shape and return
+    the traversal and verification knobs (schedule, group size, refresh period) to run."""
     from specsa.runtime.tree import TreeSpec
 
     s = controller.next_strategy(max(cache.length(r) for r in rids), len(rids))
     if s.speculate:
         drafter.spec = TreeSpec(topk=s.topk, depth=s.depth, tokens=s.tokens)
-    return traversal if traversal is not None else s.traversal
+    knobs = VerifyKnobs(precision=controller.precision, schedule=s.schedule,
+                        group_size=s.group_size, refresh_period=s.refresh_period)
+    return (traversal if traversal is not None else s.traversal), knobs
+
+
+def _check_knobs(model: NSADecoder, knobs: VerifyKnobs | None, controller
+                 ) -> VerifyKnobs:
+    """The fixed plan's knobs (default: the model's), checked against their precision class
+    (specsa.orchestrator.planner.knobs_error: ConfigError with its sentence)."""
+    from specsa.orchestrator.planner import knobs_error
+
+    if controller is not None:
+        if knobs is not None and (knobs.precision is not controller.precision or
+                                  knobs != VerifyKnobs(precision=knobs.precision)):
+            raise ConfigError("with a controller (--plan auto) the planner chooses schedule, "
+                              "group size and refresh period; pass the precision class only, "
+                              "the controller's")
+        return VerifyKnobs(precision=controller.precision)
+    knobs = model.verify_knobs if knobs is None else knobs
+    why = knobs_error(knobs.precision, knobs.schedule, knobs.refresh_period)
+    if why:
+        raise ConfigError(why)
+    return knobs
+
+
+def _prefill_knobs(knobs: VerifyKnobs) -> VerifyKnobs:
+    """Prefill runs with the plan's precision and refresh period, never a grouped schedule."""
+    return VerifyKnobs(precision=knobs.precision, refresh_period=knobs.refresh_period)
 
 
 def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
@@ -252,10 +328,12 @@ def _plan(cache: PagedKVCache, drafts: list[Draft], rids: list[int], remaining: 
 
 
 def _verify(model: NSADecoder, cache: PagedKVCache, rids: list[int],
-            trees: list[tuple[DraftTree, torch.Tensor | None, bool]]
+            trees: list[tuple[DraftTree, torch.Tensor | None, bool]],
+            knobs: VerifyKnobs | None = None, traversal: Traversal | None = None
             ) -> tuple[torch.Tensor, PendingKV]:
     """One target forward over every live request's tree (writes nothing to the cache)."""
-    return model(cache, [BlockInput(rid, t[0].tokens, t[0].parents) for rid, t in zip(rids, trees)])
+    return model(cache, [BlockInput(rid, t[0].tokens, t[0].parents) for rid, t in zip(rids, trees)],
+                 knobs=knobs, traversal=traversal)
 
 
 def _accept(tree: DraftTree, q: torch.Tensor | None, replacement: bool, logits: torch.Tensor,
@@ -272,9 +350,10 @@ def _commit(cache: PagedKVCache, rid: int, pending: PendingKV, nodes: Sequence[i
 
 # -- helpers --------------------------------------------------------------------------------
 def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
-             progress=None) -> list[int]:
+             progress=None, knobs: VerifyKnobs | None = None) -> list[int]:
     """Chunked prefill exactly as autoregressive generation does it (the same function)."""
-    live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, progress)
+    live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, progress,
+                          knobs=knobs, on_forward=lambda: stats.count_forward(model))
     stats.prefill_steps += steps
     return live
 

@@ -6,6 +6,17 @@ SPEC: self:K | model:DIR | ngram:N | oracle:P (oracle: benchmark only; the runne
 autoregressive generation to learn the continuation). The mode's JSON part adds
 accept_histogram, mean_accept_len and tokens_per_forward to the AR fields.
 
+Precision knobs (docs/DESIGN.md section 5; `knobs_from_args`):
+
+    --precision strict|reuse|approx|approx_reuse   (AR and specsa; default strict)
+    --refresh-period R                              (AR and specsa fixed plans; REUSE classes)
+    --schedule independent|exact_merged|shared_index, --group-size C   (specsa fixed plans)
+
+A combination outside the class is a usage error (exit 2) with the sentence of
+`specsa.orchestrator.planner.knobs_error`; with `--plan auto` the planner picks schedule,
+group size and refresh period per step inside --precision, so giving them is an error too.
+The JSON report gets `knobs` (the summary) and `knob_counts` (per step, what ran).
+
 Every flag of this group defaults to None so the CLI can tell a flag the user gave from a
 default: speculative flags without `--mode specsa` are a usage error (`given_spec_flags`),
 never silently ignored. `check_spec_args` validates them all without a model, so the CLI
@@ -17,12 +28,27 @@ import argparse
 
 from pathlib import Path
 
-from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Traversal,
-                           parse_enum)
+from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
+                           Traversal, VerifyKnobs, parse_enum)
 from specsa.runtime.tree import TreeSpec
 
-# flags of the group below (argparse dests); all default to None
-SPEC_FLAGS = ("draft", "tree", "gamma", "traversal", "plan", "profile", "precision")
+# flags only speculative decoding uses (argparse dests); all default to None
+SPEC_FLAGS = ("draft", "tree", "gamma", "traversal", "plan", "profile", "schedule", "group_size")
+# precision knobs; --precision and --refresh-period also apply to autoregressive decoding
+KNOB_FLAGS = ("precision", "schedule", "group_size", "refresh_period")
+MAX_GROUP = 64     # the verify kernel's int64 ownership masks (specsa.schedule.MAX_TREE)
+
+
+def _int_at_least_1(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
+        return v
+    return parse
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -43,14 +69,29 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "--profile and measured acceptance, inside --precision")
     g.add_argument("--profile", default=None, metavar="JSON",
                    help="latency profile for --plan auto (default: configs/profiles/<device>/)")
-    g.add_argument("--precision", default=None,
+    k = p.add_argument_group("precision (docs/DESIGN.md section 5)")
+    k.add_argument("--precision", default=None,
                    choices=[c.value for c in PrecisionClass],
-                   help="precision class --plan auto must stay inside (default strict)")
+                   help="precision class (default strict: exact). reuse: layers between "
+                        "refresh layers reuse the last refresh layer's block selection; "
+                        "approx: shared_index groups; approx_reuse: both. --plan auto stays "
+                        "inside it")
+    k.add_argument("--refresh-period", type=_int_at_least_1("--refresh-period"), default=None,
+                   metavar="R", help="layers 0, R, 2R, ... compute their block selection, the "
+                                     "others reuse it (default 1; R > 1 needs reuse or "
+                                     "approx_reuse); AR and fixed speculative plans")
+    k.add_argument("--schedule", default=None, choices=[c.value for c in Schedule],
+                   help="verification schedule of a fixed plan (--mode specsa; default "
+                        "exact_merged; shared_index needs approx or approx_reuse)")
+    k.add_argument("--group-size", type=_int_at_least_1("--group-size"), default=None,
+                   metavar="C", help="verifier queries per group for exact_merged / "
+                                     f"shared_index (1..{MAX_GROUP}; default: fills the kernel's "
+                                     "Q tile)")
 
 
 def given_spec_flags(args: argparse.Namespace) -> list[str]:
     """The speculative flags the user gave (as `--flag`), in the group's order."""
-    return ["--" + f for f in SPEC_FLAGS if getattr(args, f, None) is not None]
+    return ["--" + f.replace("_", "-") for f in SPEC_FLAGS if getattr(args, f, None) is not None]
 
 
 def check_spec_args(args: argparse.Namespace) -> None:
@@ -68,11 +109,60 @@ def check_spec_args(args: argparse.Namespace) -> None:
     if args.traversal is not None:
         parse_enum(Traversal, args.traversal, "--traversal")
     if getattr(args, "plan", None) != "auto":
-        extra = [f for f in ("--profile", "--precision") if getattr(args, f[2:], None) is not None]
-        if extra:
-            raise ConfigError(f"{' and '.join(extra)} only apply with --plan auto")
+        if getattr(args, "profile", None) is not None:
+            raise ConfigError("--profile only applies with --plan auto")
     elif args.profile is not None and not Path(args.profile).is_file():
         raise ConfigError(f"--profile: file {args.profile!r} does not exist")
+    knobs_from_args(args, "specsa")
+
+
+def knobs_from_args(args: argparse.Namespace, mode: str) -> VerifyKnobs:
+    """VerifyKnobs of --precision / --schedule / --group-size / --refresh-period for `mode`
+    ("ar" or "specsa"; --plan auto: the precision only, the planner picks the rest).
+    Raises ConfigError naming the flags, with knobs_error's sentence for a combination
+    outside the precision class."""
+    from specsa.orchestrator.planner import knobs_error
+
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    precision = parse_enum(PrecisionClass, get("precision") or "strict", "--precision")
+    if get("plan") == "auto":
+        extra = ["--" + f.replace("_", "-") for f in ("schedule", "group_size", "refresh_period")
+                 if get(f) is not None]
+        if extra:
+            raise ConfigError(f"{', '.join(extra)}: --plan auto chooses the schedule, group "
+                              f"size and refresh period per step inside --precision; drop "
+                              f"{'them' if len(extra) > 1 else 'it'} or use a fixed plan")
+        return VerifyKnobs(precision=precision)
+    schedule = None if get("schedule") is None else parse_enum(Schedule, get("schedule"),
+                                                               "--schedule")
+    group, period = get("group_size"), get("refresh_period") or 1
+    if group is not None:
+        if not 1 <= group <= MAX_GROUP:
+            raise ConfigError(f"--group-size must be in 1..{MAX_GROUP}, got {group}")
+        if schedule is Schedule.INDEPENDENT:
+            raise ConfigError("--group-size applies to the exact_merged and shared_index "
+                              "schedules (independent verifies one query per group)")
+    why = knobs_error(precision, schedule, period)
+    if why:
+        flags = [f"--precision {precision.value}"]
+        if schedule is not None and "schedule" in why:
+            flags.append(f"--schedule {schedule.value}")
+        if period != 1 and "refresh period" in why:
+            flags.append(f"--refresh-period {period}")
+        raise ConfigError(f"{' with '.join(reversed(flags))}: {why}")
+    return VerifyKnobs(precision=precision, schedule=schedule, group_size=group,
+                       refresh_period=period)
+
+
+def knobs_report(knobs: VerifyKnobs, mode: str, plan: str | None = None) -> dict:
+    """The JSON summary of the knobs a run was given (None = the default for each step)."""
+    if mode == "ar":
+        return {"precision": knobs.precision.value, "refresh_period": knobs.refresh_period}
+    if plan == "auto":
+        return {"plan": "auto", "precision": knobs.precision.value}
+    return {"plan": "fixed", "precision": knobs.precision.value,
+            "schedule": None if knobs.schedule is None else knobs.schedule.value,
+            "group_size": knobs.group_size, "refresh_period": knobs.refresh_period}
 
 
 def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
@@ -101,17 +191,23 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
         from specsa.runtime.generate import generate
         truth = generate(model, [prompt_ids], sampling, chunk_size=chunk_size)[0][0].tokens
         drafter.set_truth(0, list(prompt_ids) + truth)   # first request id of a fresh cache
+    auto = getattr(args, "plan", None) == "auto"
+    # --plan auto may pick any tree the kernels verify (specsa.runtime.loop.MAX_TREE_NODES)
+    head = TreeSpec(topk=1, depth=64, tokens=64) if auto else tree
     kv = model.new_cache(CacheConfig(page_size=cache.page_size,
-                                     num_pages=cache.num_pages + _tree_pages(tree, cache)))
-    controller = _controller(args, model) if getattr(args, "plan", None) == "auto" else None
+                                     num_pages=cache.num_pages + _tree_pages(head, cache)))
+    knobs = knobs_from_args(args, "specsa")
+    controller = _controller(args, model) if auto else None
     results, stats = speculative_generate(model, [prompt_ids], drafter, sampling, cache=kv,
                                           chunk_size=chunk_size, traversal=trav,
-                                          controller=controller, progress=progress)
+                                          controller=controller, progress=progress,
+                                          knobs=None if auto else knobs)
     d = stats.to_dict()
     return {"tokens": results[0].tokens, "finish_reason": results[0].finish_reason,
             "steps": stats.prefill_steps + stats.verify_steps, **d,
             "draft": args.draft, "tree": {"topk": tree.topk, "depth": tree.depth,
-                                          "tokens": tree.tokens}}
+                                          "tokens": tree.tokens},
+            "knobs": knobs_report(knobs, "specsa", "auto" if auto else "fixed")}
 
 
 _PROFILES = Path(__file__).resolve().parents[3] / "configs" / "profiles"

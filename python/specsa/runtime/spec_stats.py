@@ -48,12 +48,12 @@ class SelectionRecorder:
                 self._buf.append(sel.detach().to("cpu", torch.int64))
             return o, sel
 
-        def forward(cache, blocks, *, last_only: bool = False):
+        def forward(cache, blocks, *, last_only: bool = False, **kw):
             if last_only:
-                return orig_forward(cache, blocks, last_only=last_only)
+                return orig_forward(cache, blocks, last_only=last_only, **kw)
             self._buf = []
             try:
-                out = orig_forward(cache, blocks, last_only=last_only)
+                out = orig_forward(cache, blocks, last_only=last_only, **kw)
             finally:
                 buf, self._buf = self._buf, None
             self._store(blocks, buf)
