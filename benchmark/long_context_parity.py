@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="small shapes, seconds")
     a = ap.parse_args()
-    out = Path(a.out)
+    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -68,7 +68,7 @@ def main() -> None:
     else:
         shape = dict(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128)
         nsa = NSAConfig()
-    model_dir = build_tiny(out / "parity_model", kind="llama", seed=11, num_layers=a.layers,
+    model_dir = build_tiny(Path("/tmp") / "specsa_parity_model", kind="llama", seed=11, num_layers=a.layers,
                            intermediate_size=1024, max_position_embeddings=a.context * 2,
                            nsa=nsa, **shape)
     rng = random.Random(5)
