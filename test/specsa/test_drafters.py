@@ -45,7 +45,7 @@ def test_parse_spec(spec, expect):
 
 
 @pytest.mark.parametrize("spec,match", [
-    pytest.param("eagle:3", "unknown drafter 'eagle'", id="unknown"),
+    pytest.param("medusa:3", "unknown drafter 'medusa'", id="unknown"),
     pytest.param("self", "expected self:K", id="no-colon"),
     pytest.param("self:x", "positive integer", id="self-not-int"),
     pytest.param("ngram:0", "positive integer", id="ngram-zero"),

@@ -63,7 +63,9 @@ class PendingKV:
     fused: produced by the TRITON path, committed with the fused commit kernel. in_place: rids
     whose block K/V (and compressed tokens) that forward already wrote into their reserved
     page slots beyond the committed length (TRITON prefill chunks): commit only moves the
-    length."""
+    length. hidden: [N, Hc] the hidden states the model was asked to capture
+    (`NSADecoder.set_hidden_capture`, for EAGLE draft heads), every row even under
+    last_only; None when nothing is captured. The cache never reads it."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -72,6 +74,7 @@ class PendingKV:
     blocks: dict[int, BlockMeta] = field(default_factory=dict)
     fused: bool = False
     in_place: frozenset[int] = frozenset()
+    hidden: torch.Tensor | None = None
 
 
 @dataclass

@@ -113,9 +113,27 @@ class NSADecoder(nn.Module):
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
         self._attn_impl: AttnImpl | None = None      # None: TRITON on CUDA, TORCH on CPU
         self.triton_options = TritonOptions()
+        self.hidden_capture: str | tuple[int, ...] | None = None   # set_hidden_capture
         # knobs of forwards that pass none (validated against the class at the edge)
         self.verify_knobs = VerifyKnobs()
         self.last_forward: ForwardInfo | None = None
+
+    def set_hidden_capture(self, capture: str | Sequence[int] | None) -> "NSADecoder":
+        """What every forward also returns in `PendingKV.hidden` (all rows), for an EAGLE
+        draft head (docs/DESIGN.md section 8): None (nothing, the default); "final": the final
+        normed hidden state, the LM head's input (EAGLE); layer indices: the residual stream
+        entering each of those layers (= the output of the layer before), concatenated in
+        increasing layer order (EAGLE-3's low / mid / high features, SGLang's
+        `layers_to_capture`). Logits are unchanged."""
+        if capture is None or capture == "final":
+            self.hidden_capture = capture
+            return self
+        layers = tuple(sorted(set(int(i) for i in capture)))
+        if not layers or not all(1 <= i < self.cfg.num_layers for i in layers):
+            raise ValueError(f"set_hidden_capture: layer inputs {list(capture)} must be in "
+                             f"[1, {self.cfg.num_layers - 1}] ({self.cfg.num_layers} layers)")
+        self.hidden_capture = layers
+        return self
 
     @property
     def attn_impl(self) -> AttnImpl:
@@ -199,7 +217,10 @@ class NSADecoder(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         h = self.model.embed_tokens(tokens)
         ks, vs, cks, cvs = [], [], [], []
+        aux, cap = [], self.hidden_capture
         for i, layer in enumerate(self.model.layers):
+            if isinstance(cap, tuple) and i in cap:
+                aux.append(h)
             a, k, v, ck, cv = layer.self_attn(layer.input_layernorm(h), cos, sin, cache, i, views,
                                               sels)
             h = h + a
@@ -211,21 +232,24 @@ class NSADecoder(nn.Module):
         self.last_forward = ForwardInfo(schedule=sched, group_size=c,
                                         refresh_period=knobs.refresh_period,
                                         refreshed=sels.refreshed, reused=sels.reused)
+        hidden = torch.cat(aux, dim=-1) if aux else None
+        if cap == "final":
+            h = hidden = self.model.norm(h)     # row-wise: the same values after slicing
         if last_only:
             h = h[plan.last_rows if plan is not None else
                   torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
-        logits = self.lm_head(self.model.norm(h)).float()
+        logits = self.lm_head(h if cap == "final" else self.model.norm(h)).float()
         if plan is not None:
             return logits, PendingKV(k=torch.stack(ks), v=torch.stack(vs), ck=torch.stack(cks),
                                      cv=torch.stack(cvs), blocks=dict(plan.metas), fused=True,
-                                     in_place=plan.in_place)
+                                     in_place=plan.in_place, hidden=hidden)
         metas = {rv.rid: BlockMeta(offset=rv.offset, prefix_len=rv.prefix_len,
                                    parents=tuple(rv.parents.tolist()), cmp_offset=rv.cmp_offset,
                                    close_nodes=tuple(rv.vis.cmp_nodes.tolist()),
                                    cmp_index=tuple(rv.vis.cmp_idx.tolist()))
                  for rv in views}
         pending = PendingKV(k=torch.stack(ks), v=torch.stack(vs), ck=torch.stack(cks),
-                            cv=torch.stack(cvs), blocks=metas)
+                            cv=torch.stack(cvs), blocks=metas, hidden=hidden)
         return logits, pending
 
     def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput], knobs: VerifyKnobs,

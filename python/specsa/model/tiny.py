@@ -144,3 +144,158 @@ def build_tiny(out_dir: str | Path, kind: str = "llama", native: bool = False, s
     for f in TOKENIZER_DIR.glob("*.json"):
         shutil.copyfile(f, out / f.name)
     return out
+
+
+# -- EAGLE / EAGLE-3 draft heads ------------------------------------------------------------
+EAGLE_ARCH = {("eagle", "llama"): "LlamaForCausalLMEagle", ("eagle", "qwen2"): "Qwen2ForCausalLMEagle",
+              ("eagle3", "llama"): "LlamaForCausalLMEagle3"}
+
+
+def build_tiny_eagle(out_dir: str | Path, target_dir: str | Path, kind: str = "eagle3",
+                     seed: int = 0, *, num_layers: int = 1, draft_vocab_size: int | None = None,
+                     aux_layer_ids: list[int] | None = None, fc_norm: bool = False,
+                     mimic: bool = False) -> Path:
+    """Write a tiny random EAGLE (`kind="eagle"`) or EAGLE-3 (`"eagle3"`) head for the target
+    checkpoint at `target_dir`, in the formats SGLang 0.5.17 loads (and specsa.model.eagle):
+
+    - EAGLE: architectures [Llama|Qwen2]ForCausalLMEagle; weights without the `model.` prefix:
+      embed_tokens, fc (2H -> H, with bias), layers.L.* without layer 0's input_layernorm; no
+      lm_head and no final norm (the target's embedding and LM head are used).
+    - EAGLE-3: architectures LlamaForCausalLMEagle3 with the released heads' names: fc
+      (3H -> H), midlayer.* (layer 0: hidden_norm + input_layernorm, q/k/v from 2H), norm,
+      lm_head over `draft_vocab_size` hot tokens with d2t (draft id -> target id offset) and
+      t2d; `eagle_config.eagle_aux_hidden_state_layer_ids` (default: the three evenly spaced
+      target layers 0, n//2 - 1, n - 2: distinct for a target of 4 or more layers).
+    Weights are random: a head agrees with its target no more than chance allows. mimic=True
+    instead writes a head that predicts what the target predicts from the current token alone
+    (final norm + LM head of its embedding): with a target whose layers add little
+    (`damp_layers`) its drafts are mostly accepted, which exercises multi-token accepts.
+    """
+    from specsa.model.load import read_json
+
+    t = read_json(Path(target_dir) / "config.json")
+    model_type = t["model_type"]
+    if (kind, model_type) not in EAGLE_ARCH:
+        raise ValueError(f"build_tiny_eagle: no {kind} head for a {model_type} target")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    h, v, n = t["hidden_size"], t["vocab_size"], t["num_hidden_layers"]
+    hq, hkv = t["num_attention_heads"], t["num_key_value_heads"]
+    d = t.get("head_dim") or h // hq
+    inter = t["intermediate_size"]
+    cfg = {k: t[k] for k in ("model_type", "hidden_size", "intermediate_size",
+                             "num_attention_heads", "num_key_value_heads", "head_dim",
+                             "hidden_act", "rms_norm_eps", "max_position_embeddings",
+                             "rope_theta", "bos_token_id", "eos_token_id") if k in t}
+    cfg.update(architectures=[EAGLE_ARCH[kind, model_type]], num_hidden_layers=num_layers,
+               vocab_size=v, tie_word_embeddings=False, torch_dtype="float32")
+    if "rope_parameters" in t:
+        cfg["rope_parameters"] = t["rope_parameters"]
+    if mimic and kind == "eagle3":
+        hkv = cfg["num_key_value_heads"] = hq      # the head's own geometry: v carries H dims
+    g = torch.Generator().manual_seed(seed)
+    w: dict[str, torch.Tensor] = {}
+
+    def lin(name, out_f, in_f, bias=False):
+        w[name + ".weight"] = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
+        if bias:
+            w[name + ".bias"] = torch.randn(out_f, generator=g) * 0.1
+
+    def norm(name, dim):
+        w[name + ".weight"] = 1 + torch.randn(dim, generator=g) * 0.1
+
+    qkv_bias = model_type == "qwen2"
+    for layer in range(num_layers):
+        p = "midlayer." if kind == "eagle3" and num_layers == 1 else f"layers.{layer}."
+        in_f = 2 * h if kind == "eagle3" and layer == 0 else h
+        if kind == "eagle3":
+            norm(p + "hidden_norm", h)
+            if layer == 0:
+                norm(p + "input_layernorm", h)
+        elif layer > 0:
+            norm(p + "input_layernorm", h)
+        norm(p + "post_attention_layernorm", h)
+        lin(p + "self_attn.q_proj", hq * d, in_f, qkv_bias)
+        lin(p + "self_attn.k_proj", hkv * d, in_f, qkv_bias)
+        lin(p + "self_attn.v_proj", hkv * d, in_f, qkv_bias)
+        lin(p + "self_attn.o_proj", h, hq * d)
+        lin(p + "mlp.gate_proj", inter, h)
+        lin(p + "mlp.up_proj", inter, h)
+        lin(p + "mlp.down_proj", h, inter)
+    if kind == "eagle":
+        w["embed_tokens.weight"] = torch.randn(v, h, generator=g)   # replaced by the target's
+        lin("fc", h, 2 * h, bias=True)
+    else:
+        ids = aux_layer_ids if aux_layer_ids is not None else [0, n // 2 - 1, n - 2]
+        if len(set(ids)) != len(ids) or not all(0 <= i <= n - 2 for i in ids):
+            raise ValueError(f"build_tiny_eagle: aux layer ids {ids} must be distinct and in "
+                             f"[0, {n - 2}] for a {n}-layer target")
+        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(ids),
+                               "use_aux_hidden_state": True}
+        if fc_norm:
+            cfg["fc_norm"] = True
+            for i in range(len(ids)):
+                norm(f"fc_norm.{i}", h)
+        lin("fc", h, len(ids) * h)
+        norm("norm", h)
+        dv = draft_vocab_size or v
+        cfg["draft_vocab_size"] = dv
+        hot = torch.sort(torch.randperm(v, generator=g)[:dv]).values
+        w["d2t"] = hot - torch.arange(dv)
+        t2d = torch.zeros(v, dtype=torch.bool)
+        t2d[hot] = True
+        w["t2d"] = t2d
+        lin("lm_head", dv, h)
+    if mimic:
+        _mimic(w, kind, read_weights_file(Path(target_dir)), h, hq, hkv, d, num_layers, cfg)
+    save_weights(out, w)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def read_weights_file(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _mimic(w: dict, kind: str, tw: dict, h: int, hq: int, hkv: int, d: int, layers: int,
+           cfg: dict) -> None:
+    """Overwrite a head's weights so that its output is (a positive multiple of) the target's
+    final-normed embedding of the row's token: EAGLE through fc = [diag(norm weight), 0] with
+    every layer's o_proj / down_proj zero; EAGLE-3 (needs Hkv = Hq) through layer 0's
+    attention, q = k = 3 * normed embedding (each row mostly attends to itself), v = it, fc and
+    the MLP zero, the target's final norm weight and LM head (all hot ids)."""
+    for name in list(w):
+        if name.endswith(("o_proj.weight", "down_proj.weight")) or name.startswith("fc."):
+            w[name] = torch.zeros_like(w[name])
+    wn = tw["model.norm.weight"]
+    if kind == "eagle":
+        w["fc.weight"][:, :h] = torch.diag(wn)
+        return
+    if hkv * d != h or hq != hkv:
+        raise ValueError("build_tiny_eagle(mimic=True): an EAGLE-3 mimic needs "
+                         "num_key_value_heads = num_attention_heads and heads * head_dim = hidden")
+    p = "midlayer." if layers == 1 else "layers.0."
+    eye = torch.eye(h)
+    zero = torch.zeros(h, h)
+    w[p + "input_layernorm.weight"] = torch.ones(h)
+    w[p + "self_attn.q_proj.weight"] = torch.cat([3 * eye, zero], 1)
+    w[p + "self_attn.k_proj.weight"] = torch.cat([3 * eye, zero], 1)
+    w[p + "self_attn.v_proj.weight"] = torch.cat([eye, zero], 1)
+    w[p + "self_attn.o_proj.weight"] = eye.clone()
+    w["norm.weight"] = wn.clone()
+    hot = w["d2t"] + torch.arange(w["d2t"].shape[0])
+    w["lm_head.weight"] = tw["lm_head.weight"][hot].clone()
+
+
+def damp_layers(model_dir: str | Path, factor: float) -> Path:
+    """Scale every layer's o_proj and down_proj in a tiny checkpoint by `factor` (in place):
+    the residual stream then stays close to the token embedding, so the next token depends
+    mostly on the current one (attention still matters, NSA still decides it)."""
+    model_dir = Path(model_dir)
+    w = read_weights_file(model_dir)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = w[name] * factor
+    save_weights(model_dir, w)
+    return model_dir

@@ -24,7 +24,7 @@ import torch
 
 from specsa.config import CacheConfig, ConfigError, SamplingConfig, VerifyKnobs
 from specsa.model.block import BlockInput
-from specsa.model.cache import PagedKVCache
+from specsa.model.cache import PagedKVCache, PendingKV
 from specsa.model.decoder import NSADecoder
 
 from .sampling import make_generator, sample
@@ -90,14 +90,17 @@ def _sync(device: torch.device) -> None:
 def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[int]],
             rids: Sequence[int], out: list[list[int]], sampling: SamplingConfig,
             gen: torch.Generator | None, chunk_size: int, progress: Progress | None = None,
-            *, knobs: VerifyKnobs | None = None, on_forward: Callable[[], None] | None = None
+            *, knobs: VerifyKnobs | None = None, on_forward: Callable[[], None] | None = None,
+            on_commit: Callable[[int, PendingKV], None] | None = None
             ) -> tuple[list[int], int]:
     """Chunked prefill of every prompt (chunks of `chunk_size`, committed whole); the last
     chunk's logits give each request its first token, appended to out[i]  # mutable.
     Shared by autoregressive and speculative generation so both commit identical KV and
     sample the identical first token. knobs: the forwards' precision knobs (None: the
     model's); on_forward: called after every forward (counters read `model.last_forward`).
-    Returns (indices of live requests, forward passes)."""
+    on_commit(rid, pending):
+    called after each request's chunk is committed (an EAGLE drafter takes the target's
+    hidden states there). Returns (indices of live requests, forward passes)."""
     done = [0] * len(prompts)
     steps = 0
     live = [i for i in range(len(prompts)) if sampling.max_new_tokens > 0]
@@ -110,6 +113,8 @@ def prefill(model: NSADecoder, cache: PagedKVCache, prompts: Sequence[Sequence[i
             on_forward()
         for i, b in zip(batch, blocks):
             cache.commit(rids[i], pending)
+            if on_commit is not None:
+                on_commit(rids[i], pending)
             done[i] += len(b.tokens)
         finished = [j for j, i in enumerate(batch) if done[i] == len(prompts[i])]
         if finished:

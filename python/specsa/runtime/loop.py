@@ -146,7 +146,7 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
             s0 = controller.start(max(len(p) for p in prompts), len(prompts))
             knobs = VerifyKnobs(precision=controller.precision, refresh_period=s0.refresh_period)
         live = _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
-                        progress, _prefill_knobs(knobs))
+                        progress, _prefill_knobs(knobs), observe=_observer(drafter))
         stats.prefill_s = time.perf_counter() - t0
         emitted = sum(len(o) for o in out)
         if progress is not None:
@@ -214,6 +214,7 @@ def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
         a = _accept(tree, q, rep, rows, sampling, gen)
         kept = _kept_tokens(a.tokens, out, sampling)
         _commit(cache, rid, pending, a.nodes[:len(kept)])
+        _observe_target(drafter, rid, pending, a.nodes[:len(kept)])
         out.extend(kept)
         stats.decode_tokens += len(kept)
         stats.draft_tokens += tree.size - 1
@@ -348,12 +349,26 @@ def _commit(cache: PagedKVCache, rid: int, pending: PendingKV, nodes: Sequence[i
     cache.commit(rid, pending, list(nodes))
 
 
+def _observer(drafter: Drafter):
+    """The drafter's `observe_target(rid, pending, nodes=None)`, or None: drafters that read
+    the target's hidden states (EAGLE heads) take each committed block there (nodes: the
+    committed path of a verified tree; None: a whole prefill chunk)."""
+    return getattr(drafter, "observe_target", None)
+
+
+def _observe_target(drafter: Drafter, rid: int, pending: PendingKV, nodes: Sequence[int]) -> None:
+    observe = _observer(drafter)
+    if observe is not None:
+        observe(rid, pending, list(nodes))
+
+
 # -- helpers --------------------------------------------------------------------------------
 def _prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, stats,
-             progress=None, knobs: VerifyKnobs | None = None) -> list[int]:
+             progress=None, knobs: VerifyKnobs | None = None, *, observe=None) -> list[int]:
     """Chunked prefill exactly as autoregressive generation does it (the same function)."""
     live, steps = prefill(model, cache, prompts, rids, out, sampling, gen, chunk_size, progress,
-                          knobs=knobs, on_forward=lambda: stats.count_forward(model))
+                          knobs=knobs, on_forward=lambda: stats.count_forward(model),
+                          on_commit=observe)
     stats.prefill_steps += steps
     return live
 

@@ -2,8 +2,8 @@
 
     --mode specsa --draft SPEC [--tree topk=K,depth=D,tokens=N | --gamma G] [--traversal T]
 
-SPEC: self:K | model:DIR | ngram:N | oracle:P (oracle: benchmark only; the runner first runs
-autoregressive generation to learn the continuation). The mode's JSON part adds
+SPEC: self:K | model:DIR | eagle:DIR | ngram:N | oracle:P (oracle: benchmark only; the runner
+first runs autoregressive generation to learn the continuation). The mode's JSON part adds
 accept_histogram, mean_accept_len and tokens_per_forward to the AR fields.
 
 Precision knobs (docs/DESIGN.md section 5; `knobs_from_args`):
@@ -54,8 +54,8 @@ def _int_at_least_1(flag: str):
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (--mode specsa)")
     g.add_argument("--draft", default=None, metavar="SPEC",
-                   help="self:K (target's first K layers), model:DIR, ngram:N, "
-                        "oracle:P (benchmarks only)")
+                   help="self:K (target's first K layers), model:DIR, eagle:DIR (EAGLE / "
+                        "EAGLE-3 head), ngram:N, oracle:P (benchmarks only)")
     shape = g.add_mutually_exclusive_group()
     shape.add_argument("--tree", default=None, metavar="topk=K,depth=D,tokens=N",
                        help="draft tree shape (EAGLE-2 style top-k expansion)")
@@ -101,9 +101,10 @@ def check_spec_args(args: argparse.Namespace) -> None:
     from specsa.runtime.drafters import DraftError, parse_draft_spec
 
     if not args.draft:
-        raise ConfigError("--mode specsa needs --draft SPEC (self:K, model:DIR, ngram:N, oracle:P)")
+        raise ConfigError("--mode specsa needs --draft SPEC (self:K, model:DIR, eagle:DIR, "
+                          "ngram:N, oracle:P)")
     spec = parse_draft_spec(args.draft)
-    if spec.kind == "model" and not Path(spec.path).is_dir():
+    if spec.kind in ("model", "eagle") and not Path(spec.path).is_dir():
         raise DraftError(f"--draft {args.draft!r}: draft model folder {spec.path!r} does not exist")
     tree_spec_from_args(args)
     if args.traversal is not None:

@@ -1,7 +1,8 @@
 """Drafters behind one protocol (`base.Drafter`) and the `--draft SPEC` parser.
 
 Specs: `self:K` (the target's first K layers + final norm + LM head, sharing weights),
-`model:DIR` (a causal LM checkpoint with the target's tokenizer), `ngram:N` (prompt lookup
+`model:DIR` (a causal LM checkpoint with the target's tokenizer), `eagle:DIR` (an EAGLE or
+EAGLE-3 draft head fed by the target's hidden states), `ngram:N` (prompt lookup
 with n-grams up to N), `oracle:P` (BENCHMARK ONLY: knows the AR continuation, each drafted
 token right with probability P).
 """
@@ -16,31 +17,31 @@ from specsa.runtime.drafters.oracle import OracleDrafter
 __all__ = ["Draft", "DraftError", "Drafter", "DraftRequest", "DraftSpec", "NGramDrafter",
            "OracleDrafter", "parse_draft_spec", "trie_tree"]
 
-KINDS = ("self", "model", "ngram", "oracle")
+KINDS = ("self", "model", "eagle", "ngram", "oracle")
 
 
 @dataclass(frozen=True)
 class DraftSpec:
     kind: str            # one of KINDS
     layers: int = 0      # self:K
-    path: str = ""       # model:DIR
+    path: str = ""       # model:DIR, eagle:DIR
     n: int = 0           # ngram:N
     accept_prob: float = 0.0  # oracle:P
 
 
 def parse_draft_spec(spec: str) -> DraftSpec:
-    """'self:K' | 'model:DIR' | 'ngram:N' | 'oracle:P' -> DraftSpec, with errors that say
-    which part is wrong."""
-    fmt = "expected self:K, model:DIR, ngram:N or oracle:P"
+    """'self:K' | 'model:DIR' | 'eagle:DIR' | 'ngram:N' | 'oracle:P' -> DraftSpec, with
+    errors that say which part is wrong."""
+    fmt = "expected self:K, model:DIR, eagle:DIR, ngram:N or oracle:P"
     if not isinstance(spec, str) or ":" not in spec:
         raise DraftError(f"--draft {spec!r}: {fmt}")
     kind, arg = spec.split(":", 1)
     kind, arg = kind.strip().lower(), arg.strip()
     if kind not in KINDS:
         raise DraftError(f"--draft {spec!r}: unknown drafter {kind!r}; {fmt}")
-    if kind == "model":
+    if kind in ("model", "eagle"):
         if not arg:
-            raise DraftError(f"--draft {spec!r}: model:DIR needs a checkpoint directory")
+            raise DraftError(f"--draft {spec!r}: {kind}:DIR needs a checkpoint directory")
         return DraftSpec(kind=kind, path=arg)
     if kind == "oracle":
         try:

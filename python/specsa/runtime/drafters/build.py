@@ -29,7 +29,8 @@ def check_compatible(target: NSADecoder, draft: NSADecoder, target_tok=None, dra
 def build_drafter(spec: str | DraftSpec, target: NSADecoder, tree: TreeSpec,
                   sampling: SamplingConfig, cache: CacheConfig, *, tokenizer=None,
                   seed: int | None = None, nsa_overrides: str | dict | None = None):
-    """Drafter for `spec` ('self:K', 'model:DIR', 'ngram:N', 'oracle:P').
+    """Drafter for `spec` ('self:K', 'model:DIR', 'eagle:DIR', 'ngram:N', 'oracle:P').
+    eagle:DIR also makes `target` return the hidden states the head reads.
 
     The oracle needs `set_truth(rid, tokens)` per request before use (benchmarks only)."""
     s = parse_draft_spec(spec) if isinstance(spec, str) else spec
@@ -40,6 +41,8 @@ def build_drafter(spec: str | DraftSpec, target: NSADecoder, tree: TreeSpec,
         return OracleDrafter(s.accept_prob, tree, target.cfg.vocab_size, seed=seed or 0)
     if s.kind == "self":
         return ModelDrafter(truncated_view(target, s.layers), tree, sampling, cache, gen)
+    if s.kind == "eagle":
+        return build_eagle(s.path, target, tree, sampling, gen)
     from specsa.model import load_model, load_tokenizer
     draft = load_model(s.path, nsa_overrides=nsa_overrides, device=target.device,
                        dtype=target.dtype)
@@ -52,3 +55,19 @@ def build_drafter(spec: str | DraftSpec, target: NSADecoder, tree: TreeSpec,
                              f"against the target's ({e})") from None
     check_compatible(target, draft, tokenizer, draft_tok, where=f"--draft model:{s.path}")
     return ModelDrafter(draft, tree, sampling, cache, gen)
+
+
+def build_eagle(path: str, target: NSADecoder, tree: TreeSpec, sampling: SamplingConfig,
+                gen: torch.Generator | None = None):
+    """EagleDrafter for the EAGLE / EAGLE-3 head folder `path` (DraftError naming it when the
+    folder is not an EAGLE head or does not fit the target)."""
+    from specsa.config import ConfigError
+    from specsa.model.eagle import load_eagle_head
+    from specsa.model.load import LoadError
+    from specsa.runtime.drafters.eagle import EagleDrafter
+
+    try:
+        head = load_eagle_head(path, target)
+    except (LoadError, ConfigError) as e:
+        raise DraftError(f"--draft eagle:{path}: {e}") from None
+    return EagleDrafter(head, target, tree, sampling, generator=gen)
