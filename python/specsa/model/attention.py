@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -237,8 +237,6 @@ def effective_options(options: "TritonOptions", knobs: VerifyKnobs,
                       traversal: Traversal | None = None) -> "TritonOptions":
     """TritonOptions with the knobs' schedule / group size (when set) and the step's traversal
     (when given): what a forward runs with."""
-    from dataclasses import replace as _replace
-
     kw = {}
     if knobs.schedule is not None:
         kw["schedule"] = knobs.schedule
@@ -246,7 +244,7 @@ def effective_options(options: "TritonOptions", knobs: VerifyKnobs,
         kw["group_size"] = knobs.group_size
     if traversal is not None:
         kw["traversal"] = traversal
-    return _replace(options, **kw) if kw else options
+    return replace(options, **kw) if kw else options
 
 
 def _i32(x, dev) -> torch.Tensor:
