@@ -2,8 +2,9 @@
 
 `register()` runs in every SGLang process before arguments are parsed and:
 - adds the `specsa` attention backend (NSA extend / decode / TARGET_VERIFY, backend.py);
-- registers the `SPECSA` speculative algorithm (algorithm.py) with its worker (worker.py), so
-  `python -m sglang.launch_server --model-path M --speculative-algo specsa` works;
+- registers the `SPECSA` speculative algorithm (algorithm.py) with its workers (worker.py), so
+  `python -m sglang.launch_server --model-path M --speculative-algo specsa` works, with a
+  separate draft model, self-drafting or an EAGLE / EAGLE-3 head (eagle.py);
 - lets `specsa` serve as an EAGLE draft attention backend (dense, torch; used on CPU);
 - works around 0.5.17's `get_draft_kv_pool` startup crash for workers without a draft runner;
 - fits NSA's compressed KV into SGLang's memory sizing: page size >= the compression stride
@@ -45,8 +46,9 @@ def register() -> None:
 
     @SpeculativeAlgorithm.register("SPECSA", supports_overlap=False, spec_class=SpecsaAlgo)
     def _worker_cls(server_args):
-        from .worker import SpecsaWorker
-        return SpecsaWorker
+        from .eagle import STANDALONE, kind_of
+        from .worker import SpecsaEagleWorker, SpecsaWorker
+        return SpecsaWorker if kind_of(server_args) == STANDALONE else SpecsaEagleWorker
 
     HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory."
                           "create_decode_backend", _draft_decode_backend, HookType.AROUND)
@@ -141,7 +143,8 @@ def _register_draft_kv_pool_fix(HookRegistry, HookType) -> None:
 
 def _draft_graphs(original, worker, *args, **kwargs):
     """Keep only the draft CUDA graphs SPECSA_DRAFT_GRAPHS names (SpecSA servers only), and
-    drop the hidden states of the draft-extend graph's output.
+    for a standalone-shaped draft drop the hidden states of the draft-extend graph's output
+    (an EAGLE head needs them).
 
     0.5.17's draft-extend graph runs its forward in CaptureHiddenMode.LAST (one row per
     request) but the worker then indexes those rows with per-token select indices (up to
@@ -158,8 +161,9 @@ def _draft_graphs(original, worker, *args, **kwargs):
         worker.cuda_graph_runner_for_draft_extend = None
     if mode == "none":
         worker.cuda_graph_runner = None
+    from .eagle import STANDALONE, kind_of
     runner = getattr(worker, "cuda_graph_runner_for_draft_extend", None)
-    if runner is not None:
+    if runner is not None and kind_of(worker.server_args) == STANDALONE:
         execute = runner.execute
 
         def execute_without_hidden(forward_batch):

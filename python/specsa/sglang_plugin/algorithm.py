@@ -8,6 +8,8 @@ import logging
 
 from sglang.srt.speculative.spec_registry import CustomSpecAlgo
 
+from .eagle import EAGLE, EAGLE3, STANDALONE, kind_of, resolve
+
 logger = logging.getLogger("specsa")
 
 BACKEND = "specsa"
@@ -16,18 +18,27 @@ DEFAULT_TOPK = 1
 
 
 class SpecsaAlgo(CustomSpecAlgo):
-    """STANDALONE-shaped algorithm (separate draft model, no draft hidden states) whose target
-    verification runs through the specsa NSA backend."""
+    """SpecSA's algorithm: target verification through the specsa NSA backend, drafting in
+    one of two shapes chosen by the draft checkpoint (eagle.py, detected once at server-args
+    time): STANDALONE (a separate draft model or self-draft, no draft hidden states) or
+    EAGLE / EAGLE-3 (a draft head fed by the target's hidden states)."""
 
-    # SGLang sizes the draft KV pool, the decode reservation and the capture modes for
-    # algorithms that answer is_standalone(); SpecSA's worker is a StandaloneWorkerV2.
+    # SGLang sizes the draft KV pool, the decode reservation, the hidden-state capture modes
+    # (target FULL / draft LAST for EAGLE, none for STANDALONE), EAGLE-3's aux layers and the
+    # shared embedding / LM head from these answers; the worker class follows the same kind.
     def is_standalone(self) -> bool:
-        return True
+        return kind_of() == STANDALONE
+
+    def is_eagle(self) -> bool:
+        return kind_of() in (EAGLE, EAGLE3)
+
+    def is_eagle3(self) -> bool:
+        return kind_of() == EAGLE3
 
     # 0.5.17's scheduler calls these three on the algorithm, but CustomSpecAlgo lacks them
     # (scheduler.py:1294, :1428; overlap_utils.py:305).
     def carries_draft_hidden_states(self) -> bool:
-        return False
+        return self.is_eagle()
 
     def need_topk(self) -> bool:
         return True
@@ -117,6 +128,7 @@ def handle_specsa_server_args(sa) -> None:
         _reject("--speculative-adaptive is not supported")
     _imply_backend(sa)
     _draft_shape(sa)
+    resolve(sa)          # standalone draft or EAGLE / EAGLE-3 head (eagle.py)
     if sa.speculative_draft_model_path is None:       # self-drafting: the target drafts for itself
         sa.speculative_draft_model_path = sa.model_path
         sa.speculative_draft_model_revision = sa.revision

@@ -1,14 +1,20 @@
-"""SpecSA's speculative worker: SGLang's EAGLE V2 pipeline with a separate draft model
-(the STANDALONE worker: draft prefill, multi-step chain / top-k tree drafting,
-`build_eagle_verify_input`, `run_eagle_verify` with greedy tree acceptance and KV commit, draft
-extend). Target verification attention is the `specsa` NSA backend, which the SPECSA algorithm
-forces on the target (algorithm.py); this class adapts the constructor to 0.5.17's scheduler,
-checks that wiring and, when asked (step_timing.py), times the phases of every decode step.
+"""SpecSA's speculative workers: SGLang's EAGLE V2 pipeline (draft prefill, multi-step chain /
+top-k tree drafting, `build_eagle_verify_input`, `run_eagle_verify` with greedy tree acceptance
+and KV commit, draft extend) with
+
+- `SpecsaWorker`: a separate draft model or self-draft (SGLang's STANDALONE worker);
+- `SpecsaEagleWorker`: an EAGLE / EAGLE-3 head (SGLang's EAGLE worker: the head reads the
+  target's hidden states, shares its embedding / LM head; eagle.py tells which kind).
+
+Target verification attention is the `specsa` NSA backend, which the SPECSA algorithm forces on
+the target (algorithm.py); the mixin adapts the constructor to 0.5.17's scheduler, checks that
+wiring and, when asked (step_timing.py), times the phases of every decode step.
 """
 from __future__ import annotations
 
 import functools
 
+from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from .algorithm import BACKEND
@@ -16,7 +22,7 @@ from .settings import step_timing_path, torch_profile_spec
 from .step_timing import StepTimer, TorchProfile
 
 
-class SpecsaWorker(StandaloneWorkerV2):
+class _SpecsaWorkerMixin:
     def __init__(self, server_args, gpu_id, nccl_port, target_worker, ps=None, **kwargs):
         # 0.5.17's scheduler passes ps= (scheduler.py:916-927) and keywords only.
         super().__init__(server_args=server_args, gpu_id=gpu_id, ps=ps, nccl_port=nccl_port,
@@ -73,3 +79,11 @@ class SpecsaWorker(StandaloneWorkerV2):
         if self.profile is not None:
             self.profile.step_end()
         return out
+
+
+class SpecsaWorker(_SpecsaWorkerMixin, StandaloneWorkerV2):
+    """A separate draft model (or the target itself) drafts."""
+
+
+class SpecsaEagleWorker(_SpecsaWorkerMixin, EAGLEWorkerV2):
+    """An EAGLE / EAGLE-3 head drafts from the target's hidden states."""
