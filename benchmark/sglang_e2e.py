@@ -290,7 +290,8 @@ def plot(path: Path) -> None:
     for metric, fname, ylabel in (("ms_per_token", "sglang_e2e_ms_per_token.png", "ms / token"),
                                   ("tokens_per_s", "sglang_e2e_tokens_per_s.png", "tokens / s")):
         batches = sorted({r["batch"] for r in rows})
-        fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(batches), figsize=(max(8, 5 * len(batches)), 4.5),
+                                 squeeze=False)
         for ax, B in zip(axes[0], batches):
             keys = sorted({(r["system"], r["draft"]) for r in rows if r["batch"] == B},
                           key=str)
@@ -309,6 +310,23 @@ def plot(path: Path) -> None:
                      f"commit {res['commit']}", fontsize=9)
         fig.tight_layout()
         fig.savefig(path.parent / fname, dpi=110)
+        plt.close(fig)
+    steps = [r for r in rows if r.get("breakdown")]
+    if steps:       # where a speculative step's GPU time goes, per system and point
+        phases = list(steps[0]["breakdown"]["gpu_ms"])
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(steps)), 4.5))
+        labels = [f"{r['system']}\n{r['context'] // 1024}K b{r['batch']}" for r in steps]
+        bottom = [0.0] * len(steps)
+        for ph in phases:
+            vals = [r["breakdown"]["gpu_ms"].get(ph) or 0.0 for r in steps]
+            ax.bar(labels, vals, bottom=bottom, label=ph)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("GPU ms per speculative step")
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"step breakdown, {res['gpu']}, commit {res['commit']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path.parent / "sglang_e2e_step_breakdown.png", dpi=110)
         plt.close(fig)
     print(table(res))
 
