@@ -28,6 +28,7 @@ import torch
 
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.fused import VerifyGeometry
+from specsa.verify_layer import StepTensors
 
 
 def parents_from_links(next_token: torch.Tensor, next_sibling: torch.Tensor,
@@ -115,6 +116,15 @@ class DeviceStepPlan:
     @property
     def num_queries(self) -> int:
         return self.bs * self.t
+
+    def step_tensors(self, verifier) -> StepTensors:
+        """What `verify_layer` reads, over these buffers."""
+        g = self.geo
+        return StepTensors(block_table=self.block_table, q_req=self.q_req, q_pos=self.q_pos,
+                           cmp_lens=self.cmp_lens, prov_idx=self.prov_idx,
+                           prov_cidx=self.prov_cidx, prov_vis=self.prov_vis,
+                           groups=(g.order, g.g_start, g.g_len), group_size=self.c,
+                           verifier=verifier)
 
     def fill(self, prefix: torch.Tensor, parents: torch.Tensor, block_table: torch.Tensor,
              window: int) -> None:

@@ -54,6 +54,7 @@ from specsa.config import (Combine, Compression, ConfigError, NSAConfig, Precisi
                            Schedule, Traversal, VerifyKnobs, parse_enum)
 from specsa.kernels.common.upload import to_device
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp
+from specsa.verify_layer import StepTensors, verify_layer
 
 from .cache import BlockMeta, PagedKVCache
 from .config import ModelConfig
@@ -168,6 +169,15 @@ class VerifyPart:
     # None: per-row score_topk
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     group_size: int = 1
+
+    @property
+    def step(self) -> StepTensors:
+        """What `specsa.verify_layer.verify_layer` reads."""
+        return StepTensors(block_table=self.block_table, q_req=self.q_req, q_pos=self.q_pos,
+                           cmp_lens=self.cmp_lens,
+                           prov_idx=self.prov_idx if self.num_prov else None,
+                           prov_cidx=self.prov_cidx, prov_vis=self.prov_vis, groups=self.groups,
+                           group_size=self.group_size, verifier=self.verifier)
 
 
 @dataclass(frozen=True)
@@ -447,9 +457,6 @@ class NSAAttention(nn.Module):
                 o: torch.Tensor, sels: LayerSelections) -> tuple[torch.Tensor, torch.Tensor]:
         """TRITON path of one layer (no host syncs): writes o, returns the provisional
         compressed tokens (ck, cv) [Np, Hkv, D] of the verify rows (PendingKV order)."""
-        from specsa.kernels import compression as kc_ops
-        from specsa.kernels.compression import compress_gather
-
         p, cw = self.params, self._cw()
         kc, vc, ckc, cvc = (cache.k_cache(layer), cache.v_cache(layer), cache.ck_cache(layer),
                             cache.cv_cache(layer))
@@ -477,34 +484,18 @@ class NSAAttention(nn.Module):
             fp.rows.put(o, of)
         vp = fwd.verify
         if vp is not None:
-            qv, kv_, vv = vp.rows.take(q), vp.rows.take(k), vp.rows.take(v)
-            prov = {}
-            if vp.num_prov:
-                pk, pv = compress_gather(kc, vc, kv_, vv, vp.prov_idx, p, cw=cw)
-                prov = dict(prov_k=pk, prov_v=pv, prov_cidx=vp.prov_cidx, prov_vis=vp.prov_vis)
-            args = (qv, ckc, cvc, vp.block_table, vp.q_req, vp.q_pos, vp.cmp_lens, p,
-                    self.scale, cache.page_size)
             own = sels.refresh(layer, "verify")
-            sel = o_cmp = None
-            # a reuse layer skips the refresh kernel, except that the gated combine needs this
-            # layer's o_cmp (then the kernel runs and its selection is dropped)
-            if own or p.gated:
-                if vp.groups is not None:
-                    sel, o_cmp, _ = kc_ops.score_topk_grouped(
-                        *args, with_out=p.gated, group_size=vp.group_size, groups=vp.groups,
-                        **prov)
-                else:
-                    sel, o_cmp, _ = kc_ops.score_topk(*args, with_out=p.gated, **prov)
+            gv = None if gates is None else vp.rows.take(gates)
+            ov, sel, pk, pv = verify_layer(
+                vp.rows.take(q), vp.rows.take(k), vp.rows.take(v), kc, vc, ckc, cvc, vp.step,
+                p, self.scale, cache.page_size, gates=gv, cw=cw,
+                reuse_sel=None if own else sels.get("verify"), keep_provisional=True,
+                out=o if vp.rows.idx is None else None)
             if own:
                 # each row's own selection; SHARED_INDEX applies its sources inside run()
                 sels.put("verify", sel)
-            else:
-                sel = sels.get("verify")
-            gv = None if gates is None else vp.rows.take(gates).contiguous()
-            if vp.rows.idx is None:
-                vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv, out=o)
-            else:
-                vp.rows.put(o, vp.verifier.run(qv, kv_, vv, kc, vc, sel, o_cmp=o_cmp, gates=gv))
+            if vp.rows.idx is not None:
+                vp.rows.put(o, ov)
         return pk, pv
 
     def _prefill_reuse(self, q, kc, vc, ckc, cvc, fp: PrefillPart, gates, cw,

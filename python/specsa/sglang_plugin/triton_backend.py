@@ -27,12 +27,9 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.config import Compression, NSAConfig
 from specsa.device_plan import parents_from_links
-from specsa.kernels.compression import (
-    compress_gather,
-    compress_paged,
-    score_topk_grouped,
-)
+from specsa.kernels.compression import compress_paged
 from specsa.kernels.prefill import chunked_nsa_prefill
+from specsa.verify_layer import verify_layer
 
 from .backend import forward_geometry
 from .memory import compressed_shape
@@ -224,24 +221,12 @@ class SpecsaTritonBackend(AttentionBackend):
         compress_paged(kc, vc, ck, cv, dp.block_table, dp.upd_lo, dp.prefix, p, cw=cw)
         refresh = self.knobs.refreshes(layer.layer_id - self.pool.start_layer) \
             or self._last_sel is None
-        o_cmp = None
-        if refresh or p.gated:
-            # the gated combine needs this layer's compressed-branch output even when the
-            # selection is reused, so only the union combine skips the refresh kernel
-            geo = dp.geo
-            pk, pv = compress_gather(kc, vc, kn, vn, dp.prov_idx, p, cw=cw)
-            own, o_cmp, _ = score_topk_grouped(
-                q3, ck, cv, dp.block_table, dp.q_req, dp.q_pos, dp.cmp_lens, p, layer.scaling,
-                self.page_size, with_out=p.gated, group_size=dp.c,
-                groups=(geo.order, geo.g_start, geo.g_len), prov_k=pk.to(ck.dtype),
-                prov_v=pv.to(cv.dtype), prov_cidx=dp.prov_cidx, prov_vis=dp.prov_vis)
-            if refresh:
-                self._last_sel = own
-            self._refreshed[0] += 1
-        sel = self._last_sel
-        self._refreshed[1] += 1
         out = q3.new_empty(n, layer.tp_q_head_num, layer.v_head_dim)
         s.verifier.scale = float(layer.scaling)
-        s.verifier.run(q3, kn, vn, kc, vc, sel, o_cmp=o_cmp,
-                       gates=None if gates is None else gates.contiguous(), out=out)
+        out, sel, _, _ = verify_layer(
+            q3, kn, vn, kc, vc, ck, cv, s.tensors, p, layer.scaling, self.page_size,
+            gates=gates, cw=cw, reuse_sel=None if refresh else self._last_sel, out=out)
+        self._last_sel = sel
+        self._refreshed[0] += int(refresh or p.gated)
+        self._refreshed[1] += 1
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

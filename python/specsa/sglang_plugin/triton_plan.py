@@ -28,6 +28,7 @@ from specsa.attention import NSAVerifier
 from specsa.config import NSAConfig, VerifyKnobs
 from specsa.device_plan import DeviceStepPlan, chain_parents
 from specsa.schedule import default_schedule
+from specsa.verify_layer import StepTensors
 
 
 def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Tensor:
@@ -47,6 +48,7 @@ class StepBuffers:
     plan: DeviceStepPlan
     verifier: NSAVerifier
     chain: torch.Tensor       # [bs, T] the chain's parents (decode, topk 1, graph capture)
+    tensors: StepTensors      # what verify_layer reads (views of `plan`)
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +82,8 @@ class StepPlanner:
                 bs, t, self.width, self.page_size,
                 schedule=k.schedule or default_schedule(bs * t), precision=k.precision,
                 group_size=k.group_size, margin=self.margin)
-            self._bufs[key] = StepBuffers(plan, verifier, chain_parents(bs, t, self.device))
+            self._bufs[key] = StepBuffers(plan, verifier, chain_parents(bs, t, self.device),
+                                          plan.step_tensors(verifier))
         return self._bufs[key]
 
     def fill(self, buf: StepBuffers, prefix: torch.Tensor, parents: torch.Tensor,
