@@ -302,9 +302,20 @@ def eagle_sample_cpu(original, verify_input, batch, logits_output, *args, **kwar
                 sys.modules["sgl_kernel"] = saved
 
 
+def _gloo_groups(*args, **kwargs):
+    """BEFORE init_model_parallel_group: on this platform tensor-parallel groups talk through
+    torch.distributed (gloo) only. SGLang's own CPU engine skips PyNccl and the custom
+    all-reduce by platform checks that an out-of-tree platform does not pass."""
+    kwargs["use_pynccl"] = False
+    kwargs["use_custom_allreduce"] = False
+    return args, kwargs
+
+
 def install(HookRegistry, HookType) -> None:
     """Register the CPU stand-ins (call only on the specsa_cpu platform)."""
     R = HookRegistry.register
+    R("sglang.srt.distributed.parallel_state.init_model_parallel_group", _gloo_groups,
+      HookType.BEFORE)
     # eagle_utils.py:723: sampled verification imports CUDA ops from sgl_kernel (torch above).
     R("sglang.srt.speculative.eagle_utils.eagle_sample", eagle_sample_cpu, HookType.AROUND)
     # utils/common.py:1304 decides Triton by backend name only (not torch_native -> Triton);

@@ -47,19 +47,28 @@ def load_weights_hook(original, model, weights, *args, **kwargs):
     return result
 
 
-def _tp_size() -> int:
+def _tp() -> tuple[int, int]:
+    """(tensor-parallel size, this rank)."""
     try:
-        from sglang.srt.distributed import get_tensor_model_parallel_world_size
-        return get_tensor_model_parallel_world_size()
+        from sglang.srt.distributed import (get_tensor_model_parallel_rank,
+                                            get_tensor_model_parallel_world_size)
+        return get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
     except Exception:    # noqa: BLE001 - not initialised (tests): one rank
-        return 1
+        return 1, 0
+
+
+def _kv_rows(total: int, local: int, tp: int, rank: int) -> slice:
+    """This rank's KV heads, as SGLang's attention splits them: contiguous blocks when there
+    are at least as many KV heads as ranks, else each head replicated over tp / total ranks."""
+    lo = rank * local if total >= tp else rank // (tp // total)
+    return slice(lo, lo + local)
 
 
 def attach(model, extra: dict[str, torch.Tensor]) -> None:
-    """Attach gate / compression weights to the layers of a loaded SGLang model."""
-    if _tp_size() != 1:
-        raise ValueError("specsa: native NSA checkpoints (gate / learned compression weights) "
-                         "are supported with --tp-size 1 only")
+    """Attach gate / compression weights to the layers of a loaded SGLang model, sharded like
+    the attention heads under tensor parallelism (gates per query head, compression per KV
+    head)."""
+    tp, rank = _tp()
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, w in extra.items():
         m = NSA_WEIGHT.search(name)
@@ -74,25 +83,33 @@ def attach(model, extra: dict[str, torch.Tensor]) -> None:
         dev, dtype = ref.device, ref.dtype
         hq, hkv = attn.num_heads, attn.num_kv_heads
         if "gate_proj.weight" in ws:
-            wg = ws["gate_proj.weight"].to(dev, dtype)
-            if wg.shape[0] != 3 * hq:
+            wg = ws["gate_proj.weight"]
+            if wg.shape[0] != 3 * hq * tp:
                 raise ValueError(f"specsa: layer {i} gate_proj.weight has {wg.shape[0]} rows, "
-                                 f"expected 3 * num_heads = {3 * hq}")
+                                 f"expected 3 * num_heads = {3 * hq * tp}")
+            # rows 3h..3h+2 belong to query head h: this rank's heads are one block of rows
+            rows = slice(3 * hq * rank, 3 * hq * (rank + 1))
             bg = ws.get("gate_proj.bias")
-            _wrap_forward(attn, radix, wg, None if bg is None else bg.to(dev, dtype), hq)
+            _wrap_forward(attn, radix, wg[rows].to(dev, dtype),
+                          None if bg is None else bg[rows].to(dev, dtype), hq)
         if "compress_k.weight" in ws or "compress_v.weight" in ws:
             try:
                 wk, wv = ws["compress_k.weight"], ws["compress_v.weight"]
             except KeyError as e:
                 raise ValueError(f"specsa: layer {i} has one of compress_k / compress_v only "
                                  f"(missing {e})") from None
-            if wk.shape[0] != hkv or wv.shape != wk.shape:
+            total_kv = attn.total_num_kv_heads if hasattr(attn, "total_num_kv_heads") \
+                else hkv * tp
+            if wk.shape[0] != total_kv or wv.shape != wk.shape:
                 raise ValueError(f"specsa: layer {i} compress_k/compress_v weights "
-                                 f"{tuple(wk.shape)}/{tuple(wv.shape)} must be [Hkv={hkv}, l]")
-            f32 = lambda x, dev=dev: None if x is None else x.to(dev, torch.float32).contiguous()  # noqa: E731
+                                 f"{tuple(wk.shape)}/{tuple(wv.shape)} must be "
+                                 f"[Hkv={total_kv}, l]")
+            kv = _kv_rows(total_kv, hkv, tp, rank)
+            f32 = lambda x, dev=dev: None if x is None else x[kv].to(dev, torch.float32).contiguous()  # noqa: E731
             radix.specsa_cw = (f32(wk), f32(ws.get("compress_k.bias")), f32(wv),
                                f32(ws.get("compress_v.bias")))
-    logger.warning("specsa: native NSA weights attached to %d layers", len(per_layer))
+    logger.warning("specsa: native NSA weights attached to %d layers (tensor-parallel rank %d "
+                   "of %d)", len(per_layer), rank, tp)
 
 
 def _wrap_forward(attn, radix, wg: torch.Tensor, bg: torch.Tensor | None, hq: int) -> None:
