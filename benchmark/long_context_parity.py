@@ -21,17 +21,11 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _commit() -> str:
@@ -59,7 +53,7 @@ def main() -> None:
     from specsa.model.load import load_model
     from specsa.model.tiny import build_tiny
     from specsa.runtime.generate import generate
-    from specsa.sglang_plugin.harness import launch_server
+    from specsa.sglang_plugin.harness import free_port, launch_server
 
     if a.smoke:
         shape = dict(hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32)
@@ -88,7 +82,7 @@ def main() -> None:
             str(2 * a.context)]
     t0 = time.time()
     got, cached = [], []
-    with launch_server(str(model_dir), _port(), args, cpu=True, timeout=1800,
+    with launch_server(str(model_dir), free_port(), args, cpu=True, timeout=1800,
                        log_path=out / "long_context_parity_server.log") as srv:
         for p in prompts:
             o = srv.generate(input_ids=p, max_new_tokens=a.new_tokens)

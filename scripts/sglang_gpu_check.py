@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import threading
@@ -30,27 +29,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmark"))
+from sglang_site import stage_package  # noqa: E402  (stages specsa with its entry points)
 OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp())
 NEW_TOKENS = 32
 NUM_PROMPTS = 48
-
-
-def stage_package() -> Path:
-    """specsa + specsa.kernels + a dist-info with the sglang entry points, in one folder."""
-    site = Path(tempfile.mkdtemp(prefix="specsa_site_"))
-    shutil.copytree(REPO / "python" / "specsa", site / "specsa")
-    shutil.copytree(REPO / "kernels", site / "specsa" / "kernels")
-    dist = site / "specsa-0.1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: specsa\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[sglang.srt.plugins]\nspecsa = specsa.sglang_plugin:register\n\n"
-        "[sglang.srt.platforms]\nspecsa_cpu = specsa.sglang_plugin.cpu_platform:activate\n")
-    sys.path.insert(0, str(site))
-    # bundle first (its transformers 5.12.1 must win), then the staged package
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.environ.get("PYTHONPATH", ""), str(site)) if p)
-    return site
 
 
 def compare(a, b, prompts) -> dict:

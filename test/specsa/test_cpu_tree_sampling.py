@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 import torch
 
 from specsa.sglang_plugin.cpu_fallbacks import (top_k_renorm_prob, top_p_renorm_prob,

@@ -12,7 +12,6 @@ classes). Acceptance is printed (pytest -s). Random heads (test_eagle.py) accept
 from __future__ import annotations
 
 import random
-import socket
 import threading
 from types import SimpleNamespace
 
@@ -24,11 +23,6 @@ pytestmark = pytest.mark.sglang
 NEW = 16
 LEAK_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +103,7 @@ def test_eagle3_chain_server(models, target, prompts, reference):
     from specsa.runtime.drafters.build import build_drafter
     from specsa.runtime.loop import speculative_generate
     from specsa.runtime.tree import TreeSpec
-    from specsa.sglang_plugin.harness import launch_server
+    from specsa.sglang_plugin.harness import free_port, launch_server
 
     args = ["--speculative-algo", "specsa", "--speculative-draft-model-path", models["eagle3"],
             "--speculative-num-steps", "3"]
@@ -133,7 +127,7 @@ def test_eagle3_chain_server(models, target, prompts, reference):
 
 @pytest.mark.slow
 def test_eagle_tree_server_page16(models, prompts, reference):
-    from specsa.sglang_plugin.harness import launch_server
+    from specsa.sglang_plugin.harness import free_port, launch_server
 
     args = ["--speculative-algo", "specsa", "--speculative-draft-model-path", models["eagle"],
             "--speculative-num-steps", "3", "--speculative-eagle-topk", "2",

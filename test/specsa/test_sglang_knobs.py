@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -21,11 +20,6 @@ NEW = 12
 TRITON_ENV = {"SPECSA_SGLANG_ATTN": "triton", "TRITON_INTERPRET": "1"}
 SPEC = ["--speculative-algo", "specsa", "--speculative-num-steps", "3"]
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_knobs_parse_and_class_rules():
@@ -62,17 +56,17 @@ def model_and_ref(tmp_path_factory):
 
 @pytest.mark.slow
 def test_reuse_skips_refresh_and_period_one_is_exact(model_and_ref):
-    from specsa.sglang_plugin.harness import launch_server
+    from specsa.sglang_plugin.harness import free_port, launch_server
     model, prompts, ref = model_and_ref
     env = {**TRITON_ENV, "SPECSA_VERIFY": "precision=reuse,refresh_period=2"}
-    with launch_server(model, _port(), SPEC, env=env) as srv:
+    with launch_server(model, free_port(), SPEC, env=env) as srv:
         outs = [srv.generate(input_ids=p, max_new_tokens=NEW)["output_ids"] for p in prompts]
         log = srv.log_path.read_text()
     assert all(len(o) == NEW for o in outs)
     # the tiny model has 2 layers: layer 0 refreshes, layer 1 reuses its selection
     assert "ran the selection refresh in 1 of 2 layers (refresh period 2)" in log, log[-3000:]
     env = {**TRITON_ENV, "SPECSA_VERIFY": "precision=reuse,refresh_period=1"}
-    with launch_server(model, _port(), SPEC, env=env) as srv:
+    with launch_server(model, free_port(), SPEC, env=env) as srv:
         assert [srv.generate(input_ids=p, max_new_tokens=NEW)["output_ids"]
                 for p in prompts] == ref
         assert "ran the selection refresh in 2 of 2 layers" in srv.log_path.read_text()
@@ -80,10 +74,10 @@ def test_reuse_skips_refresh_and_period_one_is_exact(model_and_ref):
 
 @pytest.mark.slow
 def test_shared_index_serves_under_approx(model_and_ref):
-    from specsa.sglang_plugin.harness import launch_server
+    from specsa.sglang_plugin.harness import free_port, launch_server
     model, prompts, _ = model_and_ref
     env = {**TRITON_ENV, "SPECSA_VERIFY": "precision=approx,schedule=shared_index,group_size=2"}
-    with launch_server(model, _port(), SPEC, env=env) as srv:
+    with launch_server(model, free_port(), SPEC, env=env) as srv:
         out = srv.generate(input_ids=prompts[0], max_new_tokens=NEW)
         assert len(out["output_ids"]) == NEW
         assert "schedule=<Schedule.SHARED_INDEX" in srv.log_path.read_text()

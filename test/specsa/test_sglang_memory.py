@@ -4,7 +4,6 @@ per token, what the backends really allocate within that count, and the CPU harn
 KV size (a server started exactly as the README says)."""
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -126,11 +125,6 @@ def test_cpu_default_kv_size():
     assert cpu_default_max_tokens(cfg, "float32", TINY, 4, budget=1 << 40) == 131072  # cap
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_cpu_server_as_the_readme_says(tmp_path):
@@ -146,10 +140,10 @@ def test_cpu_server_as_the_readme_says(tmp_path):
     import urllib.request
 
     from specsa.model.tiny import build_tiny
-    from specsa.sglang_plugin.harness import Server
+    from specsa.sglang_plugin.harness import free_port, Server
 
     model = build_tiny(tmp_path / "m", kind="llama", seed=0)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     env = {**__import__("os").environ, "SGLANG_PLATFORM": "specsa_cpu", "OMP_NUM_THREADS": "1",
            "SPECSA_CPU_KV_BYTES": str(16 << 20)}

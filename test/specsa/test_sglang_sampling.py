@@ -17,7 +17,6 @@ samples resolve it. Both servers load the same scaled checkpoint.
 from __future__ import annotations
 
 import random
-import socket
 from collections import Counter
 
 import pytest
@@ -26,7 +25,7 @@ pytest.importorskip("sglang")
 stats = pytest.importorskip("scipy.stats")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from specsa.sglang_plugin.harness import launch_server  # noqa: E402
+from specsa.sglang_plugin.harness import free_port, launch_server  # noqa: E402
 
 REQS = 400          # requests per server and sampling setting
 NEW = 3             # tokens per request: 1 from prefill, 2 from speculative steps
@@ -38,11 +37,6 @@ SETTINGS = {
     "top_p": {"temperature": 0.9, "top_p": 0.7},
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sys
 import threading
 import time
@@ -23,16 +22,11 @@ import pytest
 pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from specsa.sglang_plugin.harness import launch_server  # noqa: E402
+from specsa.sglang_plugin.harness import free_port, launch_server  # noqa: E402
 
 NEW = 16                          # greedy tokens per request
 LEAK_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,17 @@ learned-compression weights are sharded like the attention heads (query heads / 
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 
 pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from specsa.sglang_plugin.harness import launch_server  # noqa: E402
+from specsa.sglang_plugin.harness import free_port, launch_server  # noqa: E402
 
 NEW = 12
 TP2 = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}      # one core per rank (SGLang's CPU TP rule)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def prompts():
 
 
 def _outputs(model, args, prompts, env=None):
-    with launch_server(model, _port(), args, env=env, timeout=900) as srv:
+    with launch_server(model, free_port(), args, env=env, timeout=900) as srv:
         outs = [srv.generate(input_ids=p, max_new_tokens=NEW)["output_ids"] for p in prompts]
         return outs, srv.log_path.read_text()
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from specsa.config import (Combine, Compression, ConfigError, NSAConfig, PrecisionClass,
+from specsa.config import (Combine, Compression, ConfigError, NSAConfig,
                            Schedule, Traversal, VerifyKnobs, parse_enum)
 from specsa.kernels.common.upload import to_device
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp

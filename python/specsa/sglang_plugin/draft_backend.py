@@ -37,6 +37,7 @@ from specsa.kernels.fused import VerifyGeometry, nsa_verify_fwd
 from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
+from .triton_plan import block_table_from
 
 
 def _num_sms(device) -> int:
@@ -86,16 +87,6 @@ class DraftWindowPlan:
                               sel=self.sel, out=out, workspace=self.workspace)
 
 
-def paged_rows(req_to_token: torch.Tensor, pool_idx: torch.Tensor, page_size: int,
-               width: int) -> torch.Tensor:
-    """[B, width] int32 page ids of each request's logical pages (device op)."""
-    rows = req_to_token.index_select(0, pool_idx.long())[:, ::page_size][:, :width]
-    bt = torch.div(rows, page_size, rounding_mode="floor").to(torch.int32)
-    if bt.shape[1] < width:
-        bt = torch.nn.functional.pad(bt, (0, width - bt.shape[1]))
-    return bt
-
-
 def branch_tables(bt: torch.Tensor, prefix: torch.Tensor, topk: int, steps: int,
                   page_size: int) -> torch.Tensor:
     """[B * topk, W] block tables of the draft branches: logical page j of branch t is the
@@ -141,6 +132,11 @@ class _Plans:
                                                self.head_dim, self.win, self.device)
         return self._plans[key]
 
+    def table(self, pool_idx: torch.Tensor) -> torch.Tensor:
+        """[B, width] page tables of the requests (device op)."""
+        rows = self.req_to_token.index_select(0, pool_idx.long())
+        return block_table_from(rows, self.page_size, self.width)
+
     def caches(self, layer):
         k = self.pool.get_key_buffer(layer.layer_id)
         v = self.pool.get_value_buffer(layer.layer_id)
@@ -180,8 +176,7 @@ class _WindowExtend:
         # DRAFT_EXTEND_V2's seq_lens already count the T rows it writes (graph padding rows
         # carry a fill value: clamp so that they read nothing)
         prefix = (fb.seq_lens[:bs] - self.t).clamp(min=0)
-        plan.fill(prefix, paged_rows(self.plans.req_to_token, fb.req_pool_indices[:bs],
-                                     self.plans.page_size, self.plans.width))
+        plan.fill(prefix, self.plans.table(fb.req_pool_indices[:bs]))
         self.window_plan = plan
 
     def init_forward_metadata(self, fb):
@@ -271,8 +266,8 @@ class SpecsaDraftDecodeBackend:
         rows = bs * self.topk
         p = self.plans
         prefix = fb.seq_lens[:bs]
-        bt = branch_tables(paged_rows(p.req_to_token, fb.req_pool_indices[:bs], p.page_size,
-                                      p.width), prefix, self.topk, self.num_steps, p.page_size)
+        bt = branch_tables(p.table(fb.req_pool_indices[:bs]), prefix, self.topk,
+                           self.num_steps, p.page_size)
         pre = prefix.to(torch.int32).repeat_interleave(self.topk)
         self.step_plans = []
         for i in range(self.num_steps - 1):

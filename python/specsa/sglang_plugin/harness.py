@@ -19,6 +19,14 @@ from pathlib import Path
 from .cpu_platform import PLATFORM_NAME
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerError(RuntimeError):
     """The server process exited or did not become healthy; the message holds its log tail."""
 
