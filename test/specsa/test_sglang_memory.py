@@ -171,3 +171,36 @@ def test_cpu_server_as_the_readme_says(tmp_path):
     finally:
         srv.stop()
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_page_64_server_equals_runtime_with_radix_hits(tmp_path):
+    """Page size 64 (16 compressed slots per page at the tiny model's stride 4): speculative
+    greedy output equals the runtime, and a repeated prompt and a shared prefix hit the radix
+    cache (pages and their compressed tokens reused exactly)."""
+    import random
+
+    from specsa.config import SamplingConfig
+    from specsa.model.load import load_model
+    from specsa.model.tiny import build_tiny
+    from specsa.runtime.generate import generate
+    from specsa.sglang_plugin.harness import free_port, launch_server
+
+    model = str(build_tiny(tmp_path / "m", kind="llama", seed=0))
+    rng = random.Random(64)
+    long = [rng.randrange(2, 512) for _ in range(230)]
+    shared = long[:150] + [rng.randrange(2, 512) for _ in range(40)]
+    ref = [r.tokens for r in generate(load_model(model), [long, shared],
+                                      SamplingConfig(max_new_tokens=12))[0]]
+    args = ["--speculative-algo", "specsa", "--speculative-num-steps", "3", "--page-size", "64"]
+    with launch_server(model, free_port(), args,
+                       env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}) as srv:
+        first = srv.generate(input_ids=long, max_new_tokens=12)
+        again = srv.generate(input_ids=long, max_new_tokens=12)
+        other = srv.generate(input_ids=shared, max_new_tokens=12)
+        log = srv.log_path.read_text()
+    assert first["output_ids"] == again["output_ids"] == ref[0]
+    assert other["output_ids"] == ref[1]
+    assert again["meta_info"]["cached_tokens"] >= 192
+    assert other["meta_info"]["cached_tokens"] >= 128
+    assert "page 64" in log and "memory leak" not in log
