@@ -234,9 +234,10 @@ def main() -> None:
     if args.configs.split(",")[0] != "strict":
         raise SystemExit("--configs must start with strict (the reference)")
     t0 = time.time()
-    doc = run(args)
+    # the code that runs is the checkout at start (others may commit during a long run)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=REPO).stdout.strip()
+    doc = run(args)
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "cpus": os.cpu_count(), "torch": torch.__version__,
