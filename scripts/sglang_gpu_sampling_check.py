@@ -1,0 +1,117 @@
+"""GPU check that sampled SpecSA requests follow the NSA AR server's distribution (SGLang's CUDA
+tree speculative sampling over the specsa target backend, CUDA graphs on).
+
+    PYTHONPATH=<unpacked sglang bundle> python3 scripts/sglang_gpu_sampling_check.py
+
+A tiny random NSA Llama (its final norm scaled by 8 so that a few hundred samples resolve its
+next-token distribution), bf16; the NSA AR server and a SpecSA server (tree self-draft, 3 steps,
+top-2, 6 draft tokens) answer the same 100-token prompt REQS times each, max_new_tokens 3, for
+SGLang's default sampling (temperature 1.0), top-k 5 and top-p 0.7 at temperature 0.9. Per
+output position the token counts of the two servers are compared with a chi-square test of
+homogeneity (rare tokens pooled); a power row compares the SpecSA server at temperature 0.7
+with the AR server at 1.0 and must reject. Writes $OUT/sglang_gpu_sampling_check.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmark"))
+from sglang_site import stage_package  # noqa: E402
+
+OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp())
+REQS = int(os.environ.get("REQS", "400"))
+NEW = 3
+MIN_BIN = 10
+SETTINGS = {"default": {}, "top_k": {"top_k": 5}, "top_p": {"temperature": 0.9, "top_p": 0.7}}
+
+
+def chi2_homogeneity(a: list[int], b: list[int]) -> dict:
+    """Chi-square test of two samples of tokens (bins with < MIN_BIN total pooled)."""
+    from scipy.stats import chi2_contingency
+    ca, cb = Counter(a), Counter(b)
+    keys = sorted(set(ca) | set(cb))
+    big = [k for k in keys if ca[k] + cb[k] >= MIN_BIN]
+    rest = [k for k in keys if k not in big]
+    cols = [(ca[k], cb[k]) for k in big]
+    if rest:
+        cols.append((sum(ca[k] for k in rest), sum(cb[k] for k in rest)))
+    rows = [[c[0] for c in cols], [c[1] for c in cols]]
+    stat, p, dof, _ = chi2_contingency(rows)
+    return {"chi2": float(stat), "dof": int(dof), "p": float(p), "bins": len(rows[0])}
+
+
+def sample(srv, prompt, params: dict) -> list[list[int]]:
+    outs = []
+    for _ in range(REQS):
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": NEW,
+                                                         "ignore_eos": True, **params}}
+        status, out = srv.post("/generate", body)
+        if status != 200:
+            raise RuntimeError(f"/generate -> {status}: {out}")
+        outs.append(out["output_ids"])
+    return outs
+
+
+def main() -> None:
+    cpu = "--cpu-smoke" in sys.argv      # check this script on the CPU harness (no GPU)
+    OUT.mkdir(parents=True, exist_ok=True)
+    stage_package()
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from specsa.model.tiny import build_tiny
+    from specsa.sglang_plugin.harness import free_port, launch_server
+
+    d = build_tiny(Path(tempfile.mkdtemp()) / "tiny_sampling", kind="llama", seed=0,
+                   hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2,
+                   head_dim=64)
+    w = load_file(str(d / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] * 8.0
+    save_file(w, str(d / "model.safetensors"))
+    prompt = [random.Random(7).randrange(2, 512) for _ in range(100)]
+    common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--grammar-backend",
+              "none", "--mem-fraction-static", "0.3", "--random-seed", "0",
+              "--disable-prefill-cuda-graph"]
+    spec = ["--speculative-algo", "specsa", "--speculative-num-steps", "3",
+            "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "6"]
+    if cpu:
+        common = ["--random-seed", "0"]
+    res = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "commit": os.environ.get("SPECSA_COMMIT"),
+           "command": " ".join(sys.argv), "requests": REQS, "new_tokens": NEW, "rows": []}
+    t0 = time.time()
+    runs = {}
+    for name, args in (("nsa_ar", ["--attention-backend", "specsa"]), ("specsa", spec)):
+        with launch_server(str(d), free_port(), common + args, cpu=cpu, timeout=600,
+                           log_path=OUT / f"sampling_{name}.log") as srv:
+            runs[name] = {k: sample(srv, prompt, p) for k, p in SETTINGS.items()}
+            if name == "specsa":
+                runs[name]["power_t0.7"] = sample(srv, prompt, {"temperature": 0.7})
+    for setting in SETTINGS:
+        for pos in range(NEW):
+            a = [o[pos] for o in runs["nsa_ar"][setting]]
+            b = [o[pos] for o in runs["specsa"][setting]]
+            res["rows"].append({"setting": setting, "position": pos, **chi2_homogeneity(a, b)})
+    for pos in range(NEW):
+        a = [o[pos] for o in runs["nsa_ar"]["default"]]
+        b = [o[pos] for o in runs["specsa"]["power_t0.7"]]
+        res["rows"].append({"setting": "power: specsa t=0.7 vs ar t=1.0", "position": pos,
+                            **chi2_homogeneity(a, b)})
+    same = [r for r in res["rows"] if not r["setting"].startswith("power")]
+    res["min_p_same_distribution"] = min(r["p"] for r in same)
+    res["power_min_p"] = min(r["p"] for r in res["rows"] if r["setting"].startswith("power"))
+    res["wall_s"] = round(time.time() - t0, 1)
+    (OUT / "sglang_gpu_sampling_check.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
