@@ -287,8 +287,9 @@ def plot(path: Path) -> None:
     import matplotlib.pyplot as plt
     res = json.loads(path.read_text())
     rows = [r for r in res["rows"] if "ms_per_token" in r]
-    for metric, fname, ylabel in (("ms_per_token", "sglang_e2e_ms_per_token.png", "ms / token"),
-                                  ("tokens_per_s", "sglang_e2e_tokens_per_s.png", "tokens / s")):
+    # PNGs named after the JSON (sglang_e2e_128k.json -> sglang_e2e_128k_ms_per_token.png)
+    for metric, fname, ylabel in (("ms_per_token", f"{path.stem}_ms_per_token.png", "ms / token"),
+                                  ("tokens_per_s", f"{path.stem}_tokens_per_s.png", "tokens / s")):
         batches = sorted({r["batch"] for r in rows})
         fig, axes = plt.subplots(1, len(batches), figsize=(max(8, 5 * len(batches)), 4.5),
                                  squeeze=False)
@@ -326,7 +327,7 @@ def plot(path: Path) -> None:
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"step breakdown, {res['gpu']}, commit {res['commit']}", fontsize=9)
         fig.tight_layout()
-        fig.savefig(path.parent / "sglang_e2e_step_breakdown.png", dpi=110)
+        fig.savefig(path.parent / f"{path.stem}_step_breakdown.png", dpi=110)
         plt.close(fig)
     print(table(res))
 
