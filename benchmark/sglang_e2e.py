@@ -92,6 +92,16 @@ def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
            "plan_host_ms": _median([e["plan_host_ms"] for e in es])}
     for kind in ("gpu_ms", "host_ms"):
         out[kind] = {p: _median([e[kind].get(p) for e in es]) for p in data["phases"]}
+    lengths = [e.get("steps") for e in es if e.get("steps") is not None]
+    if len(set(lengths)) > 1 or any(e.get("predicted_ms") for e in es):
+        # a SPECSA_PLAN server: how often each draft length ran, and the orchestrator's
+        # predicted step time against the measured one (steps that had a prediction)
+        out["steps_per_length"] = {str(k): lengths.count(k) for k in sorted(set(lengths))}
+        pred = [(e["predicted_ms"], e["step_gpu_ms"]) for e in es if e.get("predicted_ms")]
+        if pred:
+            out["predicted_step_ms"] = _median([p for p, _ in pred])
+            out["measured_step_ms"] = _median([m for _, m in pred])
+            out["predicted_over_measured"] = _median([p / m for p, m in pred])
     return out
 
 
@@ -255,6 +265,9 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a server that fails is a result too
                 info["error"] = str(e)[-3000:]
                 print(key, "FAILED", info["error"][-1500:], flush=True)
+            if env.get("SPECSA_PLAN", "").startswith("sweep") and timing.exists():
+                info["profile"] = sweep_profile(timing, out, key, ctxs, target, a.target,
+                                                dname, gpu, env, res["commit"])
             save()
     base = {(r["context"], r["batch"]): r.get("out_head") for r in res["rows"]
             if r["system"] == "nsa_ar" and "out_head" in r}
@@ -265,6 +278,31 @@ def main() -> None:
     res["wall_s"] = round(time.time() - t_all, 1)
     save()
     print(table(res))
+
+
+def sweep_profile(timing: Path, out: Path, key: str, ctxs: list[int], target_dir: str,
+                  target: str, draft: str | None, gpu: str, env: dict, commit: str) -> str:
+    """The planner profile measured by a SPECSA_PLAN=sweep server (sglang_profile.py)."""
+    from sglang_profile import build_profile
+
+    from specsa.config import VerifyKnobs
+    from specsa.orchestrator import Profile, save_profile
+    from specsa.sglang_plugin.settings import resolve_nsa_config
+    knobs = VerifyKnobs.parse(env["SPECSA_VERIFY"], "SPECSA_VERIFY") \
+        if env.get("SPECSA_VERIFY") else VerifyKnobs()
+    cfg = resolve_nsa_config(None, env={k: v for k, v in env.items() if k == "SPECSA_NSA"})
+    try:
+        cfg_json = json.loads((Path(target_dir) / "config.json").read_text())
+        prof = build_profile(json.loads(timing.read_text()), ctxs, cfg_json,
+                             cfg.to_dict(), gpu, draft or "self", target,
+                             {"source": f"sglang_e2e.py server {key}", "commit": commit,
+                              "command": " ".join(sys.argv),
+                              "refresh_period": knobs.refresh_period})
+        path = out / f"profile_{key.replace('/', '_')}.json"
+        save_profile(Profile.from_dict(prof), path)
+        return str(path)
+    except (SystemExit, Exception) as e:  # noqa: BLE001 - report, keep the run going
+        return f"failed: {e}"
 
 
 def table(res: dict) -> str:

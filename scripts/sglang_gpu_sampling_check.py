@@ -5,7 +5,7 @@ tree speculative sampling over the specsa target backend, CUDA graphs on).
 
 A tiny random NSA Llama (its final norm scaled by 8 so that a few hundred samples resolve its
 next-token distribution), bf16; the NSA AR server and a SpecSA server (tree self-draft, 3 steps,
-top-2, 6 draft tokens) answer the same 100-token prompt REQS times each, max_new_tokens 3, for
+top-2, 6 draft tokens) answer the same 100-token prompt REQS times each (8 in flight), max_new_tokens 3, for
 SGLang's default sampling (temperature 1.0), top-k 5 and top-p 0.7 at temperature 0.9. Per
 output position the token counts of the two servers are compared with a chi-square test of
 homogeneity (rare tokens pooled); a power row compares the SpecSA server at temperature 0.7
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ from sglang_site import stage_package  # noqa: E402
 
 OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp())
 REQS = int(os.environ.get("REQS", "400"))
+CONCURRENCY = 8
 NEW = 3
 MIN_BIN = 10
 SETTINGS = {"default": {}, "top_k": {"top_k": 5}, "top_p": {"temperature": 0.9, "top_p": 0.7}}
@@ -49,15 +51,19 @@ def chi2_homogeneity(a: list[int], b: list[int]) -> dict:
 
 
 def sample(srv, prompt, params: dict) -> list[list[int]]:
-    outs = []
-    for _ in range(REQS):
-        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": NEW,
-                                                         "ignore_eos": True, **params}}
+    """REQS samples, CONCURRENCY requests in flight (SGLang batches them: the batched verify
+    and sampling paths are checked too)."""
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": NEW,
+                                                     "ignore_eos": True, **params}}
+
+    def one(_):
         status, out = srv.post("/generate", body)
         if status != 200:
             raise RuntimeError(f"/generate -> {status}: {out}")
-        outs.append(out["output_ids"])
-    return outs
+        return out["output_ids"]
+
+    with ThreadPoolExecutor(CONCURRENCY) as ex:
+        return list(ex.map(one, range(REQS)))
 
 
 def main() -> None:
@@ -79,7 +85,8 @@ def main() -> None:
     prompt = [random.Random(7).randrange(2, 512) for _ in range(100)]
     common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--grammar-backend",
               "none", "--mem-fraction-static", "0.3", "--random-seed", "0",
-              "--disable-prefill-cuda-graph"]
+              "--disable-prefill-cuda-graph", "--max-running-requests", str(CONCURRENCY),
+              "--cuda-graph-max-bs", str(CONCURRENCY)]
     spec = ["--speculative-algo", "specsa", "--speculative-num-steps", "3",
             "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "6"]
     if cpu:

@@ -22,7 +22,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from specsa.config import Compression, ConfigError, NSAConfig, VerifyKnobs
 from specsa.kernels.nsa.masked import build_tree_visibility, masked_nsa, provisional_cmp
 
-from .compressed_cache import PagedCompressedKV
+from .compressed_cache import PagedCompressedKV, shared_on_pool
 from .native_weights import layer_native
 from .settings import ENV_VERIFY, attn_impl, resolve_nsa_config, verify_knobs
 
@@ -134,11 +134,11 @@ class SpecsaAttnBackend(AttentionBackend):
         if self.nsa is not None:
             mc = runner.model_config
             pool = self.token_to_kv_pool
-            self.cmp = PagedCompressedKV(
+            self.cmp = shared_on_pool(pool, "torch_compressed_kv", lambda: PagedCompressedKV(
                 num_layers=mc.num_hidden_layers, num_slots=pool.size + self.page_size,
                 page_size=self.page_size, params=self.nsa.params,
                 num_kv_heads=pool.head_num, head_dim=pool.head_dim,
-                v_head_dim=getattr(pool, "v_head_dim", pool.head_dim), device=self.device)
+                v_head_dim=getattr(pool, "v_head_dim", pool.head_dim), device=self.device))
             logging.getLogger("specsa").warning(
                 "specsa: target NSA attention on the torch path (page %d); compressed KV "
                 "%.1f MiB for a pool of %d tokens", self.page_size, self.cmp.nbytes() / 2**20,

@@ -68,3 +68,15 @@ class PagedCompressedKV:
             self.cv[layer, page[missing], idx[missing]] = compress_blocks(v_buf[slots], wv, bv)
             self.valid[layer, page[missing], idx[missing]] = True
         return self.ck[layer, page, idx], self.cv[layer, page, idx]
+
+
+def shared_on_pool(pool, key: str, make):
+    """One object per KV pool and key, made on first use.
+
+    SGLang builds a fresh attention backend for each adaptive runtime state (one per draft
+    length, step_policy.py); they all serve the same pool, so they must read and write one
+    compressed cache, not one each (that would also double its memory)."""
+    cache = pool.__dict__.setdefault("_specsa_shared", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]

@@ -188,3 +188,60 @@ def verify_knobs(env: dict | None = None) -> VerifyKnobs:
     if why:
         raise ConfigError(f"{ENV_VERIFY}: {why}")
     return knobs
+
+
+# the per-step orchestrator of the SpecSA worker (step_policy.py): unset/"off" = the static
+# --speculative-num-steps; "auto[,steps=0:1:3][,profile=PATH]" = the planner picks the draft
+# length every step from a latency profile and the measured acceptance; "sweep[,steps=...]
+# [,every=N]" = cycle through the candidate lengths every N steps (to measure a profile)
+ENV_PLAN = "SPECSA_PLAN"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the SpecSA worker chooses its draft length per step (candidates: draft steps of a
+    chain, 0 = plain decoding; None = the default set under --speculative-num-steps)."""
+
+    mode: str = "off"
+    steps: tuple[int, ...] | None = None
+    profile: str | None = None
+    every: int = 8
+
+    def candidates(self, max_steps: int) -> tuple[int, ...]:
+        """The candidate draft lengths, each <= max_steps (SGLang sizes its buffers for
+        --speculative-num-steps)."""
+        steps = self.steps if self.steps is not None else \
+            tuple(sorted({0, 1, (max_steps + 1) // 2, max_steps}))
+        if max(steps) > max_steps:
+            raise ConfigError(f"{ENV_PLAN}: steps {':'.join(map(str, steps))} exceed "
+                              f"--speculative-num-steps {max_steps} (the largest candidate)")
+        return steps
+
+
+def step_plan(env: dict | None = None) -> StepPlan:
+    """The worker's StepPlan from $SPECSA_PLAN (ConfigError names the variable and the fix)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_PLAN, "").strip().lower()
+    if raw in ("", "off"):
+        return StepPlan()
+    mode, *parts = [p.strip() for p in raw.split(",")]
+    usage = (f"{ENV_PLAN}={raw!r}: use off, auto[,steps=0:1:3][,profile=PATH] or "
+             "sweep[,steps=0:1:3][,every=N]")
+    if mode not in ("auto", "sweep"):
+        raise ConfigError(usage)
+    kw: dict = {}
+    for part in parts:
+        key, eq, val = part.partition("=")
+        if not eq or key in kw or key not in ("steps", "profile", "every") or \
+                (key == "every" and mode != "sweep") or (key == "profile" and mode != "auto"):
+            raise ConfigError(usage)
+        if key == "profile":
+            kw[key] = env.get(ENV_PLAN, "").split("profile=", 1)[1].split(",")[0].strip()
+        else:
+            nums = val.split(":")
+            if not all(n.isdigit() for n in nums) or (key == "every" and int(val or 0) < 1):
+                raise ConfigError(usage)
+            kw[key] = tuple(sorted({int(n) for n in nums})) if key == "steps" else int(val)
+    if "steps" in kw and (kw["steps"] == (0,) or not kw["steps"]):
+        raise ConfigError(f"{ENV_PLAN}: steps must include a length >= 1")
+    return StepPlan(mode=mode, **kw)

@@ -7,7 +7,7 @@ marks the phase boundaries of every decode step
 
 with a CUDA event and a host clock each, synchronises at the end of the step (timing only:
 this costs the overlap SGLang would otherwise keep) and appends one entry
-{bs, seq_max, gpu_ms{phase}, host_ms{phase}, plan_host_ms, step_gpu_ms, step_host_ms} to a
+{bs, seq_max, steps, predicted_ms, gpu_ms{phase}, host_ms{phase}, plan_host_ms, step_gpu_ms, step_host_ms} to a
 ring buffer that it writes to the file at the end of a step, at most every `every_s` seconds
 (so the last entries reach the file with a later step). GPU time of a phase is the time
 between its two events on the compute stream, idle gaps waiting for the host included; host
@@ -48,10 +48,14 @@ class StepTimer:
         e.record()
         return e
 
-    def begin(self, bs: int, seq_max: int) -> None:
+    def begin(self, bs: int, seq_max: int, steps: int | None = None,
+              predicted_ms: float | None = None) -> None:
+        """steps: the step's draft length; predicted_ms: the orchestrator's prediction of the
+        step's time (step_policy.py, auto mode)."""
         self.active = True
         self.plan_host_s = 0.0
-        self._meta = {"bs": int(bs), "seq_max": int(seq_max)}
+        self._meta = {"bs": int(bs), "seq_max": int(seq_max), "steps": steps,
+                      "predicted_ms": predicted_ms}
         self._marks = [("start", self._event(), time.perf_counter())]
 
     def mark(self, name: str) -> None:

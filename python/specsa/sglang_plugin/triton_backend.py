@@ -32,6 +32,7 @@ from specsa.kernels.prefill import chunked_nsa_prefill
 from specsa.verify_layer import verify_layer
 
 from .backend import forward_geometry
+from .compressed_cache import shared_on_pool
 from .memory import compressed_shape
 from .native_weights import layer_native
 from .settings import verify_knobs
@@ -60,8 +61,9 @@ class SpecsaTritonBackend(AttentionBackend):
         dtype = self.pool.get_key_buffer(self.pool.start_layer).dtype
         shape = compressed_shape(mc.num_hidden_layers, rows, ps, nsa, hkv, d)
         num_pages = shape[1]
-        self.ck = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.cv = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.ck, self.cv = shared_on_pool(self.pool, "triton_compressed_kv", lambda: (
+            torch.zeros(shape, dtype=dtype, device=self.device),
+            torch.zeros(shape, dtype=dtype, device=self.device)))
         width = -(-self.req_to_token_pool.req_to_token.shape[1] // ps)
         hq = mc.num_attention_heads // max(1, getattr(sa, "tp_size", 1))
         scale = getattr(mc, "head_dim", d) ** -0.5

@@ -18,7 +18,7 @@ from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from .algorithm import BACKEND
-from .settings import step_timing_path, torch_profile_spec
+from .settings import step_plan, step_timing_path, torch_profile_spec, verify_knobs
 from .step_timing import StepTimer, TorchProfile
 
 
@@ -32,6 +32,19 @@ class _SpecsaWorkerMixin:
         self.profile = TorchProfile(prof) if prof else None
         if self.timer is not None:
             self._instrument(self.timer)
+        # the per-step orchestrator (step_policy.py): SGLang's runtime-state switcher driven
+        # by SpecSA's planner; set before init_cuda_graphs, which captures every length
+        self.policy = None
+        plan = step_plan()
+        if plan.mode != "off":
+            from .step_policy import make_controller
+            self.adaptive_controller = make_controller(self, plan, verify_knobs())
+            self.policy = self.adaptive_controller.params
+
+    def apply_runtime_state(self, state) -> None:
+        super().apply_runtime_state(state)
+        if self.timer is not None:
+            state.target_attn_backend.timer = self.timer
 
     def init_attention_backends(self):
         super().init_attention_backends()
@@ -66,13 +79,19 @@ class _SpecsaWorkerMixin:
     def forward_batch_generation(self, batch, *args, **kwargs):
         decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch) \
             and not batch.forward_mode.is_idle()
+        if self.policy is not None and batch.seq_lens_cpu is not None \
+                and len(batch.seq_lens_cpu):
+            self.policy.observe_context(int(batch.seq_lens_cpu.max()))
         if not decode or (self.timer is None and self.profile is None):
             return super().forward_batch_generation(batch, *args, **kwargs)
         if self.profile is not None:
             self.profile.step_begin()
         if self.timer is not None:
             seq = batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens.cpu()
-            self.timer.begin(len(seq), int(seq.max()) if len(seq) else 0)
+            self.timer.begin(len(seq), int(seq.max()) if len(seq) else 0,
+                             steps=self.speculative_num_steps,
+                             predicted_ms=None if self.policy is None
+                             else self.policy.predicted_ms)
         out = super().forward_batch_generation(batch, *args, **kwargs)
         if self.timer is not None:
             self.timer.end()
