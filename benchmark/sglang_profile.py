@@ -107,7 +107,6 @@ def main() -> None:
     a = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmark"))
     from sglang_site import SHAPES
-
     from specsa.config import NSAConfig
     prof = build_profile(json.loads(Path(a.timing).read_text()),
                          [int(x) for x in a.contexts.split(",")], SHAPES[a.target],

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from specsa.config import ConfigError, PrecisionClass, VerifyKnobs  # noqa: E402
-from specsa.orchestrator import Profile  # noqa: E402
-from specsa.sglang_plugin.settings import StepPlan, step_plan  # noqa: E402
+from specsa.config import ConfigError, PrecisionClass, VerifyKnobs
+from specsa.orchestrator import Profile
+from specsa.sglang_plugin.settings import StepPlan, step_plan
 
 NEW = 24
 
@@ -54,10 +54,10 @@ def test_step_plan_parse():
             step_plan({"SPECSA_PLAN": bad})
 
 
-def _policy(plan: StepPlan, verify_ms: float, knobs=VerifyKnobs(), periods=(1,)):
+def _policy(plan: StepPlan, verify_ms: float, knobs: VerifyKnobs | None = None, periods=(1,)):
     from specsa.sglang_plugin.step_policy import PlannerPolicy
-    return PlannerPolicy(plan, 3, knobs, Profile.from_dict(profile_dict(verify_ms,
-                                                                        periods=periods)))
+    prof = Profile.from_dict(profile_dict(verify_ms, periods=periods))
+    return PlannerPolicy(plan, 3, knobs or VerifyKnobs(), prof)
 
 
 def _run(policy, accepted: int, steps: int = 40) -> list[int]:

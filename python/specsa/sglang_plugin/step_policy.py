@@ -28,7 +28,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController as SGLangAdaptive
+from sglang.srt.speculative.adaptive_runtime_state import (
+    AdaptiveController as SGLangAdaptive,
+)
 
 from specsa.config import ConfigError, VerifyKnobs
 from specsa.orchestrator import AdaptiveController, load_profile
