@@ -97,7 +97,8 @@ def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
         # a SPECSA_PLAN server: how often each draft length ran, and the orchestrator's
         # predicted step time against the measured one (steps that had a prediction)
         out["steps_per_length"] = {str(k): lengths.count(k) for k in sorted(set(lengths))}
-        pred = [(e["predicted_ms"], e["step_gpu_ms"]) for e in es if e.get("predicted_ms")]
+        pred = [(e["predicted_ms"], e["step_gpu_ms"] if e.get("step_gpu_ms") is not None
+                 else e["step_host_ms"]) for e in es if e.get("predicted_ms")]   # CPU: host
         if pred:
             out["predicted_step_ms"] = _median([p for p, _ in pred])
             out["measured_step_ms"] = _median([m for _, m in pred])
