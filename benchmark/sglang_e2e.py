@@ -216,7 +216,9 @@ def main() -> None:
             port += 1
             timing = out / f"timing_{key.replace('/', '_')}.json"
             env_full = dict(env)
-            if system.startswith("specsa"):
+            # a variant may turn the step timer off (SPECSA_STEP_TIMING=): it synchronises at
+            # every step end, which costs SGLang's overlap scheduling its overlap
+            if system.startswith("specsa") and "SPECSA_STEP_TIMING" not in env:
                 env_full["SPECSA_STEP_TIMING"] = str(timing)
                 if a.torch_profile:
                     env_full["SPECSA_TORCH_PROFILE"] = \

@@ -102,3 +102,13 @@ def test_cpu_platform_only_when_selected(monkeypatch):
     assert cpu_platform.activate() is None
     monkeypatch.setenv("SGLANG_PLATFORM", "specsa_cpu")
     assert cpu_platform.activate() == "specsa.sglang_plugin.cpu_platform.SpecsaCpuPlatform"
+
+
+def test_overlap_schedule_setting():
+    from specsa.config import ConfigError
+    from specsa.sglang_plugin.settings import overlap_schedule
+    assert overlap_schedule({}) is True
+    assert overlap_schedule({"SPECSA_OVERLAP": "off"}) is False
+    assert overlap_schedule({"SPECSA_OVERLAP": "1"}) is True
+    with pytest.raises(ConfigError, match="SPECSA_OVERLAP='maybe'"):
+        overlap_schedule({"SPECSA_OVERLAP": "maybe"})

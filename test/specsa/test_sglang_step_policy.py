@@ -119,15 +119,25 @@ def model_and_ref(tmp_path_factory):
     return str(m), prompts, [r.tokens for r in res]
 
 
+# the CUDA path's code on CPU: the target on the Triton kernels and the draft's sink + window
+# kernels under the interpreter (each runtime state builds its own backends, sized for its
+# draft length, over one shared compressed cache)
+TRITON_ENV = {"SPECSA_SGLANG_ATTN": "triton", "TRITON_INTERPRET": "1",
+              "SPECSA_DRAFT_ATTN": "window=16,sink=8"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", ["sweep,steps=0:1:3,every=2", "auto"])
-def test_server_switches_draft_length_and_stays_exact(model_and_ref, tmp_path, plan):
+@pytest.mark.parametrize("plan,path", [("sweep,steps=0:1:3,every=2", "torch"),
+                                       ("auto", "torch"),
+                                       ("sweep,steps=0:1:3,every=2", "triton")])
+def test_server_switches_draft_length_and_stays_exact(model_and_ref, tmp_path, plan, path):
     """Greedy tokens equal NSA AR while the draft length changes between steps: sweep visits
     0, 1 and 3; auto with a profile where verification costs 6 decode steps falls back to
     plain decoding (length 0) after its warm-up."""
     from specsa.sglang_plugin.harness import free_port, launch_server
     model, prompts, ref = model_and_ref
-    env = {"SPECSA_PLAN": plan, "SPECSA_STEP_TIMING": str(tmp_path / "timing.json")}
+    env = {"SPECSA_PLAN": plan, "SPECSA_STEP_TIMING": str(tmp_path / "timing.json"),
+           **(TRITON_ENV if path == "triton" else {})}
     if plan == "auto":
         prof = tmp_path / "toy.json"
         prof.write_text(json.dumps(profile_dict(verify_ms=60.0)))

@@ -44,7 +44,7 @@ def register() -> None:
         from .backend import make_target_backend
         return make_target_backend(runner)
 
-    @SpeculativeAlgorithm.register("SPECSA", supports_overlap=False, spec_class=SpecsaAlgo)
+    @SpeculativeAlgorithm.register("SPECSA", supports_overlap=True, spec_class=SpecsaAlgo)
     def _worker_cls(server_args):
         from .eagle import STANDALONE, kind_of
         from .worker import SpecsaEagleWorker, SpecsaWorker
@@ -115,7 +115,8 @@ def _draft_extend_backend(original, factory):
         runner = factory.draft_model_runner
         make = SpecsaDraftExtendBackend if str(runner.device).startswith("cuda") \
             else cpu_draft_extend_backend
-        return make(runner, win, runner.server_args.speculative_num_draft_tokens)
+        from .settings import state_draft_tokens
+        return make(runner, win, state_draft_tokens(runner.server_args))
     from .backend import SpecsaAttnBackend
     return SpecsaAttnBackend(factory.draft_model_runner, dense=True)
 

@@ -141,7 +141,14 @@ def handle_specsa_server_args(sa) -> None:
         on_cuda = str(sa.device).startswith("cuda")
         sa.speculative_draft_attention_backend = \
             "triton" if on_cuda and draft_attention() is None else BACKEND
-    sa.disable_overlap_schedule = True
+    from .settings import overlap_schedule
+    import torch
+    device = str(sa.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not overlap_schedule() or not device.startswith("cuda"):
+        # SGLang's overlap scheduler prepares step N+1 on the host while the GPU runs step N;
+        # the SpecSA step needs no host sync (the plan is built on the device), so on CUDA it
+        # is on unless SPECSA_OVERLAP=off; it needs CUDA streams (not on the CPU harness)
+        sa.disable_overlap_schedule = True
     if sa.enable_mixed_chunk:
         logger.warning("specsa: mixed chunked prefill is disabled for speculative decoding")
         sa.enable_mixed_chunk = False

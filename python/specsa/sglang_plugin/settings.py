@@ -102,6 +102,18 @@ def draft_graphs(env: dict | None = None) -> str:
     return raw
 
 
+# SGLang's overlap scheduling for speculative steps: on (default) or off
+ENV_OVERLAP = "SPECSA_OVERLAP"
+
+
+def overlap_schedule(env: dict | None = None) -> bool:
+    env = os.environ if env is None else env
+    raw = env.get(ENV_OVERLAP, "on").strip().lower() or "on"
+    if raw not in ("on", "off", "1", "0"):
+        raise ConfigError(f"{ENV_OVERLAP}={raw!r}: choose on or off")
+    return raw in ("on", "1")
+
+
 # per-phase timing of SpecSA decode steps (step_timing.py): a JSON file path, or unset
 ENV_STEP_TIMING = "SPECSA_STEP_TIMING"
 # torch.profiler over a few decode steps: "<dir>[,skip[,steps]]", or unset
@@ -245,3 +257,17 @@ def step_plan(env: dict | None = None) -> StepPlan:
     if "steps" in kw and (kw["steps"] == (0,) or not kw["steps"]):
         raise ConfigError(f"{ENV_PLAN}: steps must include a length >= 1")
     return StepPlan(mode=mode, **kw)
+
+
+def state_draft_tokens(server_args) -> int:
+    """Draft tokens per request of the runtime state being built. SGLang's adaptive mode (the
+    per-step orchestrator, step_policy.py) builds one set of backends per draft length and
+    overrides the count in its runtime context meanwhile; server_args keeps the maximum."""
+    try:
+        from sglang.srt.runtime_context import get_spec
+        n = get_spec().speculative_num_draft_tokens
+        if n:
+            return int(n)
+    except Exception:  # noqa: BLE001 - an SGLang without the context: server_args is right
+        pass
+    return int(getattr(server_args, "speculative_num_draft_tokens", None) or 1)

@@ -35,7 +35,7 @@ from .backend import forward_geometry
 from .compressed_cache import shared_on_pool
 from .memory import compressed_shape
 from .native_weights import layer_native
-from .settings import verify_knobs
+from .settings import state_draft_tokens, verify_knobs
 from .triton_plan import StepBuffers, StepPlanner, block_table_from
 
 
@@ -53,7 +53,7 @@ class SpecsaTritonBackend(AttentionBackend):
         self.page_size = ps = runner.page_size
         self.nsa, self.params = nsa, nsa.params
         sa = runner.server_args
-        self.draft_tokens = int(getattr(sa, "speculative_num_draft_tokens", None) or 1)
+        self.draft_tokens = state_draft_tokens(sa)
         self.topk = int(getattr(sa, "speculative_eagle_topk", None) or 1)
         mc = runner.model_config
         hkv, d = self.pool.head_num, self.pool.head_dim
