@@ -33,7 +33,7 @@ from specsa.model import load_model, load_tokenizer
 from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = {"prose": REPO / "data" / "text" / "pydoc_reference_datamodel.txt",

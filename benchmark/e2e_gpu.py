@@ -44,7 +44,7 @@ from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import greedy_accept
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.drafters.base import DraftRequest
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,7 +47,8 @@ from specsa.kernels.compression.score_topk_grouped import default_refresh_splits
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402
-from specsa.schedule import default_num_splits, flatten  # noqa: E402
+from specsa.draft_tree import traversal_order  # noqa: E402
+from specsa.schedule import default_num_splits  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -219,7 +220,7 @@ class Bench:
         kc, vc, perm = self.caches(d, ctx + t, batch)
         bt = perm[:batch * maxp].view(batch, maxp).contiguous()
         parents = [tree_parents(t, chain) for _ in range(batch)]
-        orders = [flatten(p, Traversal.CHAIN if chain else traversal) for p in parents]
+        orders = [traversal_order(p, Traversal.CHAIN if chain else traversal) for p in parents]
         prefix = [ctx] * batch
         nq = batch * t
         mk = lambda *s: torch.randn(*s, device=DEV, dtype=self.args.dtype)

@@ -79,7 +79,7 @@ def cpu_profile(args) -> Profile:
     from specsa.runtime.drafters import NGramDrafter
     from specsa.runtime.drafters.base import DraftRequest
     from specsa.runtime.drafters.model import truncated_view
-    from specsa.runtime.tree import TreeSpec
+    from specsa.draft_tree import TreeSpec
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,14 +276,14 @@ class GpuParts:
     def attn(self, ctx: int, t: int, b: int, sched: Schedule, trav: Traversal, c: int) -> float:
         from kernels import synthetic_sel  # benchmark/kernels.py: shared synthetic selections
         from specsa.attention import NSAVerifier
-        from specsa.schedule import flatten
+        from specsa.draft_tree import traversal_order
         key = f"attn/{sched.value}/{trav.value}/C{c}/ctx{ctx}/T{t}/B{b}"
         if key in self.components:
             return self.components[key]
         kc, vc, _, _, bt = self.pool(ctx + t, b)
         chain = trav is Traversal.CHAIN
         par = tree_parents(t, chain)
-        order = flatten(par, trav)
+        order = traversal_order(par, trav)
         dep = [0] * t
         for u in range(1, t):
             dep[u] = dep[par[u]] + 1

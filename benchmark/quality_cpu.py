@@ -42,7 +42,7 @@ from specsa.model import BlockInput, load_model, load_tokenizer
 from specsa.runtime.drafters import NGramDrafter
 from specsa.runtime.generate import prefill
 from specsa.runtime.loop import SpecStats, _step
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \

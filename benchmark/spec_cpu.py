@@ -34,7 +34,7 @@ from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
 from specsa.runtime.spec_stats import SelectionRecorder, overlap_by_layer
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 
 def _commit() -> str | None:

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..common.params import NSAParams
+from ..common.tree import MAX_TREE_NODES
 from ..common.tl_math import dot_f32 as _dot
 from .grouped_tiles import (MAP_MMA, MAP_REDUCE, MERGE_BITONIC, MERGE_RANK, MERGE_SORT, _group,
                             _pick, _prov_probs, _prov_tile, _scores, _split_range, _stats)
@@ -376,8 +377,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     has_prov = check_refresh_args(what, q, ck_cache, cv_cache, block_table, q_req, q_pos,
                                   cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
                                   prov_vis)
-    if not 1 <= group_size <= 64:
-        raise ValueError(f"{what}: group_size must be in 1..64, got {group_size}")
+    if not 1 <= group_size <= MAX_TREE_NODES:
+        raise ValueError(f"{what}: group_size must be in 1..{MAX_TREE_NODES}, got {group_size}")
     with_out = params.gated if with_out is None else with_out
     g = hq // hkv
     sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)

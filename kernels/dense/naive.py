@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nsa.naive import tree_depths, tree_path
+from ..common.tree import node_depths, tree_path
 
 
 def naive_dense_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
@@ -23,7 +23,7 @@ def naive_dense_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     Bytes: reads T*Hq*D + 2*(P+T)*Hkv*D elements once (a fused kernel), writes T*Hq*D.
     """
     par = [int(p) for p in parents]
-    tree_depths(torch.tensor(par))
+    node_depths(par)
     t_nodes, hq, _ = q.shape
     g = hq // k_ctx.shape[1]
     o = torch.zeros(q.shape, dtype=torch.float32)

@@ -9,24 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..common.tree import MAX_TREE_NODES, ancestor_bits, node_depths, rooted_parents
 from ..common.upload import to_device
 from .verify import VerifyGeometry
-
-
-def _depths(parents: list[int]) -> list[int]:
-    depth = []
-    for u, p in enumerate(parents):
-        if p >= u or p < -1 or (p == -1 and u > 0):
-            raise ValueError(f"parents[{u}] = {p}: node 0 is the only root and parents precede children")
-        depth.append(0 if p < 0 else depth[p] + 1)
-    return depth
-
-
-def _ancestor_bits(parents: list[int]) -> list[int]:
-    bits = []
-    for u, p in enumerate(parents):
-        bits.append((1 << u) | (bits[p] if p >= 0 else 0))
-    return bits
 
 
 def build_geometry(parents: list[list[int]], prefix_lens: list[int], block_table: torch.Tensor,
@@ -35,7 +20,7 @@ def build_geometry(parents: list[list[int]], prefix_lens: list[int], block_table
     """Geometry of a batch of draft trees.
 
     Args:
-        parents: per request, parents[u] (-1 for node 0, else < u); T <= 64 nodes.
+        parents: per request, parents[u] (-1 for node 0, else < u); T <= MAX_TREE_NODES nodes.
         prefix_lens: per request committed length P.
         block_table (torch.Tensor): [B, max_pages] int32 on the target device.
         orders: per request, the flattened node order (a permutation of range(T)).
@@ -57,14 +42,15 @@ def build_geometry(parents: list[list[int]], prefix_lens: list[int], block_table
     off = 0
     for b, (par, P, ordr) in enumerate(zip(parents, prefix_lens, orders)):
         t = len(par)
-        if not 1 <= t <= 64:
-            raise ValueError(f"request {b}: tree has {t} nodes; the tree mask supports 1..64")
+        if not 1 <= t <= MAX_TREE_NODES:
+            raise ValueError(f"request {b}: tree has {t} nodes; the tree mask supports "
+                             f"1..{MAX_TREE_NODES}")
         if sorted(ordr) != list(range(t)):
             raise ValueError(f"request {b}: order is not a permutation of its {t} nodes")
-        dep = _depths(par)
+        dep = node_depths(rooted_parents(par))
         req_off.append(off)
         q_pos.extend(P + d for d in dep)
-        q_anc.extend(_ancestor_bits(par))
+        q_anc.extend(ancestor_bits(par))
         for s in range(0, t, group_size):
             nodes = ordr[s:s + group_size]
             rep = max(nodes[::-1], key=lambda u: dep[u])   # deepest; ties -> latest in order

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..common.params import NSAParams
-from ..nsa.naive import tree_depths, tree_path
+from ..common.tree import node_depths, tree_path
 from ..selection.naive import attend_set, naive_selected_attention, selected_positions
 from ..window.naive import naive_window_attention, window_start
 
@@ -56,7 +56,7 @@ def naive_fused_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
         o [T, Hq, D] float32.
     """
     par = [int(p) for p in parents]
-    tree_depths(torch.tensor(par))
+    node_depths(par)
     outs = []
     for u in range(q.shape[0]):
         nodes = torch.tensor(tree_path(u, par), dtype=torch.int64)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ..common.params import NSAParams
 from ..compression.naive import compress_blocks, overlap_weights
 from ..selection.naive import check_topn
-from .naive import check_combine, tree_depths
+from ..common.tree import ancestor_mask, node_depths
+from .naive import check_combine
 
 NEG_INF = float("-inf")
 
@@ -47,22 +48,6 @@ class TreeVisibility:
     num_committed_cmp: int
     c_idx: torch.Tensor
     c_visible: torch.Tensor
-
-
-def _ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    t = parents.shape[0]
-    chain = torch.arange(-1, t - 1, device=parents.device)
-    if torch.equal(parents, chain):  # prefill chunks: skip the per-depth loop
-        return torch.ones(t, t, dtype=torch.bool, device=parents.device).tril()
-    anc = torch.zeros(t, t, dtype=torch.bool, device=parents.device)
-    rows = torch.arange(t, device=parents.device)
-    cur = rows.clone()
-    while True:
-        live = cur >= 0
-        if not bool(live.any()):
-            return anc
-        anc[rows[live], cur[live]] = True
-        cur = torch.where(live, parents[cur.clamp(min=0)], cur)
 
 
 def build_tree_visibility(P: int, parents: torch.Tensor, params: NSAParams) -> TreeVisibility:
@@ -94,11 +79,11 @@ def build_tree_visibility(P: int, parents: torch.Tensor, params: NSAParams) -> T
         raise ValueError(f"build_tree_visibility: parents must be [T], got {tuple(parents.shape)}")
     dev = parents.device
     parents = parents.to(torch.int64)
-    depth = torch.tensor(tree_depths(parents), dtype=torch.int64, device=dev)
+    depth = torch.tensor(node_depths(parents), dtype=torch.int64, device=dev)
     t = depth.shape[0]
     q_pos = P + depth
     k_pos = torch.cat([torch.arange(P, device=dev), q_pos])
-    anc = _ancestor_mask(parents)
+    anc = ancestor_mask(parents)
     kv_visible = torch.cat([torch.ones(t, P, dtype=torch.bool, device=dev), anc], dim=1)
     e = q_pos - params.block + 1                     # start of a block closing at q_pos
     closes = (e >= 0) & (e % params.stride == 0)
@@ -139,7 +124,7 @@ def provisional_cmp(k_ctx: torch.Tensor, k_tree: torch.Tensor, parents: torch.Te
                          f"{tuple(k_tree.shape)} must be [N, Hkv, D] with N <= ctx_len")
     l, dev = params.block, k_tree.device
     parents = parents.to(torch.int64).to(dev)
-    q_pos = P + torch.tensor(tree_depths(parents), dtype=torch.int64, device=dev)
+    q_pos = P + torch.tensor(node_depths(parents), dtype=torch.int64, device=dev)
     e = q_pos - l + 1
     nodes = ((e >= 0) & (e % params.stride == 0)).nonzero().squeeze(1)          # [Np]
     if nodes.numel() == 0:

@@ -7,11 +7,11 @@ dim, t query position, n = params.topn. cw = (wk, bk, wv, bv) learned compressio
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 
 from ..common.params import NSAParams
+from ..common.tree import node_depths, parent_list, tree_path
 from ..compression.naive import compress, naive_block_scores, naive_cmp_attention
 from ..selection.naive import (
     attend_set,
@@ -129,26 +129,6 @@ def naive_nsa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params:
     return torch.stack(outs), torch.stack(sels)
 
 
-def tree_depths(parents: torch.Tensor | Sequence[int]) -> list[int]:
-    """Depth of each node (0 for children of the committed context); validates parent < child."""
-    par = [int(x) for x in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
-    depth = []
-    for u, pu in enumerate(par):
-        if pu >= u or pu < -1:
-            raise ValueError(f"parents[{u}] = {pu}: must be -1 (context) or a smaller node index")
-        depth.append(0 if pu < 0 else depth[pu] + 1)
-    return depth
-
-
-def tree_path(u: int, parents: list[int]) -> list[int]:
-    """Tree nodes from the root down to u (inclusive)."""
-    path = []
-    while u >= 0:
-        path.append(u)
-        u = parents[u]
-    return path[::-1]
-
-
 def naive_nsa_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                    k_tree: torch.Tensor, v_tree: torch.Tensor, parents: torch.Tensor,
                    params: NSAParams, scale: float, cw: CompressionWeights | None = None,
@@ -177,8 +157,8 @@ def naive_nsa_tree(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     if k_tree.shape[0] != t_nodes or parents.shape != (t_nodes,):
         raise ValueError(f"naive_nsa_tree: q has {t_nodes} nodes but k_tree {tuple(k_tree.shape)}, "
                          f"parents {tuple(parents.shape)}")
-    tree_depths(parents)
-    par = [int(x) for x in parents.tolist()]
+    node_depths(parents)
+    par = parent_list(parents)
     outs, sels = [], []
     for u in range(t_nodes):
         nodes = torch.tensor(tree_path(u, par), dtype=torch.int64)

@@ -26,8 +26,8 @@ from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
 from specsa.device_plan import DeviceStepPlan
 from specsa.metadata import VerifyPlan
-from specsa.schedule import (MAX_TREE, as_parents, default_group_size, default_num_splits,
-                             flatten)
+from specsa.kernels.common.tree import MAX_TREE_NODES
+from specsa.schedule import as_parents, default_group_size, default_num_splits, flat_orders
 
 
 def unsupported_reason(schedule: Schedule, precision: PrecisionClass, sizes: Sequence[int],
@@ -37,10 +37,11 @@ def unsupported_reason(schedule: Schedule, precision: PrecisionClass, sizes: Seq
                                                                PrecisionClass.APPROX_REUSE):
         return (f"SHARED_INDEX is approximate and needs an APPROX precision class, but "
                 f"precision is {precision.value}")
-    if max(sizes) > MAX_TREE:
-        return f"a draft tree has {max(sizes)} nodes; verification supports at most {MAX_TREE}"
-    if not 1 <= group_size <= MAX_TREE:
-        return f"group size {group_size} is outside 1..{MAX_TREE} (int64 ownership masks)"
+    if max(sizes) > MAX_TREE_NODES:
+        return (f"a draft tree has {max(sizes)} nodes; verification supports at most "
+                f"{MAX_TREE_NODES}")
+    if not 1 <= group_size <= MAX_TREE_NODES:
+        return f"group size {group_size} is outside 1..{MAX_TREE_NODES} (int64 ownership masks)"
     if (max(sizes) - 1) // select + 2 > 64:
         return (f"a tree of {max(sizes)} nodes spans more than 64 selection blocks of {select} "
                 "tokens (the per-row tail membership mask has 64 bits)")
@@ -103,7 +104,7 @@ class NSAVerifier:
         why = unsupported_reason(schedule, precision, sizes, c, self.params.select)
         if why:
             raise ConfigError(why)
-        orders = [flatten(p, traversal) for p in pars]
+        orders = flat_orders(pars, traversal)
         n_groups = sum(-(-t // c) for t in sizes)
         if num_splits is None:
             sel_tiles = self.params.topn * (1 if c == 1 else max(1, c // 2))

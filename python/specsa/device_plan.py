@@ -27,6 +27,7 @@ import math
 import torch
 
 from specsa.kernels.common.params import NSAParams
+from specsa.kernels.common.tree import MAX_TREE_NODES, batched_depths_ancestor_bits
 from specsa.kernels.fused import VerifyGeometry
 from specsa.verify_layer import StepTensors
 
@@ -60,28 +61,14 @@ def parents_from_links(next_token: torch.Tensor, next_sibling: torch.Tensor,
     return par
 
 
-def _depths_ancestors(par: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth [B, T] and ancestor bitmask [B, T] (int64, self included) by pointer jumping."""
-    b, t = par.shape
-    u = torch.arange(t, device=par.device).expand(b, t)
-    up = torch.where(par >= 0, par, u)                       # the root points at itself
-    depth = (par >= 0).long()
-    bit = torch.ones(b, t, dtype=torch.long, device=par.device) << u
-    anc = bit | torch.where(par >= 0, bit.gather(1, up), 0)
-    for _ in range(max(1, math.ceil(math.log2(max(t, 2))))):
-        depth = depth + depth.gather(1, up)
-        anc = anc | anc.gather(1, up)
-        up = up.gather(1, up)
-    return depth, anc
-
-
 class DeviceStepPlan:
     """Static device buffers of one step shape (B requests x T nodes, group size C)."""
 
     def __init__(self, bs: int, t: int, width: int, page_size: int, params: NSAParams,
                  group_size: int, shared: bool, margin: int, device, num_splits: int = 1):
-        if not 1 <= t <= 64:
-            raise ValueError(f"a draft tree has {t} nodes; the tree mask supports 1..64")
+        if not 1 <= t <= MAX_TREE_NODES:
+            raise ValueError(f"a draft tree has {t} nodes; the tree mask supports "
+                             f"1..{MAX_TREE_NODES}")
         self.bs, self.t, self.params, self.page_size = bs, t, params, page_size
         self.c, self.shared, self.margin = group_size, shared, margin
         n, dev = bs * t, torch.device(device)
@@ -136,7 +123,7 @@ class DeviceStepPlan:
         w = self.block_table.shape[1]
         self.block_table.copy_(block_table[:, :w])
         P = self.prefix.long()
-        depth, anc = _depths_ancestors(self.parents)
+        depth, anc = batched_depths_ancestor_bits(self.parents)
         pos = P[:, None] + depth                                           # [B, T]
         self.q_pos.copy_(pos.reshape(-1))
         self.geo.q_anc.copy_(anc.reshape(-1))

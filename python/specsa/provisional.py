@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from specsa.kernels.common.params import NSAParams
-from specsa.kernels.nsa.naive import tree_depths
+from specsa.kernels.common.tree import node_depths
 
 
 def closing_blocks(parents: Sequence[int], prefix_len: int, params: NSAParams,
@@ -16,7 +16,7 @@ def closing_blocks(parents: Sequence[int], prefix_len: int, params: NSAParams,
     index i) or None when no block closes at v. A source is `committed(t)` for a committed
     position t < prefix_len, else the tail row -1 - (tail_offset + u) of v's ancestor u."""
     l, d = params.block, params.stride
-    depth = tree_depths(parents)
+    depth = node_depths(parents)
     out: list[tuple[list[int], int] | None] = []
     for v, dv in enumerate(depth):
         pos = prefix_len + dv

@@ -1,5 +1,5 @@
-"""Verification schedule geometry on the host: flatten a draft tree (CHAIN / BFS / DFS) and cut
-the flat order into groups of C verifier queries (docs/DESIGN.md section 4). Pure functions of the tree shape;
+"""Verification schedule geometry on the host: lay a draft tree out flat (CHAIN / BFS / DFS,
+`specsa.draft_tree.traversal_order`) and cut the flat order into groups of C verifier queries (docs/DESIGN.md section 4). Pure functions of the tree shape;
 `specsa.attention.NSAVerifier.plan` calls them once per step.
 
 Why the order matters: EXACT_MERGED reads the union of a group's selections once, so adjacent
@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 
 from specsa.config import ConfigError, Schedule, Traversal
+from specsa.kernels.common.tree import (MAX_TREE_NODES, TreeError, node_depths, rooted_parents,
+                                        traversal_order)
 
-MAX_TREE = 64      # the tree mask is one int64 bitmask per query row
 # Q-tile rows per program (C x G). Every row computes every union block, so rows cost MMA work
 # growing with C while the bytes saved per query shrink. Measured on the H200 (64K, overlap
 # 0.5, bf16, benchmark/results/h200/kernels.json "tuning"): 16 rows win for T <= 16 and at
@@ -30,47 +31,19 @@ SMALL_STEP_QUERIES = 8
 
 def as_parents(parents: Sequence[int] | torch.Tensor) -> list[int]:
     """Plain list of parent indices, validated: parents[0] = -1, parents[u] < u."""
-    par = [int(p) for p in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
-    if not par or par[0] != -1:
-        raise ConfigError("a draft tree needs node 0 as its root (parents[0] = -1)")
-    for u, p in enumerate(par[1:], start=1):
-        if not 0 <= p < u:
-            raise ConfigError(f"parents[{u}] = {p}: parents must precede children (0 <= p < u)")
-    return par
+    try:
+        return rooted_parents(parents)
+    except TreeError as e:
+        raise ConfigError(str(e)) from None
 
 
-def depths(par: list[int]) -> list[int]:
-    dep: list[int] = []
-    for p in par:
-        dep.append(0 if p < 0 else dep[p] + 1)
-    return dep
-
-
-def flatten(par: list[int], traversal: Traversal) -> list[int]:
-    """Flat order of the nodes (a permutation of range(T)).
-
-    Example: parents [-1, 0, 0, 1] -> BFS [0, 1, 2, 3], DFS [0, 1, 3, 2]; CHAIN refuses it.
-    """
-    kids: list[list[int]] = [[] for _ in par]
-    for u, p in enumerate(par):
-        if p >= 0:
-            kids[p].append(u)
-    if traversal is Traversal.CHAIN:
-        if any(len(k) > 1 for k in kids):
-            raise ConfigError("CHAIN traversal needs a chain, but the tree branches; use BFS or DFS")
-        return list(range(len(par)))
-    if traversal is Traversal.BFS:
-        order, head = [0], 0
-        while head < len(order):
-            order.extend(kids[order[head]])
-            head += 1
-        return order
-    order, stack = [], [0]
-    while stack:
-        u = stack.pop()
-        order.append(u)
-        stack.extend(reversed(kids[u]))
-    return order
+def flat_orders(parents: Sequence[list[int]], traversal: Traversal) -> list[list[int]]:
+    """Per tree, the flat order its verifier queries take (`traversal_order`); a traversal the
+    tree cannot take (CHAIN on a branching tree) is a configuration error."""
+    try:
+        return [traversal_order(p, traversal) for p in parents]
+    except TreeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def cut_groups(order: list[int], group_size: int) -> list[list[int]]:
@@ -83,7 +56,7 @@ def cut_groups(order: list[int], group_size: int) -> list[list[int]]:
 def default_group_size(gqa: int, num_queries: int = 1) -> int:
     """C such that C x G fills (without overflowing) the Q tile chosen for this step size."""
     rows = ROWS_LARGE if num_queries >= LARGE_STEP else ROWS_SMALL
-    return max(1, min(MAX_TREE, rows // gqa))
+    return max(1, min(MAX_TREE_NODES, rows // gqa))
 
 
 def default_schedule(num_queries: int) -> Schedule:
@@ -108,9 +81,9 @@ def shared_sources(par: list[int], traversal: Traversal, group_size: int) -> lis
     Example: chain of 4, C=2 -> [1, 1, 3, 3]; parents [-1, 0, 0, 1], BFS, C=2 -> groups
     [0, 1], [2, 3] -> [1, 1, 3, 3].
     """
-    dep = depths(par)
+    dep = node_depths(par)
     src = list(range(len(par)))
-    for group in cut_groups(flatten(par, traversal), group_size):
+    for group in cut_groups(flat_orders([par], traversal)[0], group_size):
         rep = max(group[::-1], key=lambda u: dep[u])
         for u in group:
             src[u] = rep

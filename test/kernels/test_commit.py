@@ -16,7 +16,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 from specsa.kernels.commit import fused_commit, naive_commit, naive_read_cmp, naive_read_kv  # noqa: E402
 from specsa.kernels.compression import compress  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
-from specsa.kernels.nsa.naive import tree_path  # noqa: E402
+from specsa.kernels.common.tree import tree_path  # noqa: E402
 
 # compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)
 fused_commit = on_device(fused_commit)

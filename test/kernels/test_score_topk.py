@@ -16,7 +16,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention, score_topk  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
-from specsa.kernels.nsa.naive import tree_path  # noqa: E402
+from specsa.kernels.common.tree import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402
 
 # compiled kernels take device tensors; these tests build CPU ones (conftest.on_device)

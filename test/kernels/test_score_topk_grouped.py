@@ -20,7 +20,7 @@ from specsa.kernels.compression import (compress, naive_block_scores, naive_cmp_
                                         refresh_groups, refresh_workspace, score_topk_grouped)
 from specsa.kernels.fused import build_geometry  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
-from specsa.kernels.nsa.naive import tree_path  # noqa: E402
+from specsa.kernels.common.tree import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402
 from specsa.kernels.selection.naive import forced_blocks  # noqa: E402
 

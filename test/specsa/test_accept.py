@@ -18,7 +18,7 @@ from scipy.stats import chi2
 
 import specsa.runtime.accept as acc
 from specsa.runtime.accept import greedy_accept, sample_accept
-from specsa.runtime.tree import DraftTree
+from specsa.draft_tree import DraftTree
 
 ALPHA = 1e-3
 V = 5

@@ -16,7 +16,7 @@ from specsa.runtime.drafters import (DraftError, DraftRequest, DraftSpec, NGramD
 from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.drafters.model import ModelDrafter, truncated_view
 from specsa.runtime.generate import generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 GREEDY = SamplingConfig(max_new_tokens=12)
 CACHE = CacheConfig(page_size=16, num_pages=64)

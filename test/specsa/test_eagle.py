@@ -22,7 +22,7 @@ from specsa.runtime.drafters import DraftError, DraftRequest, DraftSpec, parse_d
 from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 NEW = 20
 GREEDY = SamplingConfig(max_new_tokens=NEW)

@@ -18,7 +18,7 @@ from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

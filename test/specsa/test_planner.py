@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from specsa.config import ConfigError, PrecisionClass, Schedule, Traversal
+from specsa.draft_tree import TreeSpec
 from specsa.orchestrator import (PRECISION_RULES, AcceptanceStats, AdaptiveController, Candidates,
-                                 DraftShape, Profile, allowed, expected_accepted, plan_strategy,
+                                 Profile, allowed, expected_accepted, plan_strategy,
                                  score_strategy)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +113,7 @@ def test_no_speculation_when_acceptance_is_zero(precision):
 
 
 def test_longer_drafts_as_acceptance_rises():
-    chains = Candidates(shapes=tuple(DraftShape.chain(g) for g in range(1, 33)))
+    chains = Candidates(shapes=tuple(TreeSpec.chain(g) for g in range(1, 33)))
     depths = [plan_strategy(PROFILE, const_stats(a), PrecisionClass.STRICT, 8192, 1, chains).depth
               for a in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)]
     assert depths == sorted(depths), depths
@@ -181,7 +182,7 @@ def test_objective_is_expected_tokens_over_step_time():
 
 
 def test_expensive_drafter_shortens_drafts():
-    chains = Candidates(shapes=tuple(DraftShape.chain(g) for g in range(1, 33)))
+    chains = Candidates(shapes=tuple(TreeSpec.chain(g) for g in range(1, 33)))
     cheap = plan_strategy(make_profile(draft_step=0.05), const_stats(0.85), PrecisionClass.STRICT,
                           8192, 1, chains)
     dear = plan_strategy(make_profile(draft_step=3.0), const_stats(0.85), PrecisionClass.STRICT,
@@ -190,12 +191,12 @@ def test_expensive_drafter_shortens_drafts():
 
 
 def test_shapes_outside_profile_token_range_are_skipped():
-    big = Candidates(shapes=(DraftShape.chain(40), DraftShape.chain(2)))
+    big = Candidates(shapes=(TreeSpec.chain(40), TreeSpec.chain(2)))
     s = plan_strategy(PROFILE, const_stats(0.99), PrecisionClass.STRICT, 8192, 1, big)
     assert s.tokens == 2
     with pytest.raises(ConfigError, match="no speculative strategy"):
         plan_strategy(PROFILE, const_stats(0.9), PrecisionClass.STRICT, 8192, 1,
-                      Candidates(shapes=(DraftShape.chain(40),), allow_ar=False))
+                      Candidates(shapes=(TreeSpec.chain(40),), allow_ar=False))
 
 
 def test_bad_arguments():
@@ -204,19 +205,19 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="context_len"):
         plan_strategy(PROFILE, const_stats(0.5), PrecisionClass.STRICT, 0)
     with pytest.raises(ConfigError, match="tokens .* < depth"):
-        DraftShape(topk=2, depth=4, tokens=3)
+        Candidates(shapes=(TreeSpec(topk=2, depth=4, tokens=3),))
 
 
 # -- expected accepted length ------------------------------------------------------------
 def test_expected_accepted_chain_and_tree():
     st = AcceptanceStats(rates=(0.9, 0.5, 0.2) + (0.2,) * 5, seen=(1, 1, 1) + (0,) * 5)
-    assert expected_accepted(DraftShape.chain(1), st) == pytest.approx(0.9)
-    assert expected_accepted(DraftShape.chain(3), st) == pytest.approx(0.9 + 0.45 + 0.09)
+    assert expected_accepted(TreeSpec.chain(1), st) == pytest.approx(0.9)
+    assert expected_accepted(TreeSpec.chain(3), st) == pytest.approx(0.9 + 0.45 + 0.09)
     p1, p2 = 1 - 0.1 ** 2, 1 - 0.5 ** 2
-    assert expected_accepted(DraftShape(2, 2, 4), st) == pytest.approx(p1 + p1 * p2)
+    assert expected_accepted(TreeSpec(2, 2, 4), st) == pytest.approx(p1 + p1 * p2)
     # 5 tokens with topk 2: levels 2, 2, 1
     p3 = 0.2
-    assert expected_accepted(DraftShape(2, 3, 5), st) == pytest.approx(p1 + p1 * p2 + p1 * p2 * p3)
+    assert expected_accepted(TreeSpec(2, 3, 5), st) == pytest.approx(p1 + p1 * p2 + p1 * p2 * p3)
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_controller_probes_after_plain_decoding():
     assert hist[-1].speculate and hist[-1].depth > 1
 
 
-CHAINS = Candidates(shapes=tuple(DraftShape.chain(g) for g in range(1, 17)))
+CHAINS = Candidates(shapes=tuple(TreeSpec.chain(g) for g in range(1, 17)))
 
 
 def _tie_point() -> float:

@@ -31,7 +31,7 @@ from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 from specsa.schedule import shared_sources
 
 SPARSE = "block=8,stride=4,select=16,topn=4,window=32"

@@ -9,7 +9,7 @@ import torch
 
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.nsa.masked import build_tree_visibility
-from specsa.kernels.nsa.naive import tree_depths
+from specsa.kernels.common.tree import node_depths
 from specsa.provisional import closing_blocks, visible_rows
 
 
@@ -25,7 +25,7 @@ def test_closing_blocks_match_tree_visibility(seed):
     close = [v for v, b in enumerate(blocks) if b is not None]
     assert close == vis.cmp_nodes.tolist()
     assert [blocks[v][1] for v in close] == vis.cmp_idx.tolist()
-    depth = tree_depths(parents)
+    depth = node_depths(parents)
     for v in close:
         src, i = blocks[v]
         path, cur = [], v                  # v's path positions, newest first

@@ -102,7 +102,7 @@ def test_eagle3_chain_server(models, target, prompts, reference):
     from specsa.config import SamplingConfig
     from specsa.runtime.drafters.build import build_drafter
     from specsa.runtime.loop import speculative_generate
-    from specsa.runtime.tree import TreeSpec
+    from specsa.draft_tree import TreeSpec
     from specsa.sglang_plugin.harness import free_port, launch_server
 
     args = ["--speculative-algo", "specsa", "--speculative-draft-model-path", models["eagle3"],

@@ -14,7 +14,7 @@ from specsa.orchestrator import AdaptiveController, load_profile
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 PROFILE = Path(__file__).resolve().parents[2] / "configs" / "profiles" / "cpu" / "tiny.json"
 

@@ -29,7 +29,7 @@ from specsa.runtime.drafters import Draft, DraftError, DraftRequest, OracleDraft
 from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.tree import DraftTree, TreeSpec
+from specsa.draft_tree import DraftTree, TreeSpec
 
 ALPHA = 1e-3
 # (native, G, kind, heads): G = heads / kv_heads

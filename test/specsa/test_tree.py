@@ -1,4 +1,5 @@
-"""DraftTree: derived fields, traversal orders, validation errors, TreeSpec parsing."""
+"""specsa.draft_tree: DraftTree derived fields, traversal orders (against a brute-force
+definition), depths and ancestor sets, validation errors, TreeSpec parsing."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from specsa.config import ConfigError, Traversal
-from specsa.runtime.tree import DraftTree, TreeError, TreeSpec
+from specsa.draft_tree import (DraftTree, TreeError, TreeSpec, ancestor_bits, ancestor_mask,
+                               node_depths, traversal_order, tree_path)
 
 
 def random_tree(rng: random.Random, n: int, prefix_len: int = 0, vocab: int = 50) -> DraftTree:
@@ -125,10 +127,45 @@ def test_treespec_errors(spec, match):
         TreeSpec.chain(0)
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_order_matches_kernel_schedule(seed):
-    """The runtime's flattening and the verifier's host schedule must agree slot for slot."""
-    schedule = pytest.importorskip("specsa.schedule")
-    t = random_tree(random.Random(seed), 30)
+def test_traversal_order_orders_example_tree():
+    par = [-1, 0, 0, 1, 1, 2]
+    assert traversal_order(par, Traversal.BFS) == [0, 1, 2, 3, 4, 5]
+    assert traversal_order(par, Traversal.DFS) == [0, 1, 3, 4, 2, 5]
+    assert traversal_order([-1, 0, 1, 2], Traversal.CHAIN) == [0, 1, 2, 3]
+    with pytest.raises(TreeError, match="CHAIN traversal needs a chain"):
+        traversal_order(par, Traversal.CHAIN)
+
+
+def test_traversal_order_keeps_parents_first_and_siblings_or_children_adjacent():
+    par = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7]
     for trav in (Traversal.BFS, Traversal.DFS):
-        assert t.order(trav)[0].tolist() == schedule.flatten(t.parents.tolist(), trav)
+        order = traversal_order(par, trav)
+        assert sorted(order) == list(range(len(par)))
+        pos = {u: i for i, u in enumerate(order)}
+        assert all(pos[p] < pos[u] for u, p in enumerate(par) if p >= 0)
+    dfs = traversal_order(par, Traversal.DFS)
+    assert all(par[dfs[i + 1]] == dfs[i] or par[dfs[i + 1]] != dfs[i]
+               for i in range(len(dfs) - 1))
+    assert dfs[:4] == [0, 1, 4, 7]          # parent directly before its first child
+    assert traversal_order(par, Traversal.BFS)[1:4] == [1, 2, 3]   # siblings adjacent
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_traversal_order_against_brute_force(seed):
+    """BFS is level order with children in index order: nodes sorted by (depth, root path);
+    DFS pre-order is nodes sorted by root path (paths compared lexicographically)."""
+    rng = random.Random(seed)
+    par = [-1] + [rng.randrange(u) for u in range(1, rng.randrange(1, 40))]
+    path = {u: tuple(tree_path(u, par)) for u in range(len(par))}
+    assert traversal_order(par, Traversal.BFS) == sorted(path, key=lambda u: (len(path[u]), path[u]))
+    assert traversal_order(par, Traversal.DFS) == sorted(path, key=lambda u: path[u])
+    t = DraftTree(tokens=[0] * len(par), parents=par, prefix_len=0)
+    for trav in (Traversal.BFS, Traversal.DFS):
+        assert t.order(trav)[0].tolist() == traversal_order(par, trav)
+    assert node_depths(par) == [len(path[u]) - 1 for u in range(len(par))]
+    bits = ancestor_bits(par)
+    assert [[v for v in range(len(par)) if bits[u] >> v & 1] for u in range(len(par))] == \
+        [sorted(path[u]) for u in range(len(par))]
+    assert torch.equal(ancestor_mask(torch.tensor(par)),
+                       torch.tensor([[v in path[u] for v in range(len(par))]
+                                     for u in range(len(par))]))

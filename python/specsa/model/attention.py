@@ -10,14 +10,14 @@ CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
   `specsa.kernels`, batched over requests. Per forward, `plan_triton_forward` freezes the host
   geometry once (page tables, positions, provisional-token sources, the `NSAVerifier` plan);
   per layer:
-    verify rows (decode steps, draft trees, chains of <= MAX_TREE tokens): provisional
+    verify rows (decode steps, draft trees, chains of <= MAX_TREE_NODES tokens): provisional
       compressed tokens of nodes closing a block (`compress_gather`, committed slots + the
       path's tail rows), refresh (`score_topk_grouped` over the NSAVerifier plan's query
       groups, so each compressed key is read once per group, decode rows being groups of 1;
       or per row with `score_topk`, TritonOptions.refresh: committed compressed tokens from
       the paged compressed cache + the visible provisional ones; o_cmp when gated), then
       selected + window + combine (`NSAVerifier.run`). Nothing is written to the cache.
-    prefill rows (chains longer than TritonOptions.prefill_chain <= MAX_TREE, which only
+    prefill rows (chains longer than TritonOptions.prefill_chain <= MAX_TREE_NODES, which only
       prefill produces and which are committed whole): the chunk's K/V is written into its (reserved, not yet committed)
       page slots, then `chunked_nsa_prefill` (compresses the chunk's closed blocks into the
       compressed cache, refresh, selected + window). Commit then only advances the length.
@@ -52,6 +52,7 @@ from torch import nn
 
 from specsa.config import (Combine, Compression, ConfigError, NSAConfig,
                            Schedule, Traversal, VerifyKnobs, parse_enum)
+from specsa.kernels.common.tree import MAX_TREE_NODES, node_depths
 from specsa.kernels.common.upload import to_device
 from specsa.kernels.nsa import TreeVisibility, masked_nsa, provisional_cmp
 from specsa.verify_layer import StepTensors, verify_layer
@@ -61,7 +62,6 @@ from .config import ModelConfig
 from .rope import apply_rotary
 
 # The verify kernel's tree mask is one int64 bitmask per row; longer chains are prefill chunks.
-MAX_TREE = 64
 
 
 class AttnImpl(enum.Enum):
@@ -101,16 +101,16 @@ class TritonOptions:
     group_size: int | None = None
     num_splits: int | None = None
     # chains with more nodes than this are prefill chunks (chunked_nsa_prefill, written in
-    # place); at most MAX_TREE, the verify kernel's limit
-    prefill_chain: int = MAX_TREE
+    # place); at most MAX_TREE_NODES, the verify kernel's limit
+    prefill_chain: int = MAX_TREE_NODES
     refresh: Refresh = Refresh.GROUPED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse_enum(Schedule, self.schedule, "schedule"))
         object.__setattr__(self, "refresh", parse_enum(Refresh, self.refresh, "refresh"))
         object.__setattr__(self, "traversal", parse_enum(Traversal, self.traversal, "traversal"))
-        if not 1 <= self.prefill_chain <= MAX_TREE:
-            raise ConfigError(f"TritonOptions.prefill_chain must be in 1..{MAX_TREE} (the verify "
+        if not 1 <= self.prefill_chain <= MAX_TREE_NODES:
+            raise ConfigError(f"TritonOptions.prefill_chain must be in 1..{MAX_TREE_NODES} (the verify "
                               f"kernel's tree limit), got {self.prefill_chain}")
 
 
@@ -292,7 +292,6 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         (written in place); everything else is verified from the draft tail.
     """
     from specsa.attention import NSAVerifier
-    from specsa.kernels.nsa.naive import tree_depths
     from specsa.provisional import closing_blocks, visible_rows
 
     p = nsa.params
@@ -304,7 +303,7 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
     off = cmp_off = 0
     for rid, ids, par in blocks:
         n, P = len(ids), cache.length(rid)
-        depth = tree_depths(par)
+        depth = node_depths(par)
         pos = [P + d for d in depth]
         chain = par == tuple(range(-1, n - 1))
         if chain and n > options.prefill_chain:

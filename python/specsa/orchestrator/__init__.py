@@ -1,15 +1,15 @@
 """Orchestrator (docs/DESIGN.md section 5): latency profiles, acceptance statistics and the throughput-aware
 planner that picks the draft/verify strategy per prompt and per step inside a precision class.
 
-Dependencies: specsa.config only (no model, runtime or kernel calls): pure Python on data.
+Dependencies: specsa.config and specsa.draft_tree only (no model, runtime or kernel calls): pure Python on data.
 """
-from .planner import (PRECISION_RULES, AdaptiveController, Candidates, DraftShape, Strategy,
+from .planner import (PRECISION_RULES, AdaptiveController, Candidates, Strategy,
                       allowed, ar_strategy, expected_accepted, plan_strategy, score_strategy)
 from .profile import (DecodeEntry, DraftCost, ModelShape, Profile, ProfileError, VerifyEntry,
                       load_profile, save_profile)
 from .stats import AcceptanceStats
 
 __all__ = ["PRECISION_RULES", "AcceptanceStats", "AdaptiveController", "Candidates",
-           "DecodeEntry", "DraftCost", "DraftShape", "ModelShape", "Profile", "ProfileError",
+           "DecodeEntry", "DraftCost", "ModelShape", "Profile", "ProfileError",
            "Strategy", "VerifyEntry", "allowed", "ar_strategy", "expected_accepted",
            "load_profile", "plan_strategy", "save_profile", "score_strategy"]

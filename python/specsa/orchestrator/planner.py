@@ -37,6 +37,8 @@ from typing import Sequence
 
 from specsa.config import ConfigError, PrecisionClass, Schedule, Traversal, parse_enum
 
+from specsa.draft_tree import TreeSpec
+
 from .profile import Profile
 from .stats import AcceptanceStats
 
@@ -68,31 +70,8 @@ def knobs_error(precision: PrecisionClass, schedule: Schedule | None,
     return None
 
 
-@dataclass(frozen=True)
-class DraftShape:
-    """topk children per expanded node, depth levels, tokens draft nodes (root excluded);
-    the runtime's TreeSpec(topk, depth, tokens)."""
-
-    topk: int
-    depth: int
-    tokens: int
-
-    def __post_init__(self) -> None:
-        for name in ("topk", "depth", "tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"DraftShape.{name} must be a positive integer, got {v!r}")
-        if self.tokens < self.depth:
-            raise ConfigError(f"DraftShape: tokens ({self.tokens}) < depth ({self.depth}) "
-                              "cannot reach the last level")
-
-    @classmethod
-    def chain(cls, gamma: int) -> "DraftShape":
-        return cls(topk=1, depth=gamma, tokens=gamma)
-
-
-_CHAINS = tuple(DraftShape.chain(g) for g in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16))
-_TREES = tuple(DraftShape(topk=w, depth=d, tokens=w * d)
+_CHAINS = tuple(TreeSpec.chain(g) for g in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16))
+_TREES = tuple(TreeSpec(topk=w, depth=d, tokens=w * d)
                for w, ds in ((2, (2, 3, 4, 6, 8)), (3, (3, 4, 5)), (4, (2, 3, 4, 6)), (8, (2, 4)))
                for d in ds)
 
@@ -104,13 +83,19 @@ class Candidates:
     drafter: the profile's draft-cost name (None: the profile's first); allow_ar: whether
     plain autoregressive decoding competes."""
 
-    shapes: tuple[DraftShape, ...] = _CHAINS + _TREES
+    shapes: tuple[TreeSpec, ...] = _CHAINS + _TREES
     schedules: tuple[Schedule, ...] | None = None
     traversals: tuple[Traversal, ...] | None = None
     group_sizes: tuple[int, ...] | None = None
     refresh_periods: tuple[int, ...] | None = None
     drafter: str | None = None
     allow_ar: bool = True
+
+    def __post_init__(self) -> None:
+        for s in self.shapes:
+            if s.tokens < s.depth:
+                raise ConfigError(f"Candidates: {s} has tokens ({s.tokens}) < depth ({s.depth}) "
+                                  "and cannot reach the last level")
 
 
 @dataclass(frozen=True)
@@ -133,8 +118,8 @@ class Strategy:
     tokens_per_s: float
 
     @property
-    def shape(self) -> DraftShape | None:
-        return DraftShape(self.topk, self.depth, self.tokens) if self.speculate else None
+    def shape(self) -> TreeSpec | None:
+        return TreeSpec(self.topk, self.depth, self.tokens) if self.speculate else None
 
     @property
     def verify_tokens(self) -> int:
@@ -147,7 +132,7 @@ class Strategy:
                 self.schedule, self.group_size, self.refresh_period)
 
 
-def expected_accepted(shape: DraftShape, stats: AcceptanceStats) -> float:
+def expected_accepted(shape: TreeSpec, stats: AcceptanceStats) -> float:
     """E[accepted draft tokens] for `shape` under `stats` (model in the module docstring)."""
     w, total, prod = shape.topk, 0.0, 1.0
     levels = min(shape.depth, -(-shape.tokens // w))
@@ -228,7 +213,7 @@ def plan_strategy(profile: Profile, stats: AcceptanceStats,
 
 
 def _verify_options(profile: Profile, precision: PrecisionClass, cand: Candidates,
-                    shape: DraftShape) -> list[tuple[Schedule, Traversal, int, int]]:
+                    shape: TreeSpec) -> list[tuple[Schedule, Traversal, int, int]]:
     """(schedule, traversal, C, R) combinations the profile measured and the class allows."""
     out = []
     for sched in profile.schedules():

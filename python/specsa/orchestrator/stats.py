@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from specsa.config import ConfigError
+from specsa.draft_tree import MAX_TREE_NODES
 
-MAX_DEPTH = 64      # a verify tree has at most 64 nodes (specsa.schedule.MAX_TREE)
+MAX_DEPTH = MAX_TREE_NODES      # a verified tree is at most this deep
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 
 from specsa.config import SamplingConfig
 from specsa.runtime.sampling import filtered_probs
-from specsa.runtime.tree import DraftTree
+from specsa.draft_tree import DraftTree
 
 
 @dataclass(frozen=True)

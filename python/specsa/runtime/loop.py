@@ -36,11 +36,10 @@ from specsa.runtime.accept import Acceptance, greedy_accept, sample_accept, samp
 from specsa.runtime.drafters.base import Draft, DraftError, Drafter, DraftRequest
 from specsa.runtime.generate import GenerationResult, Progress, cache_for, prefill
 from specsa.runtime.sampling import make_generator
-from specsa.runtime.tree import DraftTree
+from specsa.draft_tree import MAX_TREE_NODES, DraftTree
 
 # (request id, verified tree, target logits [T, V], acceptance): lets benchmarks and tests
 # observe every verify step without the loop knowing about them.
-MAX_TREE_NODES = 64
 
 StepHook = Callable[[int, DraftTree, torch.Tensor, Acceptance], None]
 
@@ -234,11 +233,9 @@ def _apply_strategy(controller, drafter: Drafter, cache: PagedKVCache, rids: lis
                     traversal: Traversal | None) -> tuple[Traversal | None, VerifyKnobs]:
     """Ask the controller for this step's strategy, point the drafter at its shape and return
     the traversal and verification knobs (schedule, group size, refresh period) to run."""
-    from specsa.runtime.tree import TreeSpec
-
     s = controller.next_strategy(max(cache.length(r) for r in rids), len(rids))
     if s.speculate:
-        drafter.spec = TreeSpec(topk=s.topk, depth=s.depth, tokens=s.tokens)
+        drafter.spec = s.shape
     knobs = VerifyKnobs(precision=controller.precision, schedule=s.schedule,
                         group_size=s.group_size, refresh_period=s.refresh_period)
     return (traversal if traversal is not None else s.traversal), knobs
@@ -285,7 +282,7 @@ def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
     totals = [len(p) + sampling.max_new_tokens for p in prompts]
     if cache is None:
         # headroom for the largest draft tree verified beside the committed tokens (the
-        # orchestrator may change the shape between steps; kernels verify <= 64 nodes)
+        # orchestrator may change the shape between steps; kernels verify <= MAX_TREE_NODES nodes)
         cache = model.new_cache(cache_for(model, [n + MAX_TREE_NODES for n in totals],
                                           page_size))
     for i, n in enumerate(totals):

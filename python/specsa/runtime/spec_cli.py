@@ -30,13 +30,12 @@ from pathlib import Path
 
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
                            Traversal, VerifyKnobs, parse_enum)
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import MAX_TREE_NODES, TreeSpec
 
 # flags only speculative decoding uses (argparse dests); all default to None
 SPEC_FLAGS = ("draft", "tree", "gamma", "traversal", "plan", "profile", "schedule", "group_size")
 # precision knobs; --precision and --refresh-period also apply to autoregressive decoding
 KNOB_FLAGS = ("precision", "schedule", "group_size", "refresh_period")
-MAX_GROUP = 64     # the verify kernel's int64 ownership masks (specsa.schedule.MAX_TREE)
 
 
 def _int_at_least_1(flag: str):
@@ -85,7 +84,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "exact_merged; shared_index needs approx or approx_reuse)")
     k.add_argument("--group-size", type=_int_at_least_1("--group-size"), default=None,
                    metavar="C", help="verifier queries per group for exact_merged / "
-                                     f"shared_index (1..{MAX_GROUP}; default: fills the kernel's "
+                                     f"shared_index (1..{MAX_TREE_NODES}; default: fills the kernel's "
                                      "Q tile)")
 
 
@@ -138,8 +137,8 @@ def knobs_from_args(args: argparse.Namespace, mode: str) -> VerifyKnobs:
                                                                "--schedule")
     group, period = get("group_size"), get("refresh_period") or 1
     if group is not None:
-        if not 1 <= group <= MAX_GROUP:
-            raise ConfigError(f"--group-size must be in 1..{MAX_GROUP}, got {group}")
+        if not 1 <= group <= MAX_TREE_NODES:
+            raise ConfigError(f"--group-size must be in 1..{MAX_TREE_NODES}, got {group}")
         if schedule is Schedule.INDEPENDENT:
             raise ConfigError("--group-size applies to the exact_merged and shared_index "
                               "schedules (independent verifies one query per group)")
@@ -193,8 +192,8 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
         truth = generate(model, [prompt_ids], sampling, chunk_size=chunk_size)[0][0].tokens
         drafter.set_truth(0, list(prompt_ids) + truth)   # first request id of a fresh cache
     auto = getattr(args, "plan", None) == "auto"
-    # --plan auto may pick any tree the kernels verify (specsa.runtime.loop.MAX_TREE_NODES)
-    head = TreeSpec(topk=1, depth=64, tokens=64) if auto else tree
+    # --plan auto may pick any tree the kernels verify (specsa.draft_tree.MAX_TREE_NODES)
+    head = TreeSpec(topk=1, depth=MAX_TREE_NODES, tokens=MAX_TREE_NODES) if auto else tree
     kv = model.new_cache(CacheConfig(page_size=cache.page_size,
                                      num_pages=cache.num_pages + _tree_pages(head, cache)))
     knobs = knobs_from_args(args, "specsa")

@@ -103,14 +103,14 @@ def forward_geometry(fb) -> list[ReqGeometry]:
 
 def dense_tree_attention(q, k_ctx, v_ctx, k_new, v_new, parents, scale) -> torch.Tensor:
     """Softmax attention of T tree queries over context + ancestors (fp32). q [T, Hq, D]."""
-    from specsa.kernels.nsa.masked import _ancestor_mask
+    from specsa.draft_tree import ancestor_mask
 
     t, hq, _ = q.shape
     hkv = k_new.shape[1]
     k = torch.cat([k_ctx, k_new]).float().repeat_interleave(hq // hkv, dim=1)
     v = torch.cat([v_ctx, v_new]).float().repeat_interleave(hq // hkv, dim=1)
     vis = torch.cat([torch.ones(t, k_ctx.shape[0], dtype=torch.bool, device=q.device),
-                     _ancestor_mask(parents.to(q.device))], dim=1)
+                     ancestor_mask(parents.to(q.device))], dim=1)
     logits = torch.einsum("thd,nhd->htn", q.float(), k) * scale
     p = torch.softmax(logits.masked_fill(~vis[None], float("-inf")), dim=-1)
     return torch.einsum("htn,nhd->thd", p, v)

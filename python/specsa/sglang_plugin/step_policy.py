@@ -33,8 +33,9 @@ from sglang.srt.speculative.adaptive_runtime_state import (
 )
 
 from specsa.config import ConfigError, VerifyKnobs
+from specsa.draft_tree import TreeSpec
 from specsa.orchestrator import AdaptiveController, load_profile
-from specsa.orchestrator.planner import Candidates, DraftShape
+from specsa.orchestrator.planner import Candidates
 from specsa.orchestrator.profile import Profile
 
 from .settings import ENV_PLAN, StepPlan
@@ -63,7 +64,7 @@ class PlannerPolicy:
         if plan.mode == "auto":
             if profile is None:
                 raise ConfigError(f"{ENV_PLAN}=auto needs a latency profile")
-            cand = Candidates(shapes=tuple(DraftShape.chain(k) for k in self.candidate_steps
+            cand = Candidates(shapes=tuple(TreeSpec.chain(k) for k in self.candidate_steps
                                            if k > 0),
                               refresh_periods=(_nearest_period(profile, knobs.refresh_period),),
                               schedules=None if knobs.schedule is None else (knobs.schedule,),

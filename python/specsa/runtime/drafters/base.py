@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 import torch
 
 from specsa.config import ConfigError
-from specsa.runtime.tree import DraftTree, TreeSpec
+from specsa.draft_tree import DraftTree, TreeSpec
 
 
 class DraftError(ConfigError):

@@ -7,7 +7,7 @@ from specsa.config import CacheConfig, SamplingConfig
 from specsa.model import NSADecoder
 from specsa.runtime.drafters import DraftError, DraftSpec, NGramDrafter, OracleDrafter, parse_draft_spec
 from specsa.runtime.drafters.model import ModelDrafter, truncated_view
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 
 def check_compatible(target: NSADecoder, draft: NSADecoder, target_tok=None, draft_tok=None,

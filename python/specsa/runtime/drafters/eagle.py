@@ -26,7 +26,7 @@ from specsa.model import BlockInput, NSADecoder, PendingKV
 from specsa.model.eagle import EagleHead
 from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest
 from specsa.runtime.drafters.model import ModelDrafter, _Expansion
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 
 class EagleDrafter(ModelDrafter):

@@ -28,7 +28,7 @@ from specsa.config import CacheConfig, SamplingConfig
 from specsa.model import BlockInput, NSADecoder
 from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest
 from specsa.runtime.sampling import filtered_probs
-from specsa.runtime.tree import DraftTree, TreeSpec
+from specsa.draft_tree import DraftTree, TreeSpec
 
 
 def truncated_view(model: NSADecoder, num_layers: int) -> NSADecoder:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest, StatelessDrafter, trie_tree
-from specsa.runtime.tree import TreeSpec
+from specsa.draft_tree import TreeSpec
 
 
 class NGramDrafter(StatelessDrafter):

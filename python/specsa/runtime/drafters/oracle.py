@@ -15,7 +15,7 @@ import random
 from typing import Sequence
 
 from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest, StatelessDrafter
-from specsa.runtime.tree import DraftTree, TreeSpec
+from specsa.draft_tree import DraftTree, TreeSpec
 
 
 class OracleDrafter(StatelessDrafter):

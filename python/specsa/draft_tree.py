@@ -1,5 +1,10 @@
 """Draft trees: the token tree one verification step checks (docs/CONTRACTS.md section 6).
 
+The one draft-tree module: `TreeSpec` (the shape a drafter drafts and the planner chooses),
+`DraftTree` (one drafted tree) and, re-exported from `specsa.kernels.common.tree` (where the
+kernels' host side reaches them without importing upward), traversal order, node depths,
+ancestor sets and the kernels' node limit MAX_TREE_NODES.
+
 Node 0 is the root: the last sampled token, whose KV is not cached yet. Every node is a
 verifier query at position P + depth (P = committed length) and sees the committed context,
 its ancestors and itself, never siblings or cousins. Node u's logits predict the token
@@ -18,22 +23,28 @@ from typing import Sequence
 
 import torch
 
-from specsa.config import ConfigError, Traversal
+from specsa.config import ConfigError, Traversal, parse_enum
+from specsa.kernels.common.tree import (MAX_TREE_NODES, TreeError, ancestor_bits, ancestor_mask,
+                                        batched_depths_ancestor_bits, node_children, node_depths,
+                                        parent_list, rooted_parents, traversal_order, tree_path)
 
-# Verification cost grows with the node count and the tree must fit the cache; a tree this
-# large is almost certainly a bug upstream, so it is refused unless the caller raises it.
+__all__ = ["DEFAULT_MAX_NODES", "MAX_TREE_NODES", "DraftTree", "TreeError", "TreeSpec",
+           "ancestor_bits", "ancestor_mask", "batched_depths_ancestor_bits", "node_children",
+           "node_depths", "parent_list", "rooted_parents", "traversal_order", "tree_path"]
+
+# A DraftTree object may be larger than what one verify kernel launch takes (MAX_TREE_NODES):
+# the CPU paths verify any size. Verification cost grows with the node count and the tree must
+# fit the cache; a tree this large is almost certainly a bug upstream, so it is refused unless
+# the caller raises it.
 DEFAULT_MAX_NODES = 1024
-
-
-class TreeError(ValueError):
-    """A draft tree is malformed; the message names the offending node."""
 
 
 @dataclass(frozen=True)
 class TreeSpec:
     """Shape of a drafted tree: `topk` children per expanded node, `depth` levels below the
     root, at most `tokens` draft nodes (root excluded). A chain of gamma tokens is
-    TreeSpec(topk=1, depth=gamma, tokens=gamma)."""
+    TreeSpec(topk=1, depth=gamma, tokens=gamma). The drafters draft it and the orchestrator's
+    planner chooses among such shapes (`Strategy.shape`)."""
 
     topk: int = 1
     depth: int = 4
@@ -58,7 +69,7 @@ class TreeSpec:
     @classmethod
     def parse(cls, spec: str) -> "TreeSpec":
         """`topk=K,depth=D,tokens=N` (any order; tokens defaults to the full tree capped
-        at 64, depth to 4, topk to 1)."""
+        at MAX_TREE_NODES, depth to 4, topk to 1)."""
         kw: dict[str, int] = {}
         for part in str(spec).split(","):
             part = part.strip()
@@ -80,7 +91,7 @@ class TreeSpec:
             raise ConfigError("--tree: empty spec (format: topk=K,depth=D,tokens=N)")
         topk, depth = kw.get("topk", 1), kw.get("depth", 4)
         if "tokens" not in kw and topk >= 1 and depth >= 1:
-            kw["tokens"] = min(64, sum(topk ** i for i in range(1, depth + 1)))
+            kw["tokens"] = min(MAX_TREE_NODES, sum(topk ** i for i in range(1, depth + 1)))
         return cls(**{"topk": topk, "depth": depth, **kw})
 
 
@@ -106,18 +117,9 @@ class DraftTree:
         tokens = torch.as_tensor(self.tokens, dtype=torch.long).reshape(-1).cpu()
         parents = torch.as_tensor(self.parents, dtype=torch.long).reshape(-1).cpu()
         par = _validate(tokens, parents, self.prefix_len, self.max_nodes)
-        n = len(par)
-        depth = [0] * n
-        kids: list[list[int]] = [[] for _ in range(n)]
-        anc = torch.zeros(n, n, dtype=torch.bool)
-        for u in range(n):
-            anc[u, u] = True
-            if u:
-                p = par[u]
-                depth[u] = depth[p] + 1
-                kids[p].append(u)
-                anc[u] |= anc[p]
-        d = torch.tensor(depth, dtype=torch.long)
+        d = torch.tensor(node_depths(par), dtype=torch.long)
+        anc = ancestor_mask(parents)
+        kids = node_children(par)
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
         object.__setattr__(self, "depth", d)
@@ -162,10 +164,7 @@ class DraftTree:
         """Node indices from the root to u, both included."""
         if not 0 <= u < self.size:
             raise TreeError(f"path_to({u}): node out of range [0, {self.size})")
-        path = [u]
-        while path[-1] != 0:
-            path.append(int(self.parents[path[-1]]))
-        return path[::-1]
+        return tree_path(u, self.parents.tolist())
 
     def order(self, traversal: Traversal | str) -> tuple[torch.Tensor, torch.Tensor]:
         """(perm, inv) int64 [T]: flat slot i holds node perm[i]; node u sits in slot inv[u].
@@ -174,29 +173,10 @@ class DraftTree:
         earlier-placed parents first). DFS: pre-order, each parent directly before its first
         child. Both keep parents before children, so a permuted tree is again valid.
         """
-        from specsa.config import parse_enum
         traversal = parse_enum(Traversal, traversal, "traversal")
-        n = self.size
-        if traversal is Traversal.CHAIN:
-            if not self.is_chain:
-                raise TreeError("CHAIN traversal needs a chain, but node(s) "
-                                f"{[u for u, c in enumerate(self.children) if len(c) > 1]} "
-                                "have several children; use BFS or DFS")
-            perm = list(range(n))
-        elif traversal is Traversal.BFS:
-            perm, head = [0], 0
-            while head < len(perm):
-                perm.extend(self.children[perm[head]])
-                head += 1
-        else:
-            perm, stack = [], [0]
-            while stack:
-                u = stack.pop()
-                perm.append(u)
-                stack.extend(reversed(self.children[u]))
-        p = torch.tensor(perm, dtype=torch.long)
+        p = torch.tensor(traversal_order(self.parents.tolist(), traversal), dtype=torch.long)
         inv = torch.empty_like(p)
-        inv[p] = torch.arange(n)
+        inv[p] = torch.arange(self.size)
         return p, inv
 
     def permuted(self, traversal: Traversal | str) -> tuple["DraftTree", torch.Tensor]:
