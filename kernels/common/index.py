@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pow2
 from .tree import MAX_TREE_NODES
 
 
@@ -93,6 +94,6 @@ def merge_group_selections(sel: torch.Tensor, sel_src: torch.Tensor, g_start: to
         raise ValueError(f"union capacity {idx.shape[-1]} < group_size*topn = {group_size * topn}")
     _merge_group_selections_kernel[(ng, hkv)](
         SEL=sel, SELSRC=sel_src, G_START=g_start, G_LEN=g_len, UIDX=idx, UOWN=own, UCNT=cnt,
-        HKV=hkv, TOPN=topn, CAP=idx.shape[-1], CP=max(2, triton.next_power_of_2(group_size)),
-        NP=max(2, triton.next_power_of_2(topn)), num_warps=4)
+        HKV=hkv, TOPN=topn, CAP=idx.shape[-1], CP=pow2(group_size, 2),
+        NP=pow2(topn, 2), num_warps=4)
     return idx, own, cnt

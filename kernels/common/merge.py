@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pow2
+
 
 @triton.jit
 def _merge_branch(OPART, LPART, i_q, o_h, m_h, o_d, m_d, br, NQ, NSPLIT,
@@ -78,7 +80,7 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, num_splits: int, 
     _merge_splits_kernel[(nq, triton.cdiv(hq, bh))](
         OPART=o_part, LPART=lse_part, OCMP=o_cmp if gated else out, GATES=gates if gated else out,
         OUT=out, NQ=nq, HQ=hq, D=d, NSPLIT=num_splits, NB=num_branches, BH=bh,
-        BD=max(16, triton.next_power_of_2(d)), GATED=gated, num_warps=4)
+        BD=pow2(d, 16), GATED=gated, num_warps=4)
     return out
 
 

@@ -18,3 +18,12 @@ def overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr)
     lo = tl.maximum(o_start, o_blk * LS)
     hi = tl.minimum(o_start + L, (o_blk + 1) * LS)
     return (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
+
+
+# The kernels keep softmax statistics in log2 units (exp2 is the fast path on the GPU):
+# exp(x) = exp2(x * LOG2E), and an lse in log2 units times LN2 is the natural-log lse.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Finite "no max yet" start of a running max: exp2(NEG_BIG - m) = 0 and NEG_BIG - NEG_BIG = 0,
+# so a row that sees no key yields 0 weights, never NaN (an -inf start gives -inf - -inf).
+NEG_BIG = tl.constexpr(-1.0e30)

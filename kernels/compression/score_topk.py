@@ -29,12 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
-
+from ..common.launch import pow2
 from ..common.params import NSAParams
+from ..common.tl_math import NEG_BIG
+from ..common.tl_math import dot_f32 as _dot
+from ..common.tl_math import overlap as _overlap
 from .blocks import cmp_slot_dev, num_cmp_dev
-
-NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: exp(-inf - NEG_BIG) = 0, never NaN
 
 
 @triton.jit
@@ -286,13 +286,13 @@ def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
         prov_cidx=prov_cidx if has_prov else cmp_lens, prov_vis=prov_vis if has_prov else cmp_lens,
         sel=sel, o_cmp=o_cmp if with_out else dummy, lse=lse if with_out else dummy,
         scale=scale, stride_bt=block_table.stride(0),
-        HQ=hq, HKV=hkv, G=g, BG=max(16, triton.next_power_of_2(g)), D=dim,
-        BD=max(16, triton.next_power_of_2(dim)), L=params.block, DS=params.stride,
+        HQ=hq, HKV=hkv, G=g, BG=pow2(g, 16), D=dim,
+        BD=pow2(dim, 16), L=params.block, DS=params.stride,
         LS=params.select, R=r, PS=page_size, CPP=cpp, TOPN=params.topn,
-        BN=max(16, triton.next_power_of_2(params.topn)), INIT=params.init_blocks,
+        BN=pow2(params.topn, 16), INIT=params.init_blocks,
         LOCAL=params.local_blocks, BS=block_sel,
-        BC=max(16, triton.next_power_of_2(block_sel * r)),
+        BC=pow2(block_sel * r, 16),
         MP=prov_vis.shape[1] if has_prov else 1,
-        BP=max(16, triton.next_power_of_2(prov_vis.shape[1])) if has_prov else 16,
+        BP=pow2(prov_vis.shape[1], 16) if has_prov else 16,
         HAS_PROV=has_prov, WITH_OUT=with_out, F32=q.dtype == torch.float32 or q.device.type == "cpu")
     return sel, o_cmp, lse

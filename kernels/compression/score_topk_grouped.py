@@ -45,14 +45,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import num_sms, pow2
 from ..common.params import NSAParams
-from ..common.tree import MAX_TREE_NODES
+from ..common.tl_math import LN2, LOG2E, NEG_BIG
 from ..common.tl_math import dot_f32 as _dot
-from .grouped_tiles import (MAP_MMA, MAP_REDUCE, MERGE_BITONIC, MERGE_RANK, MERGE_SORT, _group,
-                            _pick, _prov_probs, _prov_tile, _scores, _split_range, _stats)
+from ..common.tree import MAX_TREE_NODES
+from .grouped_tiles import (
+    MERGE_BITONIC,
+    MERGE_RANK,
+    _group,
+    _pick,
+    _prov_probs,
+    _prov_tile,
+    _scores,
+    _split_range,
+    _stats,
+)
 from .score_topk import check_refresh_args, refresh_outputs
-
-NEG_BIG = tl.constexpr(-1.0e30)      # finite "no max yet": exp2(NEG_BIG - m) = 0, never NaN
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
@@ -64,8 +73,7 @@ def score_topk_grouped_fused_kernel(
     R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
     TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, HAS_PROV: tl.constexpr,
-    WITH_OUT: tl.constexpr, F32: tl.constexpr, MAP: tl.constexpr, MERGE: tl.constexpr,
-    TS: tl.constexpr, PROF: tl.constexpr,
+    WITH_OUT: tl.constexpr, F32: tl.constexpr, MERGE: tl.constexpr, TS: tl.constexpr,
 ):
     # NSPLIT == 1: pass 1, pass 2 and the final pick in one program per (group, KV head)
     i_g, i_h = tl.program_id(0), tl.program_id(1)
@@ -74,7 +82,7 @@ def score_topk_grouped_fused_kernel(
     if g_len == 0:
         return
     RR: tl.constexpr = CP * GP
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     p_bt = block_table + i_req * stride_bt
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -82,9 +90,8 @@ def score_topk_grouped_fused_kernel(
     b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
     b_m = tl.full([RR], NEG_BIG, tl.float32)
     b_l = tl.zeros([RR], tl.float32)
-    if not PROF & 8:
-        b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
-                          b_m, b_l, HKV, D, PS, CPP, L, DS, TS, F32)
+    b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
+                      b_m, b_l, HKV, D, PS, CPP, L, DS, TS, F32)
     b_pp = tl.zeros([CP * MPP], tl.float32)
     b_pst = tl.full([CP * MPP], -1, tl.int32)
     if HAS_PROV:
@@ -108,7 +115,7 @@ def score_topk_grouped_fused_kernel(
     nblk = tl.max(tl.where(m_q, cur_q + 1, 0), 0)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            0, nblk, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
-                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MAP, MERGE, PROF)
+                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MERGE)
     o_n = tl.arange(0, BS)
     b_i = _pick(b_run, o_n, TOPN)
     tl.store(sel + (i_qq[:, None] * HKV + i_h) * TOPN + o_n[None, :], b_i.to(sel.dtype.element_ty),
@@ -116,7 +123,7 @@ def score_topk_grouped_fused_kernel(
     if WITH_OUT:
         tl.store(o_cmp + o_hq[:, None] * D + o_d[None, :], b_acc.to(o_cmp.dtype.element_ty),
                  mask=m_r[:, None] & m_d[None, :])
-        tl.store(lse + o_hq, tl.where(m_any, b_lse * 0.6931471805599453, float("-inf")), mask=m_r)
+        tl.store(lse + o_hq, tl.where(m_any, b_lse * LN2, float("-inf")), mask=m_r)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
@@ -127,7 +134,7 @@ def score_topk_grouped_stats_kernel(
     D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
     R: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, TB: tl.constexpr,
     MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr,
-    HAS_PROV: tl.constexpr, F32: tl.constexpr, TS: tl.constexpr, PROF: tl.constexpr,
+    HAS_PROV: tl.constexpr, F32: tl.constexpr, TS: tl.constexpr,
 ):
     # pass 1 of split i_s: (max, sum exp2) partials of every row over the split's tokens
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -136,7 +143,7 @@ def score_topk_grouped_stats_kernel(
     if g_len == 0:
         return
     RR: tl.constexpr = CP * GP
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     p_bt = block_table + i_req * stride_bt
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -145,8 +152,6 @@ def score_topk_grouped_stats_kernel(
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
     b_m = tl.full([RR], NEG_BIG, tl.float32)
     b_l = tl.zeros([RR], tl.float32)
-    if PROF & 8:
-        jhi = jlo
     b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, jlo * R,
                       tl.minimum(jhi * R, tl.max(n_cr, 0)), qk_scale, b_m, b_l,
                       HKV, D, PS, CPP, L, DS, TS, F32)
@@ -174,7 +179,7 @@ def score_topk_grouped_scores_kernel(
     TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr,
     NSP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr,
-    MAP: tl.constexpr, MERGE: tl.constexpr, TS: tl.constexpr, PROF: tl.constexpr,
+    MERGE: tl.constexpr, TS: tl.constexpr,
 ):
     # pass 2 of split i_s: global lse from the partials, then the split's block scores -> its
     # top-BS candidate keys per query; o_cmp partial (already globally normalised)
@@ -184,7 +189,7 @@ def score_topk_grouped_scores_kernel(
     if g_len == 0:
         return
     RR: tl.constexpr = CP * GP
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     p_bt = block_table + i_req * stride_bt
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -216,7 +221,7 @@ def score_topk_grouped_scores_kernel(
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            jlo, jhi, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
-                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MAP, MERGE, PROF)
+                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MERGE)
     o_n = tl.arange(0, BS)
     tl.store(cand + ((i_s * NQ + i_qq[:, None]) * HKV + i_h) * BS + o_n[None, :], b_run,
              mask=m_q[:, None])
@@ -224,7 +229,7 @@ def score_topk_grouped_scores_kernel(
         tl.store(o_part + (i_s * NQ * HQ + o_hq)[:, None] * D + o_d[None, :], b_acc,
                  mask=m_r[:, None] & m_d[None, :])
         if i_s == 0:
-            tl.store(lse + o_hq, tl.where(m_any, b_lse * 0.6931471805599453, float("-inf")), mask=m_r)
+            tl.store(lse + o_hq, tl.where(m_any, b_lse * LN2, float("-inf")), mask=m_r)
 
 
 @triton.jit(do_not_specialize=["NQ"])
@@ -261,10 +266,6 @@ def score_topk_grouped_merge_kernel(
 
 
 # ------------------------------------------------------------------ host side -------------
-def _pow2(x: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
-
 def refresh_groups(q_req: Sequence[int], group_size: int,
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups of up to group_size consecutive rows of one request (host lists in, device int32
@@ -289,9 +290,6 @@ def refresh_groups(q_req: Sequence[int], group_size: int,
     return (torch.arange(len(q_req), **i32), torch.tensor(starts, **i32), torch.tensor(lens, **i32))
 
 
-_SMS: dict = {}
-
-
 def default_refresh_splits(num_programs: int, max_blocks: int, params: NSAParams,
                            num_sms: int, rows: int = 64) -> int:
     """Splits of the selection-block range so that num_programs * splits fills about two waves
@@ -300,7 +298,7 @@ def default_refresh_splits(num_programs: int, max_blocks: int, params: NSAParams
     splits * pow2(topn) keys topn times)."""
     if num_sms <= 0:
         return 1
-    bs = _pow2(params.topn, 16)
+    bs = pow2(params.topn, 16)
     waves = 4 if rows <= 16 else 2
     want = -(-waves * num_sms // max(1, num_programs))
     return int(max(1, min(want, max_blocks // (2 * bs), 32)))
@@ -308,15 +306,15 @@ def default_refresh_splits(num_programs: int, max_blocks: int, params: NSAParams
 
 def refresh_rows(group_size: int, q_heads: int, kv_heads: int) -> int:
     """Rows of the grouped refresh's Q tile: CP * GP (>= 16 for the MMA)."""
-    gp = _pow2(q_heads // kv_heads)
-    return max(_pow2(group_size), _pow2(16 // gp)) * gp
+    gp = pow2(q_heads // kv_heads)
+    return max(pow2(group_size), pow2(16 // gp)) * gp
 
 
 def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, num_splits: int,
                       with_out: bool, device) -> tuple[torch.Tensor, ...]:
     """Fixed split buffers (m_part, l_part [NS*Nq*Hq] fp32, cand [NS*Nq*Hkv*BS] int64,
     o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy) for CUDA-graph capture; BS = pow2(topn) >= 16."""
-    bs = _pow2(params.topn, 16)
+    bs = pow2(params.topn, 16)
     f32 = dict(dtype=torch.float32, device=device)
     return (torch.empty(num_splits * nq * hq, **f32), torch.empty(num_splits * nq * hq, **f32),
             torch.empty(num_splits * nq * hkv * bs, dtype=torch.int64, device=device),
@@ -335,8 +333,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
                        num_splits: int | None = None,
                        workspace: tuple[torch.Tensor, ...] | None = None,
                        num_warps: int | None = None, num_stages: int = 2,
-                       merge: str = "auto", score_map: str = "auto",
-                       stats_tile: int | None = None, _prof: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                       merge: str = "auto",
+                       stats_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Selected blocks (and the compressed-branch output) of every query row; the same inputs and
     results as `score_topk`, computed per group of rows sharing each compressed-key load.
 
@@ -356,14 +354,10 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         workspace: `refresh_workspace(...)` buffers (CUDA graphs, num_splits > 1).
         num_warps, num_stages: Triton launch knobs of the two passes.
         merge (str): running top-n merge: "bitonic" (sort the tile, bitonic merge with the
-            list), "sort" (bitonic sort of the union), "rank" (rank counting) or "auto"
-            (bitonic on CUDA, rank in the CPU interpreter); same result.
-        score_map (str): Eq. 9 mapping: "reduce" (weighted reductions; "auto") or "mma"
-            (tensor cores, exact 3-way bf16 split: measured about 2x slower on the H200, 255
-            registers); same result up to fp32 summation order.
+            list), "rank" (rank counting) or "auto" (bitonic on CUDA, rank in the CPU
+            interpreter); same result. The CPU tests run both.
         stats_tile (int | None): compressed tokens per pass-1 tile (power of two >= 16;
             default the pass-2 tile).
-        _prof (int): profiling only (wrong results): skip stages, see grouped_tiles.py.
     Returns:
         (sel, o_cmp or None, lse or None) as `score_topk`.
     CUDA graphs: no host sync when groups is given (or group_size == 1); grid from host ints.
@@ -396,35 +390,26 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         raise ValueError(f"{what}: groups must be (order [Nq={nq}], g_start [NG], g_len [NG]), got "
                          f"{tuple(order.shape)}, {tuple(g_start.shape)}, {tuple(g_len.shape)}")
     if num_splits is None:
-        if q.device.type == "cuda":
-            if q.device not in _SMS:
-                _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
-            nsm = _SMS[q.device]
-        else:
-            nsm = 0
         max_blocks = -(-block_table.shape[1] * page_size // params.select)
-        num_splits = default_refresh_splits(ng * hkv, max_blocks, params, nsm,
+        num_splits = default_refresh_splits(ng * hkv, max_blocks, params, num_sms(q.device),
                                             refresh_rows(group_size, hq, hkv))
     ns = int(num_splits)
     if ns < 1:
         raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
 
-    gp = _pow2(g)
-    cp = max(_pow2(group_size), _pow2(16 // gp))         # rows CP*GP >= 16 for the MMA
+    gp = pow2(g)
+    cp = max(pow2(group_size), pow2(16 // gp))         # rows CP*GP >= 16 for the MMA
     r = params.select // params.stride
-    rp = _pow2(r)
-    bs = _pow2(params.topn, 16)
+    rp = pow2(r)
+    bs = pow2(params.topn, 16)
     mp = prov_vis.shape[1] if has_prov else 1
-    mpp = max(_pow2(mp), _pow2(16 // cp))                # slots CP*MPP >= 16 for the MMA
-    bd = _pow2(dim, 16)
+    mpp = max(pow2(mp), pow2(16 // cp))                # slots CP*MPP >= 16 for the MMA
+    bd = pow2(dim, 16)
     on_gpu = q.device.type == "cuda"
-    merges = {"bitonic": MERGE_BITONIC, "sort": MERGE_SORT, "rank": MERGE_RANK,
+    merges = {"bitonic": MERGE_BITONIC, "rank": MERGE_RANK,
               "auto": MERGE_BITONIC if on_gpu else MERGE_RANK}
-    maps = {"mma": MAP_MMA, "reduce": MAP_REDUCE, "auto": MAP_REDUCE}
     if merge not in merges:
         raise ValueError(f"{what}: merge must be one of {sorted(merges)}, got {merge!r}")
-    if score_map not in maps:
-        raise ValueError(f"{what}: score_map must be one of {sorted(maps)}, got {score_map!r}")
     ts = bs * rp if stats_tile is None else int(stats_tile)
     if ts < 16 or ts & (ts - 1):
         raise ValueError(f"{what}: stats_tile must be a power of two >= 16, got {stats_tile}")
@@ -440,12 +425,12 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         scale=float(scale), stride_bt=block_table.stride(0), NQ=nq,
         HQ=hq, HKV=hkv, G=g, GP=gp, CP=cp, D=dim, BD=bd, L=params.block, DS=params.stride,
         LS=params.select, R=r, PS=page_size, CPP=cpp, TB=bs * rp, MP=mp, MPP=mpp,
-        HAS_PROV=has_prov, F32=f32, TS=ts, PROF=int(_prof), num_warps=num_warps,
+        HAS_PROV=has_prov, F32=f32, TS=ts, num_warps=num_warps,
         num_stages=num_stages)
     pass2 = dict(cv_cache=cv_cache, prov_v=prov_v if has_prov else dummy, RP=rp,
                  K=params.block // params.stride, TOPN=params.topn, BS=bs,
                  INIT=params.init_blocks, LOCAL=params.local_blocks, WITH_OUT=with_out,
-                 MAP=maps[score_map], MERGE=merges[merge])
+                 MERGE=merges[merge])
     if ns == 1:
         score_topk_grouped_fused_kernel[(ng, hkv)](
             **common, **pass2, sel=sel, o_cmp=o_cmp if with_out else dummy,
@@ -461,9 +446,9 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         **common, m_part=m_part, l_part=l_part, NSPLIT=ns, BS=bs)
     score_topk_grouped_scores_kernel[(ng, hkv, ns)](
         **common, **pass2, m_part=m_part, l_part=l_part, cand=cand, o_part=o_part,
-        lse=lse if with_out else dummy, NSPLIT=ns, NSP=_pow2(ns))
+        lse=lse if with_out else dummy, NSPLIT=ns, NSP=pow2(ns))
     score_topk_grouped_merge_kernel[(nq, hkv)](
         cand=cand, o_part=o_part, sel=sel, o_cmp=o_cmp if with_out else dummy, NQ=nq,
         HQ=hq, HKV=hkv, G=g, GP=gp, D=dim, BD=bd, TOPN=params.topn, BS=bs, NSPLIT=ns,
-        NSP=_pow2(ns), WITH_OUT=with_out, num_warps=4)
+        NSP=pow2(ns), WITH_OUT=with_out, num_warps=4)
     return sel, o_cmp, lse

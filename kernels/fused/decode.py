@@ -24,16 +24,16 @@ def fused_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  out: torch.Tensor | None = None,
                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                  num_warps: int | None = None, num_stages: int = 3,
-                 blocks_per_iter: int | None = None, _prof: int = 0) -> torch.Tensor:
+                 blocks_per_iter: int | None = None) -> torch.Tensor:
     """Args:
         q (torch.Tensor): [B, HQ, D]; k_new, v_new: [B, HKV, D], the new token's KV (not yet
             in the cache). sel: [B, HKV, topn] int32. geo: `decode_geometry(...)`.
         o_cmp [B, HQ, D], gates [B, HQ, 3]: gated only. out: [B, HQ, D]  # mutable
-        num_warps, num_stages, blocks_per_iter, _prof: as `nsa_verify_fwd`.
+        num_warps, num_stages, blocks_per_iter: as `nsa_verify_fwd`.
     Returns:
         out. CUDA-graph safe.
     """
     return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, params, scale, sel=sel,
                           o_cmp=o_cmp, gates=gates, out=out, workspace=workspace,
                           num_warps=num_warps, num_stages=num_stages,
-                          blocks_per_iter=blocks_per_iter, _prof=_prof)
+                          blocks_per_iter=blocks_per_iter)

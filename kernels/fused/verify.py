@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import num_sms, pow2
 from ..common.merge import merge_splits
 from ..common.params import NSAParams
-
-LOG2E = 1.4426950408889634
+from ..common.tl_math import LOG2E
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,7 @@ def _nsa_verify_fwd_kernel(
         BD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
         TP: tl.constexpr, W: tl.constexpr, TOPN: tl.constexpr, CAP: tl.constexpr,
         PS: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
-        DENSE: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, NBI: tl.constexpr,
-        SKIP: tl.constexpr):
+        DENSE: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, NBI: tl.constexpr):
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g_len = tl.load(G_LEN + i_g)
     if g_len == 0:
@@ -122,7 +121,7 @@ def _nsa_verify_fwd_kernel(
     i_b = tl.load(G_REQ + i_g)
     P = tl.load(REQ_P + i_b)
     DT = Q.dtype.element_ty
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     # ---- rows: r = c * G + gh ------------------------------------------------------------
     o_r = tl.arange(0, R)
@@ -160,8 +159,6 @@ def _nsa_verify_fwd_kernel(
         chunk = tl.cdiv(n_blk, NSPLIT)
         lo = i_s * chunk
         hi = tl.minimum(lo + chunk, n_blk)
-        if SKIP & 1:
-            hi = lo
         # NBI selected blocks per iteration: one [NBI*BS] token tile (more bytes in flight)
         o_n = tl.arange(0, NBI * BS)
         o_nb = o_n // BS
@@ -203,8 +200,6 @@ def _nsa_verify_fwd_kernel(
     chunk2 = tl.cdiv(n_tile, NSPLIT)
     lo2 = i_s * chunk2
     hi2 = tl.minimum(lo2 + chunk2, n_tile)
-    if SKIP & 2:
-        hi2 = lo2
     o_n2 = tl.arange(0, BN)
     for i in range(lo2, hi2):
         pos = w_lo + i * BN + o_n2                                       # [BN]
@@ -223,7 +218,7 @@ def _nsa_verify_fwd_kernel(
             m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
 
     # ---- pass 3: draft tail, tree (ancestor) mask ----------------------------------------
-    if (i_s == 0) & (not SKIP & 4):
+    if i_s == 0:
         t_off = tl.load(REQ_OFF + i_b)
         n_t = tl.load(REQ_T + i_b)
         o_j = tl.arange(0, TP)
@@ -281,13 +276,6 @@ def _nsa_verify_fwd_kernel(
             tl.store(LPART + base_w, lse_w, mask=m_r)
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
-
-
-_SMS: dict = {}
-
-
 def default_blocks_per_iter(rows: int, num_programs: int, device: torch.device) -> int:
     """Selected blocks per pass-1 iteration. Two (a 2*l' token tile: twice the bytes in flight
     per program) where it measured faster on the H200 (benchmark/results/h200/stages.json):
@@ -295,9 +283,7 @@ def default_blocks_per_iter(rows: int, num_programs: int, device: torch.device) 
     grids of 64-row tiles, whose 2x larger K/V stages cost occupancy (T=64 x batch 16)."""
     if device.type != "cuda":
         return 1
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 if rows <= 16 or num_programs <= 2 * _SMS[device] else 1
+    return 2 if rows <= 16 or num_programs <= 2 * num_sms(device) else 1
 
 
 def check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo: VerifyGeometry,
@@ -340,7 +326,7 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                    dense: bool = False, out: torch.Tensor | None = None,
                    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                    num_warps: int | None = None, num_stages: int = 3,
-                   blocks_per_iter: int | None = None, _prof: int = 0) -> torch.Tensor:
+                   blocks_per_iter: int | None = None) -> torch.Tensor:
     """Launch the fused kernel (+ the split merge when geo.num_splits > 1).
 
     Args:
@@ -357,15 +343,13 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             buffers for CUDA graphs; allocated here when None.
         num_warps, num_stages, blocks_per_iter (power of two): launch / tile knobs; selected
             blocks loaded per loop iteration of pass 1. None: `default_blocks_per_iter`.
-        _prof: profiling only (wrong results): bit 1 skips the selected pass, 2 the window
-            pass, 4 the draft tail (benchmark/stages.py).
     Returns:
         out [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs; grid fixed by geo.
     """
     check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo, params, o_cmp, gates, dense)
     if blocks_per_iter is None:
         blocks_per_iter = default_blocks_per_iter(
-            _pow2(geo.C * (q.shape[1] // k_cache.shape[2])),
+            pow2(geo.C * (q.shape[1] // k_cache.shape[2]), 16),
             geo.num_groups * k_cache.shape[2] * geo.num_splits, q.device)
     if blocks_per_iter < 1 or blocks_per_iter & (blocks_per_iter - 1):
         raise ValueError(f"blocks_per_iter must be a power of two >= 1, got {blocks_per_iter}")
@@ -376,7 +360,7 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     nsplit = geo.num_splits
     if out is None:
         out = torch.empty_like(q)
-    rows = _pow2(geo.C * g)
+    rows = pow2(geo.C * g, 16)
     direct = geo.direct or dense
     if not direct and union is None:
         raise ValueError("a merged schedule (group size C > 1) needs the union index from "
@@ -392,7 +376,7 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     else:
         opart = lpart = out
     dummy = q
-    bd = _pow2(d)
+    bd = pow2(d, 16)
     if num_warps is None:
         num_warps = 8 if rows * bd >= 128 * 128 else 4
     _nsa_verify_fwd_kernel[(geo.num_groups, hkv, nsplit)](
@@ -404,10 +388,10 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         OCMP=o_cmp if gated else dummy, GATES=gates if gated else dummy, OUT=out,
         OPART=opart, LPART=lpart, sm_scale=float(scale), stride_bt=geo.block_table.stride(0),
         NQ=nq, HQ=hq, HKV=hkv, G=g, D=d, BD=bd, R=rows, S=params.select,
-        BS=_pow2(params.select), BN=64, TP=_pow2(geo.t_max), W=params.window,
+        BS=pow2(params.select, 16), BN=64, TP=pow2(geo.t_max, 16), W=params.window,
         TOPN=params.topn if sel is not None else 1, CAP=cap, PS=ps, NSPLIT=nsplit,
         DIRECT=direct, GATED=gated, DENSE=dense, FINAL=nsplit == 1,
-        IEEE=q.dtype == torch.float32, NBI=int(blocks_per_iter), SKIP=int(_prof),
+        IEEE=q.dtype == torch.float32, NBI=int(blocks_per_iter),
         num_warps=num_warps, num_stages=num_stages)
     if nsplit > 1:
         merge_splits(opart, lpart, nsplit, nb, out, o_cmp if gated else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.tl_math import NEG_BIG
 from ..common.tl_math import dot_f32 as _dot
 
 
@@ -55,7 +56,7 @@ def sel_win_attention_kernel(
     o_hq = i_q * HQ + i_h * G + o_g                                                 # [BG]
     m_qd = m_g[:, None] & m_d[None, :]
     b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.)        # [BG, BD]
-    b_m = tl.full([BG], -1.0e30, tl.float32)
+    b_m = tl.full([BG], NEG_BIG, tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BD], tl.float32)
     o_ls = tl.arange(0, BLS)
@@ -70,7 +71,7 @@ def sel_win_attention_kernel(
                                       b_m, b_l, b_acc, scale, HKV, D, PS, F32)
     if GATED:
         b_slc = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
-        b_m = tl.full([BG], -1.0e30, tl.float32)
+        b_m = tl.full([BG], NEG_BIG, tl.float32)
         b_l = tl.zeros([BG], tl.float32)
         b_acc = tl.zeros([BG, BD], tl.float32)
     o_w = tl.arange(0, BW)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..compression.blocks import compress_paged
 from ..compression.score_topk import score_topk
@@ -199,7 +200,7 @@ def _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, 
         q_pos=q_pos, sel=sel, o_cmp=o_cmp if params.gated else q,
         gates=gates if params.gated else q, out=out, scale=scale,
         stride_bt=block_table.stride(0), HQ=hq, HKV=hkv, G=g,
-        BG=max(16, triton.next_power_of_2(g)), D=dim, BD=max(16, triton.next_power_of_2(dim)),
-        LS=params.select, BLS=max(16, triton.next_power_of_2(params.select)), W=params.window,
+        BG=pow2(g, 16), D=dim, BD=pow2(dim, 16),
+        LS=params.select, BLS=pow2(params.select, 16), W=params.window,
         BW=64, PS=ps, TOPN=params.topn, GATED=params.gated,
         F32=q.dtype == torch.float32 or q.device.type == "cpu")

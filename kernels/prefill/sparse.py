@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import pow2
 from ..common.params import NSAParams
+from ..common.tl_math import LOG2E
 from ..common.tl_math import dot_f32 as _dot
 
 
@@ -164,14 +166,14 @@ def prefill_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return
     bt = min(64, triton.next_power_of_2(params.select))
     maxb = _maxb(block_table, ps, params)
-    r = max(16, triton.next_power_of_2(cq * g))
-    bd = max(16, triton.next_power_of_2(dim))
+    r = pow2(cq * g, 16)
+    bd = pow2(dim, 16)
     if num_warps is None:   # sm_90 ptxas: R=128 x D=128 takes 226 registers at 4 warps, 143 at 8
         num_warps = 8 if r * bd >= 128 * 128 else 4
     prefill_sparse_kernel[(item_start.shape[0],)](
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, q_pos=q_pos,
         skey=skey, sidx=sidx, item_start=item_start, part_o=part_o, part_lse=part_lse,
-        qk_scale=float(scale) * 1.4426950408889634, stride_bt=block_table.stride(0), M=m,
+        qk_scale=float(scale) * LOG2E.value, stride_bt=block_table.stride(0), M=m,
         HQ=hq, HKV=hkv, G=g, D=dim, BD=bd, LS=params.select, BT=bt, NT=-(-params.select // bt),
         W=params.window, PS=ps, NF=nf, MAXB=maxb, CQ=cq, R=r, GATED=params.gated,
         F32=q.dtype == torch.float32 or q.device.type == "cpu",

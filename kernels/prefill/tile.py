@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.launch import pow2
 from ..common.params import NSAParams
+from ..common.tl_math import LOG2E
 from ..common.tl_math import dot_f32 as _dot
 
 
@@ -174,8 +176,8 @@ def prefill_tile(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     nq, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
     g = hq // hkv
-    r = max(16, triton.next_power_of_2(ct * g))
-    bd = max(16, triton.next_power_of_2(dim))
+    r = pow2(ct * g, 16)
+    bd = pow2(dim, 16)
     slo, nf = slots
     has_part = part_o is not None and nf > 0
     if num_warps is None:
@@ -185,7 +187,7 @@ def prefill_tile(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q_pos=q_pos, g_start_p=g_start, g_len_p=g_len, sel=sel,
         part_o=part_o if has_part else q, part_lse=part_lse if has_part else q,
         o_cmp=o_cmp if params.gated else q, gates=gates if params.gated else q, out=out,
-        qk_scale=float(scale) * 1.4426950408889634, stride_bt=block_table.stride(0),
+        qk_scale=float(scale) * LOG2E.value, stride_bt=block_table.stride(0),
         HQ=hq, HKV=hkv, G=g, D=dim, BD=bd, R=r, LS=params.select, W=params.window, PS=ps,
         TOPN=params.topn, INIT=params.init_blocks, LOCAL=params.local_blocks, SLO=slo,
         NF=max(nf, 1), BN=block_n, GATED=params.gated, HAS_PART=has_part,

@@ -26,7 +26,7 @@ def exact_merged_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
 
     Args: as `independent_verify`; geo built with group_size C (1..64) and shared=False;
         union_buf: fixed (idx, own, cnt) buffers for `merge_group_selections`  # mutable
-        knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter, _prof).
+        knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter).
     Returns:
         out [Nq, HQ, D]. Two launches (+1 merge when split): union, fused verify. Graph safe.
     """

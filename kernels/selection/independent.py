@@ -29,7 +29,7 @@ def independent_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
         geo (VerifyGeometry): built with group_size 1.
         o_cmp [Nq, HQ, D], gates [Nq, HQ, 3]: gated combine only.
         out: [Nq, HQ, D]  # mutable
-        knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter, _prof).
+        knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter).
     Returns:
         out. CUDA-graph safe.
     """

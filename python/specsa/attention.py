@@ -23,6 +23,7 @@ import torch
 
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal, parse_enum
 from specsa.kernels.common.index import merge_group_selections
+from specsa.kernels.common.launch import num_sms
 from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
 from specsa.device_plan import DeviceStepPlan
 from specsa.metadata import VerifyPlan
@@ -68,8 +69,7 @@ class NSAVerifier:
         self.launch = {"num_warps": num_warps, "num_stages": num_stages,
                        "blocks_per_iter": blocks_per_iter}
         self._plan: VerifyPlan | None = None
-        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                         if self.device.type == "cuda" else 0)
+        self._num_sms = num_sms(self.device)
 
     # -- per step -----------------------------------------------------------------------
     def plan(self, parents: Sequence[Sequence[int] | torch.Tensor], prefix_lens: Sequence[int],

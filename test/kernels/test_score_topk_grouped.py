@@ -155,19 +155,18 @@ CASES = [
 ]
 
 
-# (merge, score_map): the interpreter default, the GPU default, the other merge and map
-VARIANTS = [pytest.param("auto", "auto", id="auto"), pytest.param("bitonic", "reduce", id="bitonic-reduce"),
-            pytest.param("sort", "mma", id="sort-mma")]
+# merge: the interpreter default (rank) and the GPU default (bitonic)
+VARIANTS = [pytest.param("auto", id="auto"), pytest.param("bitonic", id="bitonic")]
 
 
-@pytest.mark.parametrize("merge,score_map", VARIANTS)
+@pytest.mark.parametrize("merge", VARIANTS)
 @pytest.mark.parametrize("params,ps,hkv,g,dim,dtype,ctx,rows,parents,P,c,ns,with_out", CASES)
 def test_score_topk_grouped(params, ps, hkv, g, dim, dtype, ctx, rows, parents, P, c, ns, with_out,
-                            merge, score_map):
+                            merge):
     args, refs = build_case(params, ps, hkv, g, dim, dtype, ctx, rows, parents, P)
     groups = tuple(x.to(DEV) for x in refresh_groups(args["q_req"].tolist(), c))
     check(args, refs, dtype, with_out, exact=dtype == torch.float32, group_size=c, groups=groups,
-          num_splits=ns, merge=merge, score_map=score_map, stats_tile=32 if ns == 2 else None)
+          num_splits=ns, merge=merge, stats_tile=32 if ns == 2 else None)
 
 
 @pytest.mark.parametrize("ns", [1, 2])
@@ -183,7 +182,7 @@ def test_plan_groups_permuted_order(ns):
           groups=(geo.order, g_start, g_len), num_splits=ns)
 
 
-@pytest.mark.parametrize("merge", ["rank", "sort", "bitonic"])
+@pytest.mark.parametrize("merge", ["rank", "bitonic"])
 def test_ties_go_to_lower_index_across_splits(merge):
     # q = 0 -> uniform p (exact): interior blocks tie exactly; the lowest indices must win, also
     # when the tied blocks sit in different splits (the merge's tie order)
@@ -215,8 +214,6 @@ def test_bad_inputs_are_named():
         score_topk_grouped(**args, num_splits=2, workspace=refresh_workspace(1, 2, 1, 64, SMALL, 1, True, "cpu"))
     with pytest.raises(ValueError, match="merge must be"):
         score_topk_grouped(**args, merge="heap")
-    with pytest.raises(ValueError, match="score_map"):
-        score_topk_grouped(**args, score_map="fft")
     with pytest.raises(ValueError, match="stats_tile"):
         score_topk_grouped(**args, stats_tile=24)
     with pytest.raises(ValueError, match="groups must be"):

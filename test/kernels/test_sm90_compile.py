@@ -81,7 +81,7 @@ if which == "refresh":
                lse="*fp32", scale="fp32", stride_bt="i32", NQ="i32")
     const = dict(HQ=32, HKV=8, G=4, GP=4, CP=32, D=128, BD=128, L=32, DS=16, LS=64, R=4, RP=4, K=2,
                  PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2, MP=4, MPP=4, HAS_PROV=True,
-                 WITH_OUT=False, F32=False, MAP=0, MERGE=2, TS=64, PROF=0)
+                 WITH_OUT=False, F32=False, MERGE=2, TS=64)
     warps = 8
 else:
     m = importlib.import_module("specsa.kernels.fused.verify")
@@ -92,7 +92,7 @@ else:
                stride_bt="i32", NQ="i32", NSPLIT="i32")
     const = dict(HQ=32, HKV=8, G=4, D=128, BD=128, R=64, S=64, BS=64, BN=64, TP=16, W=512, TOPN=16,
                  CAP=256, PS=16, DIRECT=False, GATED=False, DENSE=False, FINAL=False, IEEE=False,
-                 NBI=2, SKIP=0)
+                 NBI=2)
     warps = 4
 sig = {a: ("constexpr" if a in const else ptr.get(a, "*bf16")) for a in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}

@@ -33,16 +33,12 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from specsa.kernels.common.launch import num_sms
 from specsa.kernels.fused import VerifyGeometry, nsa_verify_fwd
 from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
 from .triton_plan import block_table_from
-
-
-def _num_sms(device) -> int:
-    dev = torch.device(device)
-    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
 
 
 class DraftWindowPlan:
@@ -58,7 +54,7 @@ class DraftWindowPlan:
         self.node = node.repeat(rows)                                     # [N] depth
         anc = (torch.ones(t, dtype=torch.int64, device=device) << (node.long() + 1)) - 1
         work = -(-(win.window + win.sink) // 64)
-        nsplit = default_num_splits(n * hkv, work, _num_sms(device))
+        nsplit = default_num_splits(n * hkv, work, num_sms(device))
         ar = torch.arange(n, **i32)
         self.geo = VerifyGeometry(
             req_P=torch.zeros(rows, **i32), req_off=torch.arange(rows, **i32) * t,

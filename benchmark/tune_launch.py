@@ -1,16 +1,19 @@
-"""Where the time of a verification step goes, and which kernel variant is fastest: one device
-call that times the refresh kernel (score_topk_grouped) and the fused verify / decode kernel
-with stages dropped (the `_prof` knobs: results wrong, times real) and with their tile / merge /
-launch variants side by side, at 64K context, Hq=32, Hkv=8, D=128, bf16, page 16, CUDA graphs,
-cold L2, median of --reps replays. Stage cost = time(with the stage) - time(without it).
+"""Launch tuning of the refresh kernel (score_topk_grouped) and the fused verify / decode
+kernel: warps x group size x splits x pass-1 tile for the refresh, selected blocks per
+iteration x pipeline depth x split multiplier for verify / decode, side by side in one device
+call, at 64K context, Hq=32, Hkv=8, D=128, bf16, page 16, CUDA graphs, cold L2, median of
+--reps replays. The defaults in the kernels' launchers come from its runs
+(benchmark/results/h200/stages_tune.json, stages_attn_tune.json).
 
-    python benchmark/stages.py --out $OUT          # H200: about 3-4 minutes
-    python benchmark/stages.py --out $OUT --refresh-set tune --attn-set tune --name stages_tune
-    TRITON_INTERPRET=1 python benchmark/stages.py --smoke --out /tmp/s   # CPU plumbing check
-    python benchmark/stages.py --plot benchmark/results/h200/stages.json    # PNGs from a JSON
+    python benchmark/tune_launch.py --out $OUT --name stages_tune      # H200: about 3-4 minutes
+    TRITON_INTERPRET=1 python benchmark/tune_launch.py --smoke --out /tmp/s   # CPU plumbing check
+    python benchmark/tune_launch.py --plot benchmark/results/h200/stages_tune.json  # PNGs
 
 Refresh variants also report how many (row, KV head) selections equal the per-row kernel's
 (bf16: rare near-tie flips). Writes <--name>.json (rewritten after every record).
+
+The stage-drop mode (`_prof` switches inside the kernels) and the map / merge variants it
+compared were retired; their measurements are in docs/PERF.md "Retired variants".
 """
 from __future__ import annotations
 
@@ -33,12 +36,9 @@ from specsa.kernels.fused import decode_geometry, fused_decode
 from specsa.schedule import default_num_splits
 
 DEV = kb.DEV
-# refresh: stage drops (bit 1 merge, 2 Eq. 9 map, 4 pass-2 tile loop, 8 pass 1)
-REFRESH_PROF = {"full": 0, "no_merge": 1, "no_merge_map": 3, "pass1_only": 7, "nothing": 15}
-VERIFY_PROF = {"full": 0, "no_selected": 1, "no_window": 2, "no_tail": 4, "tail_only": 3}
 
 
-class Stages:
+class LaunchTuning:
     def __init__(self, args):
         self.args = args
         self.b = kb.Bench(args)
@@ -81,31 +81,13 @@ class Stages:
         rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "rows": nq, "variants": {}}
 
         c0 = max(1, 64 // (hq // hkv))
-        runs = {}
-        if self.args.refresh_set == "stages":
-            for merge, smap in (("sort", "reduce"), ("bitonic", "reduce"), ("sort", "mma"), ("bitonic", "mma")):
-                runs[f"{merge}_{smap}"] = {"merge": merge, "score_map": smap}
-            for name, prof in REFRESH_PROF.items():
-                if prof:
-                    runs[f"bitonic_mma_{name}"] = {"merge": "bitonic", "score_map": "mma", "_prof": prof}
-                    runs[f"sort_reduce_{name}"] = {"merge": "sort", "score_map": "reduce", "_prof": prof}
-            for nw in (4, 8):
-                runs[f"bitonic_mma_w{nw}"] = {"merge": "bitonic", "score_map": "mma", "num_warps": nw}
-            for ts in (128, 256):
-                runs[f"bitonic_mma_ts{ts}"] = {"merge": "bitonic", "score_map": "mma", "stats_tile": ts}
-            for c in (4, 8, 32):
-                runs[f"bitonic_mma_C{c}"] = {"merge": "bitonic", "score_map": "mma", "group_size": c}
-            for mult in (0.5, 2, 4):
-                runs[f"bitonic_mma_splits_x{mult}"] = {"merge": "bitonic", "score_map": "mma", "split_mult": mult}
-        else:   # "tune": the reduce map + bitonic merge over warps, group size and splits
-            base = {"merge": "bitonic", "score_map": "reduce"}
-            for nw in (4, 8):
-                for c in (1, 16, 32):
-                    for mult in (1, 2):
-                        runs[f"bitonic_reduce_w{nw}_C{c}_x{mult}"] = {
-                            **base, "num_warps": nw, "group_size": c, "split_mult": mult}
-            runs["bitonic_reduce_w4_C16_ts128"] = {**base, "num_warps": 4, "group_size": 16, "stats_tile": 128}
-            runs["sort_reduce_w8_C16"] = {"merge": "sort", "score_map": "reduce", "num_warps": 8}
+        runs = {}   # warps x group size x split multiplier, and a larger pass-1 tile
+        for nw in (4, 8):
+            for c in (1, 16, 32):
+                for mult in (1, 2):
+                    runs[f"w{nw}_C{c}_x{mult}"] = {"num_warps": nw, "group_size": c,
+                                                   "split_mult": mult}
+        runs["w4_C16_ts128"] = {"num_warps": 4, "group_size": 16, "stats_tile": 128}
         for name, knobs in runs.items():
             knobs = dict(knobs)
             c = knobs.pop("group_size", c0)
@@ -121,8 +103,7 @@ class Stages:
             try:
                 fn()
                 v = {"group_size": c, "num_splits": ns, **knobs, "median_us": self.time(fn)}
-                if not knobs.get("_prof"):
-                    v["sel_rows_equal"] = f"{int((sel == ref).all(-1).sum())}/{nq * hkv}"
+                v["sel_rows_equal"] = f"{int((sel == ref).all(-1).sum())}/{nq * hkv}"
             except Exception as e:
                 v = {"error": repr(e)[:400]}
                 self.res["errors"].append({"what": f"refresh {name}", "traceback": traceback.format_exc()[-2500:]})
@@ -141,16 +122,11 @@ class Stages:
                "variants": {}}
         o = torch.empty_like(case["q"])
         ref = None
-        if self.args.attn_set == "stages":
-            runs = {f"nbi{n}_w{w}_s{s}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s}
-                    for n in (1, 2, 4) for w in (4, 8) for s in (2, 3)}
-            runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
-        else:   # "tune": tile x pipeline depth x split multiplier (4 warps)
-            runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
-                    for n in (1, 2) for s in (2, 3) for m in (1, 2, 4)}
+        # tile x pipeline depth x split multiplier (4 warps)
+        runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
+                for n in (1, 2) for s in (2, 3) for m in (1, 2, 4)}
         for name, knobs in runs.items():
             knobs = dict(knobs)
-            prof = knobs.pop("_prof", 0)
             mult = knobs.pop("mult", 1)
             ver = NSAVerifier(self.args.nsa, self.b.hq, self.b.hkv, d, device=DEV, **knobs)
             plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
@@ -159,17 +135,15 @@ class Stages:
                 plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
                                 schedule=Schedule.EXACT_MERGED, num_splits=plan.num_splits * mult)
             knobs["splits"] = plan.num_splits
-            ver.launch["_prof"] = prof
             fn = lambda ver=ver: ver.run(case["q"], case["k_new"], case["v_new"], case["k_cache"],
                                          case["v_cache"], case["sel"], out=o)
             try:
                 o.fill_(float("nan"))
                 fn()
-                v = {**knobs, "_prof": prof, "median_us": self.time(fn)}
-                if not prof:
-                    if ref is None:
-                        ref = o.clone()
-                    v["max_diff_vs_first"] = float((o.float() - ref.float()).abs().max())
+                v = {**knobs, "median_us": self.time(fn)}
+                if ref is None:
+                    ref = o.clone()
+                v["max_diff_vs_first"] = float((o.float() - ref.float()).abs().max())
             except Exception as e:
                 v = {"error": repr(e)[:400]}
                 self.res["errors"].append({"what": f"verify {name}", "traceback": traceback.format_exc()[-2500:]})
@@ -187,13 +161,8 @@ class Stages:
         rec = {"ctx": ctx, "batch": batch, "d": d, "floor_attn_us": fb["attn_bytes"] / self.b.bw * 1e6,
                "default_splits": ns0, "variants": {}}
         o = torch.empty_like(case["q"])
-        if self.args.attn_set == "stages":
-            runs = {f"nbi{n}_w{w}_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": w, "num_stages": s, "mult": m}
-                    for n in (1, 2, 4) for w, s in ((4, 3), (4, 2), (8, 3)) for m in (1, 2)}
-            runs.update({f"prof_{k}": {"_prof": v} for k, v in VERIFY_PROF.items() if v})
-        else:
-            runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
-                    for n in (1, 2) for s in (2, 3) for m in (0.5, 1, 2)}
+        runs = {f"nbi{n}_w4_s{s}_x{m}": {"blocks_per_iter": n, "num_warps": 4, "num_stages": s, "mult": m}
+                for n in (1, 2) for s in (2, 3) for m in (0.5, 1, 2)}
         for name, knobs in runs.items():
             knobs = dict(knobs)
             ns = max(1, int(ns0 * knobs.pop("mult", 1)))
@@ -233,12 +202,12 @@ def plot(res: dict, out: Path, stem: str) -> None:
         for ax, r in zip(axes[0], recs):
             names = [n for n, v in r["variants"].items() if "median_us" in v]
             ax.barh(names, [r["variants"][n]["median_us"] for n in names],
-                    color=["gray" if "prof" in n or r["variants"][n].get("_prof") else "C0" for n in names])
+                    color="C0")
             if r.get("floor_attn_us"):
                 ax.axvline(r["floor_attn_us"], ls="--", c="k", lw=1)
             what = f"T={r['T']} " if "T" in r else "decode "
             ax.set_title(f"{part} {what}B={r['batch']}", fontsize=9)
-            ax.set_xlabel("median us (gray: stage dropped; dashed: floor)", fontsize=7)
+            ax.set_xlabel("median us (dashed: floor)", fontsize=7)
             ax.tick_params(labelsize=6)
         fig.tight_layout()
         fig.savefig(out / f"{stem}_{part}.png", dpi=110)
@@ -252,21 +221,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--only", default="refresh,decode,verify")
-    ap.add_argument("--attn-set", choices=("stages", "tune"), default="stages",
-                    help="verify / decode: stages = stage drops + tile / warp variants; tune = "
-                         "tile x stages x split multiplier")
     ap.add_argument("--plot", default="", help="only render the PNGs of an existing JSON")
-    ap.add_argument("--name", default="stages", help="output file stem (<out>/<name>.json)")
-    ap.add_argument("--refresh-set", choices=("stages", "tune"), default="stages",
-                    help="stages: stage drops and map / merge variants; tune: warps x C x splits")
+    ap.add_argument("--name", default="tune_launch", help="output file stem (<out>/<name>.json)")
     a = ap.parse_args()
     if a.plot:
         src = Path(a.plot)
         plot(json.loads(src.read_text()), src.parent, src.stem)
         return
     args = argparse.Namespace(out=a.out, reps=a.reps, group_size=None, page_size=16, smoke=a.smoke,
-                              budget_s=a.budget_s, refresh_set=a.refresh_set, name=a.name,
-                              attn_set=a.attn_set,
+                              budget_s=a.budget_s, name=a.name,
                               dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
     if a.smoke:
         args.hq, args.hkv = 8, 2
@@ -275,8 +238,8 @@ def main() -> None:
         args.hq, args.hkv = 32, 8
         args.nsa = kb.NSAConfig()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    st = Stages(args)
-    st.res["meta"]["command"] = "benchmark/stages.py " + " ".join(
+    st = LaunchTuning(args)
+    st.res["meta"]["command"] = "benchmark/tune_launch.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "smoke") + (" --smoke" if a.smoke else "")
     only = set(a.only.split(","))
     ctx = 400 if a.smoke else 65536
