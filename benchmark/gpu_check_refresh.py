@@ -18,9 +18,10 @@ from triton.testing import do_bench
 from specsa.kernels.commit import fused_commit, naive_commit
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.compression import (compress, compress_paged, naive_block_scores,
-                                        naive_cmp_attention, score_topk)
+                                        naive_cmp_attention)
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp
 from specsa.kernels.prefill import chunked_nsa_prefill, naive_nsa_prefill_rows
+from specsa.kernels.refresh import score_topk
 from specsa.kernels.selection import naive_topk
 
 DEV, DT = "cuda", torch.bfloat16

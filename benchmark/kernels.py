@@ -39,11 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import L2Flush, bench, copy_bandwidth  # noqa: E402
 
-from specsa.attention import NSAVerifier  # noqa: E402
+from specsa.verifier import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.common.params import NSAParams  # noqa: E402
-from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
-from specsa.kernels.compression.score_topk_grouped import default_refresh_splits, refresh_rows  # noqa: E402
+from specsa.kernels.refresh import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
+from specsa.kernels.refresh.grouped import default_refresh_splits, refresh_rows  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
 from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402

@@ -257,7 +257,7 @@ class GpuParts:
         return self._t(f"head/n{n}", lambda: x @ w.T)
 
     def refresh(self, ctx: int, t: int, b: int) -> float:
-        from specsa.kernels.compression import score_topk
+        from specsa.kernels.refresh import score_topk
         key = f"refresh/ctx{ctx}/T{t}/B{b}"
         if key in self.components:
             return self.components[key]
@@ -275,7 +275,7 @@ class GpuParts:
 
     def attn(self, ctx: int, t: int, b: int, sched: Schedule, trav: Traversal, c: int) -> float:
         from kernels import synthetic_sel  # benchmark/kernels.py: shared synthetic selections
-        from specsa.attention import NSAVerifier
+        from specsa.verifier import NSAVerifier
         from specsa.draft_tree import traversal_order
         key = f"attn/{sched.value}/{trav.value}/C{c}/ctx{ctx}/T{t}/B{b}"
         if key in self.components:

@@ -5,7 +5,7 @@ after a long prompt and reports the mean accepted length (accepted drafts + bonu
 request-step), tokens per target forward, the acceptance histogram, whether the tokens equal
 autoregressive NSA's, and, per layer, the fraction of selected blocks shared between
 adjacent verifier queries (consecutive slots of the flattened tree) and between parent and
-child (specsa.runtime.spec_stats). Writes one JSON file.
+child (selection_overlap). Writes one JSON file.
 
     .venv/bin/python benchmark/spec_cpu.py --model models/smollm2-135m \
         --prompt-file /usr/share/common-licenses/GPL-3 --prompt-tokens 2048 \
@@ -33,8 +33,9 @@ from specsa.model import load_model, load_tokenizer
 from specsa.runtime.drafters.build import build_drafter
 from specsa.runtime.generate import generate
 from specsa.runtime.loop import speculative_generate
-from specsa.runtime.spec_stats import SelectionRecorder, overlap_by_layer
 from specsa.draft_tree import TreeSpec
+
+from selection_overlap import SelectionRecorder, overlap_by_layer   # benchmark/, beside this script
 
 
 def _commit() -> str | None:

@@ -28,10 +28,10 @@ import torch
 import kernels as kb                                   # benchmark/kernels.py (same folder)
 from timing import bench
 
-from specsa.attention import NSAVerifier
+from specsa.verifier import NSAVerifier
 from specsa.config import Schedule
-from specsa.kernels.compression import refresh_workspace, score_topk, score_topk_grouped
-from specsa.kernels.compression.score_topk_grouped import default_refresh_splits
+from specsa.kernels.refresh import refresh_workspace, score_topk, score_topk_grouped
+from specsa.kernels.refresh.grouped import default_refresh_splits
 from specsa.kernels.fused import decode_geometry, fused_decode
 from specsa.schedule import default_num_splits
 

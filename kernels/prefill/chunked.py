@@ -25,9 +25,9 @@ import triton
 from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..compression.blocks import compress_paged
-from ..compression.score_topk import score_topk
-from ..compression.score_topk_grouped import score_topk_grouped
-from .attention import sel_win_attention_kernel
+from ..refresh.per_row import score_topk
+from ..refresh.grouped import score_topk_grouped
+from .row_attention import sel_win_attention_kernel
 from .sparse import _maxb, free_slots, prefill_sparse, sparse_items
 from .tile import prefill_tile
 

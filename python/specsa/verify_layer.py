@@ -1,5 +1,5 @@
 """One layer of an NSA decode / verification step on the Triton kernels, written once for both
-engines (the standalone runtime's Triton path, `specsa.model.attention`, and the SGLang
+engines (the standalone runtime's Triton path, `specsa.model.nsa_layer`, and the SGLang
 backend, `specsa.sglang_plugin.triton_backend`):
 
 1. provisional compressed tokens of the tree nodes that close a compression block
@@ -24,6 +24,7 @@ import torch
 from specsa.kernels.common.params import NSAParams
 # module references (not names) so that tests can count kernel calls by patching the module
 from specsa.kernels import compression as kc
+from specsa.kernels import refresh as kr
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,11 @@ def verify_layer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         args = (q, ck_cache, cv_cache, step.block_table, step.q_req, step.q_pos, step.cmp_lens,
                 params, scale, page_size)
         if step.groups is not None:
-            own, o_cmp, _ = kc.score_topk_grouped(*args, with_out=params.gated,
+            own, o_cmp, _ = kr.score_topk_grouped(*args, with_out=params.gated,
                                                group_size=step.group_size, groups=step.groups,
                                                **prov)
         else:
-            own, o_cmp, _ = kc.score_topk(*args, with_out=params.gated, **prov)
+            own, o_cmp, _ = kr.score_topk(*args, with_out=params.gated, **prov)
         if refresh:
             sel = own
     out = step.verifier.run(q, k_new, v_new, k_cache, v_cache, sel, o_cmp=o_cmp,

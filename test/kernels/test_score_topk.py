@@ -1,4 +1,4 @@
-"""Refresh kernel (kernels/compression/score_topk.py) vs the fp32 references: compressed
+"""Refresh kernel (kernels/refresh/per_row.py) vs the fp32 references: compressed
 attention (o, lse) close, selections exactly equal (ties -> lower block index)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import assert_close, poisoned, on_device  # noqa: E402
 from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
-from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention, score_topk  # noqa: E402
+from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
+from specsa.kernels.refresh import score_topk  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402

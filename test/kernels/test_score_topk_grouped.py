@@ -1,4 +1,4 @@
-"""Grouped split refresh kernel (kernels/compression/score_topk_grouped.py) vs the fp32
+"""Grouped split refresh kernel (kernels/refresh/grouped.py) vs the fp32
 references: selections exactly equal on fp32 inputs (ties -> lower block index); on bf16 a
 differing selection is accepted only where the reference's n-th and (n+1)-th free-candidate
 scores are within a tiny relative gap; o_cmp / lse close; outputs NaN-poisoned first."""
@@ -16,8 +16,8 @@ from conftest import assert_close, poisoned  # noqa: E402
 from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
-from specsa.kernels.compression import (compress, naive_block_scores, naive_cmp_attention,  # noqa: E402
-                                        refresh_groups, refresh_workspace, score_topk_grouped)
+from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
+from specsa.kernels.refresh import refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
 from specsa.kernels.fused import build_geometry  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402

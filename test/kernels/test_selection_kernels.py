@@ -16,7 +16,7 @@ from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.fused import build_geometry
 from specsa.kernels.nsa.naive import naive_nsa_tree
-from specsa.kernels.selection import exact_merged_verify, independent_verify, shared_index_verify
+from specsa.kernels.schedules import exact_merged_verify, independent_verify, shared_index_verify
 
 
 def _orders(parents, kind):

@@ -74,7 +74,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 which = sys.argv[1]
 if which == "refresh":
-    m = importlib.import_module("specsa.kernels.compression.score_topk_grouped")
+    m = importlib.import_module("specsa.kernels.refresh.grouped")
     fn = m.score_topk_grouped_fused_kernel
     ptr = dict(q_req="*i32", q_pos="*i32", cmp_lens="*i32", order="*i32", g_start_p="*i32",
                g_len_p="*i32", block_table="*i32", prov_cidx="*i32", prov_vis="*i32", sel="*i32",

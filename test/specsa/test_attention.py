@@ -1,4 +1,4 @@
-"""NSAVerifier plan/run (specsa.attention) vs the fp32 reference, refusals, fixed buffers and
+"""NSAVerifier plan/run (specsa.verifier) vs the fp32 reference, refusals, fixed buffers and
 CUDA-graph replay == eager (GPU only)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from conftest import assert_close, poisoned, requires_cuda
 from test_fused import DEV, make_case, reference
 
-from specsa.attention import NSAVerifier
+from specsa.verifier import NSAVerifier
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal
 
 CFG = NSAConfig(block=8, stride=4, select=8, topn=4, init_blocks=1, local_blocks=2, window=12)

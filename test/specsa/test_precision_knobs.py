@@ -26,7 +26,7 @@ import torch
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
                            Traversal, VerifyKnobs)
 from specsa.model import BlockInput, load_model
-from specsa.model.attention import TritonOptions
+from specsa.model.nsa_layer import TritonOptions
 from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate
@@ -63,7 +63,7 @@ class Counter:
 
     def __init__(self, monkeypatch):
         import specsa.kernels.nsa.masked as mk
-        import specsa.model.attention as attn
+        import specsa.model.nsa_layer as attn
 
         self.selects, self.sels = 0, []
         real_select, real_nsa = mk._select, attn.masked_nsa
@@ -264,7 +264,7 @@ def test_triton_path_applies_the_same_knobs(tmp_path, monkeypatch, native):
     in every kind of forward (in-place prefill chunk, verifier chain, tree, decode); with the
     union combine the refresh kernel runs in ceil(L/R) layers only (prefill: chunked_nsa_prefill
     without its refresh stage)."""
-    import specsa.kernels.compression as kc
+    import specsa.kernels.refresh as kc
     import specsa.kernels.prefill.chunked as ch
 
     layers = 3

@@ -5,7 +5,7 @@ a block of new tokens with parents inside the block (`BlockInput`). The forward 
 committed context from the paged cache, writes nothing committed, and returns logits plus a
 `PendingKV`; the runtime then calls `cache.commit(rid, pending, accepted_nodes)`. (On the
 TRITON path a prefill chunk longer than 64 tokens is written into its reserved page slots
-beyond the committed length, which only commit makes visible; see model/attention.py.)
+beyond the committed length, which only commit makes visible; see model/nsa_layer.py.)
 
     model = load_model("ckpt/")                       # specsa.model.load
     cache = model.new_cache(CacheConfig(page_size=16, num_pages=64))
@@ -31,7 +31,7 @@ from torch import nn
 from specsa.config import CacheConfig, ConfigError, NSAConfig, Schedule, Traversal, VerifyKnobs
 from specsa.kernels.nsa import TreeVisibility, build_tree_visibility
 
-from .attention import (AttnImpl, LayerSelections, NSAAttention, RequestView, TritonForward,
+from .nsa_layer import (AttnImpl, LayerSelections, NSAAttention, RequestView, TritonForward,
                         TritonOptions, effective_options, plan_triton_forward,
                         resolve_attn_impl)
 from .block import BlockInput, BlockError, as_list, normalise_parents
@@ -137,7 +137,7 @@ class NSADecoder(nn.Module):
 
     @property
     def attn_impl(self) -> AttnImpl:
-        """The NSA core in use (see `specsa.model.attention`)."""
+        """The NSA core in use (see `specsa.model.nsa_layer`)."""
         return resolve_attn_impl(self._attn_impl, self.device)
 
     def set_attn_impl(self, impl: AttnImpl | str | None,
@@ -268,7 +268,7 @@ class NSADecoder(nn.Module):
                   if not (par == tuple(range(-1, len(ids) - 1)) and len(ids) > opts.prefill_chain)]
         sched = c = None
         if verify:
-            from specsa.attention import unsupported_reason
+            from specsa.verifier import unsupported_reason
 
             sched = opts.schedule
             sizes = [len(p) for p in verify]

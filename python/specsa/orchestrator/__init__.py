@@ -7,7 +7,7 @@ from .planner import (PRECISION_RULES, AdaptiveController, Candidates, Strategy,
                       allowed, ar_strategy, expected_accepted, plan_strategy, score_strategy)
 from .profile import (DecodeEntry, DraftCost, ModelShape, Profile, ProfileError, VerifyEntry,
                       load_profile, save_profile)
-from .stats import AcceptanceStats
+from .acceptance_stats import AcceptanceStats
 
 __all__ = ["PRECISION_RULES", "AcceptanceStats", "AdaptiveController", "Candidates",
            "DecodeEntry", "DraftCost", "ModelShape", "Profile", "ProfileError",

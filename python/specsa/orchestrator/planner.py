@@ -40,7 +40,7 @@ from specsa.config import ConfigError, PrecisionClass, Schedule, Traversal, pars
 from specsa.draft_tree import TreeSpec
 
 from .profile import Profile
-from .stats import AcceptanceStats
+from .acceptance_stats import AcceptanceStats
 
 PRECISION_RULES: dict[PrecisionClass, tuple[frozenset[Schedule], bool]] = {
     PrecisionClass.STRICT: (frozenset({Schedule.INDEPENDENT, Schedule.EXACT_MERGED}), False),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specsa.attention import NSAVerifier
+from specsa.verifier import NSAVerifier
 from specsa.config import NSAConfig, VerifyKnobs
 from specsa.device_plan import DeviceStepPlan, chain_parents
 from specsa.schedule import default_schedule

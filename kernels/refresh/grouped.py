@@ -61,7 +61,7 @@ from .grouped_tiles import (
     _split_range,
     _stats,
 )
-from .score_topk import check_refresh_args, refresh_outputs
+from .per_row import check_refresh_args, refresh_outputs
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
-from .blocks import cmp_slot_dev, num_cmp_dev
+from ..compression.blocks import cmp_slot_dev, num_cmp_dev
 
 MERGE_RANK = tl.constexpr(0)
 MERGE_BITONIC = tl.constexpr(2)

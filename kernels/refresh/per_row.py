@@ -34,7 +34,7 @@ from ..common.params import NSAParams
 from ..common.tl_math import NEG_BIG
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import overlap as _overlap
-from .blocks import cmp_slot_dev, num_cmp_dev
+from ..compression.blocks import cmp_slot_dev, num_cmp_dev
 
 
 @triton.jit

@@ -94,7 +94,7 @@ def resolve_attn_impl(value: AttnImpl | str | None, device: torch.device | str) 
 
 @dataclass(frozen=True)
 class TritonOptions:
-    """Knobs of the Triton path's verification (see `specsa.attention.NSAVerifier.plan`)."""
+    """Knobs of the Triton path's verification (see `specsa.verifier.NSAVerifier.plan`)."""
 
     schedule: Schedule = Schedule.EXACT_MERGED
     traversal: Traversal = Traversal.BFS
@@ -164,7 +164,7 @@ class VerifyPart:
     prov_cidx: torch.Tensor | None  # [Np] int32
     prov_vis: torch.Tensor | None  # [Nv, MP] int32, -1 padded
     num_prov: int
-    verifier: object               # specsa.attention.NSAVerifier holding this step's plan
+    verifier: object               # specsa.verifier.NSAVerifier holding this step's plan
     # grouped refresh: the plan's (order [Nv], g_start [NG], g_len [NG]) int32 cuts and its C;
     # None: per-row score_topk
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -291,7 +291,7 @@ def plan_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int], 
         TritonForward. A chain block longer than options.prefill_chain is a prefill chunk
         (written in place); everything else is verified from the draft tail.
     """
-    from specsa.attention import NSAVerifier
+    from specsa.verifier import NSAVerifier
     from specsa.provisional import closing_blocks, visible_rows
 
     p = nsa.params
@@ -504,7 +504,7 @@ class NSAAttention(nn.Module):
         docstring). Under the gated combine that path takes o_cmp as zero, so g_cmp * o_cmp
         is added from a compressed-branch pass (the refresh kernel's output, its selection
         dropped)."""
-        from specsa.kernels import compression as kc_ops
+        from specsa.kernels import refresh as kr
         from specsa.kernels.prefill import chunked_nsa_prefill
         from specsa.kernels.prefill.chunked import row_tiles
 
@@ -517,7 +517,7 @@ class NSAAttention(nn.Module):
         lens = fp.seq_lens.to(torch.int32)
         cmp_lens = torch.where(lens >= p.block, (lens - p.block) // p.stride + 1, 0)
         size = 16
-        _, o_cmp, _ = kc_ops.score_topk_grouped(
+        _, o_cmp, _ = kr.score_topk_grouped(
             q, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos, cmp_lens.to(torch.int32), p,
             self.scale, page_size, with_out=True, group_size=size,
             groups=row_tiles(fp.q_req, fp.prefix_lens.shape[0], size))

@@ -11,10 +11,12 @@ flattened tree) and for parent-child pairs.
     overlap_by_layer(rec.records)["adjacent"]["shared_fraction"]   # one value per layer
 
 How it records: the model's CPU path computes sel in `masked_nsa` and drops it, so the
-recorder wraps `specsa.model.attention.masked_nsa` (calls arrive layer-major, one per request
+recorder wraps `specsa.model.nsa_layer.masked_nsa` (calls arrive layer-major, one per request
 view) and this model instance's `forward` (to know the batch and to skip prefill /
-last_only forwards and forwards of other model objects such as a draft view). A
-`record_selections` flag on NSADecoder.forward would make this official.
+last_only forwards and forwards of other model objects such as a draft view). Because it
+patches the model module for the duration of a `with` block, it lives beside the benchmark
+that uses it (benchmark/spec_cpu.py), not in the package; a `record_selections` flag on
+NSADecoder.forward would make this official.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class SelectionRecorder:
         self._buf: list[torch.Tensor] | None = None
 
     def __enter__(self) -> "SelectionRecorder":
-        import specsa.model.attention as attn
+        import specsa.model.nsa_layer as attn
 
         self._attn, self._orig_nsa = attn, attn.masked_nsa
         orig_forward = self.model.forward
