@@ -38,7 +38,7 @@ import torch
 
 from specsa.config import CacheConfig, Combine, NSAConfig, Schedule, parse_enum
 from specsa.model import BlockInput
-from specsa.model.nsa_layer import Refresh, TritonOptions
+from specsa.model.triton_forward import Refresh, TritonOptions
 from specsa.model.config import ModelConfig, RopeConfig
 from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import greedy_accept

@@ -13,7 +13,8 @@ import torch
 from conftest import DEV, assert_close
 from specsa.config import CacheConfig, ConfigError, SamplingConfig
 from specsa.model import BlockInput, load_model
-from specsa.model.nsa_layer import AttnImpl, Refresh, TritonOptions, resolve_attn_impl
+from specsa.model.nsa_layer import AttnImpl, resolve_attn_impl
+from specsa.model.triton_forward import Refresh, TritonOptions
 from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate

@@ -26,7 +26,7 @@ import torch
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
                            Traversal, VerifyKnobs)
 from specsa.model import BlockInput, load_model
-from specsa.model.nsa_layer import TritonOptions
+from specsa.model.triton_forward import TritonOptions
 from specsa.model.tiny import build_tiny
 from specsa.runtime.drafters import OracleDrafter
 from specsa.runtime.generate import generate

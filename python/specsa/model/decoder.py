@@ -31,9 +31,9 @@ from torch import nn
 from specsa.config import CacheConfig, ConfigError, NSAConfig, Schedule, Traversal, VerifyKnobs
 from specsa.kernels.nsa import TreeVisibility, build_tree_visibility
 
-from .nsa_layer import (AttnImpl, LayerSelections, NSAAttention, RequestView, TritonForward,
-                        TritonOptions, effective_options, plan_triton_forward,
-                        resolve_attn_impl)
+from .nsa_layer import AttnImpl, LayerSelections, NSAAttention, RequestView, resolve_attn_impl
+from .triton_forward import (TritonForward, TritonOptions, build_triton_forward,
+                             effective_options)
 from .block import BlockInput, BlockError, as_list, normalise_parents
 from .cache import BlockMeta, PagedKVCache, PendingKV
 from .config import ModelConfig
@@ -178,7 +178,7 @@ class NSADecoder(nn.Module):
         without host work, e.g. under CUDA-graph capture). Prefill chunks reserve pages."""
         cfg = self.cfg
         knobs = self.verify_knobs if knobs is None else knobs
-        return plan_triton_forward(cache, self._validated(blocks), self.nsa, cfg.num_heads,
+        return build_triton_forward(cache, self._validated(blocks), self.nsa, cfg.num_heads,
                                    cfg.num_kv_heads, cfg.head_dim, cfg.scale, self.device,
                                    effective_options(self.triton_options, knobs, traversal),
                                    knobs)
