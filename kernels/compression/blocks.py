@@ -43,6 +43,18 @@ def cmp_slot_dev(i_c, PS: tl.constexpr, L: tl.constexpr, DS: tl.constexpr):
 
 
 @triton.jit
+def load_cmp_tile(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
+                  HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
+                  L: tl.constexpr, DS: tl.constexpr):
+    """Compressed tokens o_c [N] of one request (page-table row p_bt), KV head i_h, from the
+    paged compressed cache -> [N, BD] (zeros where masked)."""
+    i_lp, i_s = cmp_slot_dev(o_c, PS, L, DS)
+    b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
+    o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D
+    return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
+
+
+@triton.jit
 def _phi(b_x, b_w, p_bias, o_d, m_d, HAS_BIAS: tl.constexpr):
     # b_x [BL, BD] fp32, b_w [BL] fp32 (zero on padding rows) -> [BD]
     b_o = tl.sum(b_x * b_w[:, None], axis=0)

@@ -20,21 +20,11 @@ import triton
 import triton.language as tl
 
 from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
-from ..compression.blocks import cmp_slot_dev, num_cmp_dev
+from ..compression.blocks import load_cmp_tile as _load_cmp
+from ..compression.blocks import num_cmp_dev
 
 MERGE_RANK = tl.constexpr(0)
 MERGE_BITONIC = tl.constexpr(2)
-
-
-@triton.jit
-def _load_cmp(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
-              HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-              L: tl.constexpr, DS: tl.constexpr):
-    # compressed tokens o_c [N] of one request, KV head i_h -> [N, BD] (zeros where masked)
-    i_lp, i_s = cmp_slot_dev(o_c, PS, L, DS)
-    b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
-    o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D
-    return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
 
 
 @triton.jit

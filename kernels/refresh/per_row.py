@@ -34,18 +34,8 @@ from ..common.params import NSAParams
 from ..common.tl_math import NEG_BIG
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import overlap as _overlap
-from ..compression.blocks import cmp_slot_dev, num_cmp_dev
-
-
-@triton.jit
-def _load_cmp_tile(cache, p_bt, o_c, m_c, i_h, o_d, m_d,
-                   HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-                   L: tl.constexpr, DS: tl.constexpr):
-    # compressed tokens o_c [BC] of one request, KV head i_h -> [BC, BD]
-    i_lp, i_s = cmp_slot_dev(o_c, PS, L, DS)
-    b_pg = tl.load(p_bt + i_lp, mask=m_c, other=0).to(tl.int64)
-    o_row = ((b_pg * CPP + i_s) * HKV + i_h) * D                                   # [BC]
-    return tl.load(cache + o_row[:, None] + o_d[None, :], mask=m_c[:, None] & m_d[None, :], other=0.)
+from ..compression.blocks import load_cmp_tile as _load_cmp_tile
+from ..compression.blocks import num_cmp_dev
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from specsa.config import CacheConfig, ConfigError, SamplingConfig
+from specsa.config import CacheConfig, ConfigError, SamplingConfig, positive_int_arg
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DEMO_DIR = Path(os.path.expanduser("~")) / ".cache" / "specsa" / "tiny-llama-v1"
@@ -81,21 +81,9 @@ class UsageError(ConfigError):
     """A usage error found after parsing (exit 2)."""
 
 
-def _positive_int(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
-        return v
-    return parse
-
-
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `generate` and `demo` (model / prompt flags are added by the caller)."""
-    p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=32)
+    p.add_argument("--max-new-tokens", type=positive_int_arg("--max-new-tokens"), default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -108,10 +96,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "combine (union|gated), compress (mean|learned)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--page-size", type=_positive_int("--page-size"), default=16)
-    p.add_argument("--num-pages", type=_positive_int("--num-pages"), default=None,
+    p.add_argument("--page-size", type=positive_int_arg("--page-size"), default=16)
+    p.add_argument("--num-pages", type=positive_int_arg("--num-pages"), default=None,
                    help="KV cache pages (default: exactly what the request needs)")
-    p.add_argument("--chunk-size", type=_positive_int("--chunk-size"), default=256,
+    p.add_argument("--chunk-size", type=positive_int_arg("--chunk-size"), default=256,
                    help="prefill chunk size")
     p.add_argument("--attn-impl", choices=("auto", "torch", "triton"), default="auto",
                    help="NSA core: torch (masked_nsa) or triton kernels; auto = triton on "

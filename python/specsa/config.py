@@ -44,6 +44,21 @@ class Schedule(enum.Enum):
     SHARED_INDEX = "shared_index"
 
 
+def positive_int_arg(flag: str):
+    """argparse `type=` for a flag that takes an integer >= 1; the error names the flag."""
+    import argparse
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
+        return v
+    return parse
+
+
 def parse_enum(cls: type[enum.Enum], value: str | enum.Enum, field: str) -> enum.Enum:
     """Enum from its value string, with an error that lists the allowed values."""
     if isinstance(value, cls):

@@ -76,6 +76,16 @@ class GenerationStats:
                               "layers_reused": self.layers_reused}}
 
 
+
+def token_lists(prompts) -> list[list[int]]:
+    """Prompts as lists of ints; an empty prompt is a configuration error (it has no last
+    token to decode from)."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"prompt {i} is empty (need at least one token)")
+    return prompts
+
 def cache_for(model: NSADecoder, total_tokens: Sequence[int], page_size: int = 16) -> CacheConfig:
     """A cache exactly large enough for requests of these total lengths."""
     pages = sum(-(-n // page_size) for n in total_tokens)
@@ -157,10 +167,7 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
 
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}")
-    prompts = [[int(t) for t in p] for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ConfigError(f"prompt {i} is empty (need at least one token)")
+    prompts = token_lists(prompts)
     totals = [len(p) + sampling.max_new_tokens for p in prompts]
     if cache is None:
         cache = model.new_cache(cache_for(model, totals, page_size))

@@ -34,7 +34,7 @@ from specsa.model.cache import PagedKVCache, PendingKV
 from specsa.model.decoder import NSADecoder
 from specsa.runtime.accept import Acceptance, greedy_accept, sample_accept, sampling_probs
 from specsa.runtime.drafters.base import Draft, DraftError, Drafter, DraftRequest
-from specsa.runtime.generate import GenerationResult, Progress, cache_for, prefill
+from specsa.runtime.generate import GenerationResult, Progress, cache_for, prefill, token_lists
 from specsa.runtime.sampling import make_generator
 from specsa.draft_tree import MAX_TREE_NODES, DraftTree
 
@@ -275,10 +275,7 @@ def _prepare(model, prompts, drafter, sampling, cache, page_size, chunk_size
     if dv is not None and dv != model.cfg.vocab_size:
         raise DraftError(f"drafter vocabulary size {dv} differs from the target's "
                          f"{model.cfg.vocab_size}")
-    prompts = [[int(t) for t in p] for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ConfigError(f"prompt {i} is empty (need at least one token)")
+    prompts = token_lists(prompts)
     totals = [len(p) + sampling.max_new_tokens for p in prompts]
     if cache is None:
         # headroom for the largest draft tree verified beside the committed tokens (the

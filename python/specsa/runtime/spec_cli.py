@@ -29,25 +29,13 @@ import argparse
 from pathlib import Path
 
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
-                           Traversal, VerifyKnobs, parse_enum)
+                           Traversal, VerifyKnobs, parse_enum, positive_int_arg)
 from specsa.draft_tree import MAX_TREE_NODES, TreeSpec
 
 # flags only speculative decoding uses (argparse dests); all default to None
 SPEC_FLAGS = ("draft", "tree", "gamma", "traversal", "plan", "profile", "schedule", "group_size")
 # precision knobs; --precision and --refresh-period also apply to autoregressive decoding
 KNOB_FLAGS = ("precision", "schedule", "group_size", "refresh_period")
-
-
-def _int_at_least_1(flag: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
-        return v
-    return parse
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -75,14 +63,14 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "refresh layers reuse the last refresh layer's block selection; "
                         "approx: shared_index groups; approx_reuse: both. --plan auto stays "
                         "inside it")
-    k.add_argument("--refresh-period", type=_int_at_least_1("--refresh-period"), default=None,
+    k.add_argument("--refresh-period", type=positive_int_arg("--refresh-period"), default=None,
                    metavar="R", help="layers 0, R, 2R, ... compute their block selection, the "
                                      "others reuse it (default 1; R > 1 needs reuse or "
                                      "approx_reuse); AR and fixed speculative plans")
     k.add_argument("--schedule", default=None, choices=[c.value for c in Schedule],
                    help="verification schedule of a fixed plan (--mode specsa; default "
                         "exact_merged; shared_index needs approx or approx_reuse)")
-    k.add_argument("--group-size", type=_int_at_least_1("--group-size"), default=None,
+    k.add_argument("--group-size", type=positive_int_arg("--group-size"), default=None,
                    metavar="C", help="verifier queries per group for exact_merged / "
                                      f"shared_index (1..{MAX_TREE_NODES}; default: fills the kernel's "
                                      "Q tile)")

@@ -17,6 +17,19 @@ from specsa.config import ConfigError
 from specsa.draft_tree import DraftTree, TreeSpec
 
 
+def synced_prefix(cache, cached: dict[int, list[int]], rid: int, want: list[int]) -> int:
+    """How many leading tokens of `want` the draft cache already holds for `rid` (the longest
+    common prefix with what it cached), registering `rid` with the cache on first sight."""
+    if rid not in cached:
+        cache.add_request(rid)
+        cached[rid] = []
+    have = cached[rid]
+    keep = 0
+    while keep < min(len(have), len(want)) and have[keep] == want[keep]:
+        keep += 1
+    return keep
+
+
 class DraftError(ConfigError):
     """A drafter cannot be built or used with this target (spec, tokenizer, vocabulary)."""
 

@@ -24,7 +24,7 @@ import torch
 from specsa.config import CacheConfig, SamplingConfig
 from specsa.model import BlockInput, NSADecoder, PendingKV
 from specsa.model.eagle import EagleHead
-from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest
+from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest, synced_prefix
 from specsa.runtime.drafters.model import ModelDrafter, _Expansion
 from specsa.draft_tree import TreeSpec
 
@@ -109,13 +109,8 @@ class EagleDrafter(ModelDrafter):
             if P < 1:
                 raise DraftError(f"EAGLE drafter: request {r.rid} has no committed token")
             want = list(r.context[1:P + 1])
-            if r.rid not in self.cached:
-                self.cache.add_request(r.rid)
-                self.cached[r.rid] = []
+            keep = synced_prefix(self.cache, self.cached, r.rid, want)
             have = self.cached[r.rid]
-            keep = 0
-            while keep < min(len(have), len(want)) and have[keep] == want[keep]:
-                keep += 1
             keep = min(keep, P - 1)           # the last row is recomputed for its output
             start, rows = self.features.get(r.rid, (0, []))
             feat = torch.cat(rows) if rows else None

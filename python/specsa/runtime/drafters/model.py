@@ -26,7 +26,7 @@ from torch import nn
 
 from specsa.config import CacheConfig, SamplingConfig
 from specsa.model import BlockInput, NSADecoder
-from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest
+from specsa.runtime.drafters.base import Draft, DraftError, DraftRequest, synced_prefix
 from specsa.runtime.sampling import filtered_probs
 from specsa.draft_tree import DraftTree, TreeSpec
 
@@ -110,13 +110,8 @@ class ModelDrafter:
         blocks = []
         for r in requests:
             want = list(r.context[:-1])
-            if r.rid not in self.cached:
-                self.cache.add_request(r.rid)
-                self.cached[r.rid] = []
+            keep = synced_prefix(self.cache, self.cached, r.rid, want)
             have = self.cached[r.rid]
-            keep = 0
-            while keep < min(len(have), len(want)) and have[keep] == want[keep]:
-                keep += 1
             if keep < len(have):
                 self.cache.rollback(r.rid, keep)
                 del have[keep:]
