@@ -13,6 +13,20 @@ def dot_f32(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def online_step(b_m, b_l, b_acc, b_s, m_s, b_v, F32: tl.constexpr):
+    # one online-softmax step (log2 units) of a [rows, keys] logit tile b_s under mask m_s;
+    # rows with nothing yet keep m = -inf (and weight 0) instead of producing NaN
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+    b_p = tl.exp2(b_s - b_ms[:, None])
+    b_a = tl.exp2(b_m - b_ms)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    b_acc = b_acc * b_a[:, None] + dot_f32(b_p.to(b_v.dtype), b_v, F32)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
 def overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr):
     # |[start, start+l) intersect [j*l', (j+1)*l')| / d (Eq. 9 weight), exact integer as fp32
     lo = tl.maximum(o_start, o_blk * LS)

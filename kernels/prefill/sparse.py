@@ -38,6 +38,7 @@ from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..common.tl_math import LOG2E
 from ..common.tl_math import dot_f32 as _dot
+from ..common.tl_math import online_step as _online
 
 
 @triton.jit(do_not_specialize=["stride_bt", "M", "MAXB"])
@@ -89,14 +90,7 @@ def prefill_sparse_kernel(
         m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None])
         if not GATED:      # union: tokens inside the row's window belong to the window pass
             m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
-        b_s = tl.where(m_s, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
-        b_p = tl.exp2(b_s - b_ms[:, None])
-        b_a = tl.exp2(b_m - b_ms)
-        b_l = b_l * b_a + tl.sum(b_p, 1)
-        b_acc = b_acc * b_a[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
-        b_m = b_mn
+        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
     m_any = b_l > 0
     b_o = b_acc / tl.where(m_any, b_l, 1.)[:, None]
     b_lse = tl.where(m_any, b_m + tl.log2(tl.where(m_any, b_l, 1.)), float("-inf"))

@@ -29,6 +29,7 @@ from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..common.tl_math import LOG2E
 from ..common.tl_math import dot_f32 as _dot
+from ..common.tl_math import online_step as _online
 
 
 @triton.jit
@@ -40,19 +41,6 @@ def _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d,
     b_k = tl.load(k_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
     b_v = tl.load(v_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
     return b_k, b_v
-
-
-@triton.jit
-def _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32: tl.constexpr):
-    # one online-softmax step (log2 units); rows with nothing yet keep m = -inf
-    b_s = tl.where(m_s, b_s, float("-inf"))
-    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-    b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
-    b_p = tl.exp2(b_s - b_ms[:, None])
-    b_a = tl.exp2(b_m - b_ms)
-    b_l = b_l * b_a + tl.sum(b_p, 1)
-    b_acc = b_acc * b_a[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
-    return b_mn, b_l, b_acc
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
