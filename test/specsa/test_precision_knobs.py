@@ -270,7 +270,8 @@ def test_triton_path_applies_the_same_knobs(tmp_path, monkeypatch, native):
     layers = 3
     d = build_tiny(tmp_path / "m", kind="llama", native=native, seed=5, num_heads=4,
                    num_kv_heads=1, head_dim=16, num_layers=layers)
-    m = load_model(d, nsa_overrides=SPARSE)
+    # on a GPU machine the Triton kernels run compiled, on CUDA tensors (no interpreter there)
+    m = load_model(d, nsa_overrides=SPARSE, device="cuda" if torch.cuda.is_available() else "cpu")
     calls = [0]
     for mod in (kc, ch):
         real = mod.score_topk_grouped

@@ -107,7 +107,8 @@ def test_cpu_platform_only_when_selected(monkeypatch):
 def test_overlap_schedule_setting():
     from specsa.config import ConfigError
     from specsa.sglang_plugin.settings import overlap_schedule
-    assert overlap_schedule({}) is True
+    assert overlap_schedule({}) is False
+    assert overlap_schedule({"SPECSA_OVERLAP": "on"}) is True
     assert overlap_schedule({"SPECSA_OVERLAP": "off"}) is False
     assert overlap_schedule({"SPECSA_OVERLAP": "1"}) is True
     with pytest.raises(ConfigError, match="SPECSA_OVERLAP='maybe'"):
