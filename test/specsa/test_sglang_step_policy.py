@@ -154,3 +154,11 @@ def test_server_switches_draft_length_and_stays_exact(model_and_ref, tmp_path, p
     else:
         for a, b in ((3, 0), (0, 1), (1, 3)):
             assert f"draft length {a} -> {b}" in log, log[-3000:]
+
+
+def test_profile_folder_of_a_device():
+    from specsa.orchestrator import PROFILES_DIR, gpu_folder
+    assert gpu_folder("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_folder("NVIDIA H200") == "h200" and gpu_folder("cpu") == "cpu"
+    assert gpu_folder("Some GPU X") == "some_gpu_x"
+    assert (PROFILES_DIR / "cpu" / "tiny.json").is_file()

@@ -34,6 +34,15 @@ from pathlib import Path
 from specsa.config import ConfigError, Schedule, Traversal
 
 SCHEMA = "specsa.profile/1"
+# the repository's profiles, configs/profiles/<gpu>/<model>.json (gpu: `gpu_folder`)
+PROFILES_DIR = Path(__file__).resolve().parents[3] / "configs" / "profiles"
+
+
+def gpu_folder(device_name: str) -> str:
+    """The folder under PROFILES_DIR for a device name as torch reports it ('cpu' on CPU)."""
+    low = device_name.lower()
+    return next((s for s in ("h200", "h100", "a100", "b200") if s in low),
+                "cpu" if "cpu" in low else low.replace(" ", "_"))
 
 
 class ProfileError(ConfigError):

@@ -198,19 +198,18 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
             "knobs": knobs_report(knobs, "specsa", "auto" if auto else "fixed")}
 
 
-_PROFILES = Path(__file__).resolve().parents[3] / "configs" / "profiles"
 
 
 def _controller(args: argparse.Namespace, model):
     """AdaptiveController from --profile (default: the repo's profile for this device)."""
-    from specsa.orchestrator import AdaptiveController, load_profile
+    from specsa.orchestrator import PROFILES_DIR, AdaptiveController, load_profile
 
     path = args.profile
     if path is None:
         dev = "cpu" if model.device.type == "cpu" else "h200"
-        found = sorted((_PROFILES / dev).glob("*.json"))
+        found = sorted((PROFILES_DIR / dev).glob("*.json"))
         if not found:
-            raise ConfigError(f"--plan auto: no profile under {_PROFILES / dev}; pass --profile")
+            raise ConfigError(f"--plan auto: no profile under {PROFILES_DIR / dev}; pass --profile")
         path = found[0]
     return AdaptiveController(load_profile(path), parse_enum(PrecisionClass,
                                                              args.precision or "strict",

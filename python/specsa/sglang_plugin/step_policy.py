@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from pathlib import Path
 
 from sglang.srt.speculative.adaptive_runtime_state import (
     AdaptiveController as SGLangAdaptive,
@@ -34,13 +33,17 @@ from sglang.srt.speculative.adaptive_runtime_state import (
 
 from specsa.config import ConfigError, VerifyKnobs
 from specsa.draft_tree import TreeSpec
-from specsa.orchestrator import AdaptiveController, load_profile
+from specsa.orchestrator import (
+    PROFILES_DIR,
+    AdaptiveController,
+    gpu_folder,
+    load_profile,
+)
 from specsa.orchestrator.planner import Candidates
 from specsa.orchestrator.profile import Profile
 
 from .settings import ENV_PLAN, StepPlan
 
-PROFILES = Path(__file__).resolve().parents[3] / "configs" / "profiles"
 log = logging.getLogger("specsa")
 
 
@@ -147,15 +150,12 @@ def _nearest_period(profile: Profile, period: int) -> int:
 
 def find_profile(model_config, device_name: str) -> Profile:
     """The profile under configs/profiles/<gpu>/ whose model shape is the target's."""
-    low = device_name.lower()
-    gpu = next((s for s in ("h200", "h100", "a100", "b200") if s in low),
-               "cpu" if "cpu" in low else low.replace(" ", "_"))
     hf = model_config.hf_config
     want = (model_config.num_hidden_layers, hf.hidden_size, hf.num_attention_heads,
             getattr(hf, "num_key_value_heads", hf.num_attention_heads),
             getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
             hf.vocab_size)
-    folder = PROFILES / gpu
+    folder = PROFILES_DIR / gpu_folder(device_name)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         prof = load_profile(path)
         m = prof.model
