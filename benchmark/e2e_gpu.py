@@ -214,17 +214,17 @@ def run_spec(model, cache, rids, prompts, truth, spec: TreeSpec, p: float, steps
 
 def graph_time(model, cache, blocks, reps=50) -> dict:
     """CUDA-graph replay of one fixed forward (no commit): device time of a step."""
-    plan = model.plan_triton(cache, blocks)
-    model(cache, blocks, plan=plan)               # compile / warm up outside capture
+    prepared = model.prepare_triton(cache, blocks)
+    model(cache, blocks, prepared=prepared)           # compile / warm up outside capture
     _sync()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        model(cache, blocks, plan=plan)
+        model(cache, blocks, prepared=prepared)
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(g):
-        model(cache, blocks, plan=plan)
+        model(cache, blocks, prepared=prepared)
     g.replay()
     _sync()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -239,7 +239,7 @@ def graph_time(model, cache, blocks, reps=50) -> dict:
     for _ in range(10):
         _sync()
         t0 = time.perf_counter()
-        model(cache, blocks, plan=plan)
+        model(cache, blocks, prepared=prepared)
         _sync()
         eager.append(time.perf_counter() - t0)
     return {"graph_median_ms": statistics.median(ts) * 1e3,

@@ -121,8 +121,8 @@ class Bench(RefreshSections):
         runs += [(f"exact_merged_c{c}", Schedule.EXACT_MERGED, PrecisionClass.STRICT, c) for c in extra_c]
         for name, sched, prec, gs in runs:
             ver = NSAVerifier(cfg, self.hq, self.hkv, d, device=DEV)
-            ver.plan(case["parents"], case["prefix_lens"], case["block_table"], schedule=sched,
-                     traversal=traversal, precision=prec, group_size=gs)
+            ver.prepare(case["parents"], case["prefix_lens"], case["block_table"], schedule=sched,
+                        traversal=traversal, precision=prec, group_size=gs)
             out[name] = (lambda v=ver: v.run(case["q"], case["k_new"], case["v_new"],
                                              case["k_cache"], case["v_cache"], case["sel"], **kw))
         c = max(1, 64 // (self.hq // self.hkv))
@@ -152,8 +152,8 @@ class Bench(RefreshSections):
                 case = self.case(ctx, t, False, bb, 0.5, d, params, seed=ctx + t + bb)
                 for c in (4, 16):
                     ver = NSAVerifier(self.args.nsa, self.hq, self.hkv, d, device=DEV, **launch)
-                    ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
-                             schedule=Schedule.EXACT_MERGED, group_size=c)
+                    ver.prepare(case["parents"], case["prefix_lens"], case["block_table"],
+                                schedule=Schedule.EXACT_MERGED, group_size=c)
                     fn = lambda: ver.run(case["q"], case["k_new"], case["v_new"], case["k_cache"],
                                          case["v_cache"], case["sel"])
                     rec[f"em_T{t}_B{bb}_C{c}_us"] = bench(fn, self.flush, reps=self.args.reps)["median_us"]
@@ -165,12 +165,12 @@ class Bench(RefreshSections):
         """The on-device union kernel alone (part of exact_merged's time)."""
         from specsa.kernels.common.index import merge_group_selections
         ver = NSAVerifier(self.args.nsa, self.hq, self.hkv, d, device=DEV)
-        plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
-                        schedule=Schedule.EXACT_MERGED, traversal=traversal,
-                        group_size=self.args.group_size)
-        g = plan.geometry
+        meta = ver.prepare(case["parents"], case["prefix_lens"], case["block_table"],
+                           schedule=Schedule.EXACT_MERGED, traversal=traversal,
+                           group_size=self.args.group_size)
+        g = meta.geometry
         return lambda: merge_group_selections(case["sel"], g.sel_src, g.g_start, g.g_len,
-                                              plan.group_size, out=plan.union)
+                                              meta.group_size, out=meta.union)
 
     def save(self):
         path = Path(self.args.out) / "kernels.json"

@@ -17,7 +17,7 @@ because the runtime's CUDA model path is not wired to the kernels yet:
                      + dense(T*B)) + head(T*B)
     decode_ms = L * (decode_attn(ctx, B) + ceil(L/R)/L * refresh(ctx, 1, B) + dense(B)) + head(B)
 
-attn: `NSAVerifier.plan/run` (selected + window + combine) on synthetic selections with
+attn: `NSAVerifier.prepare/run` (selected + window + combine) on synthetic selections with
 adjacent-query overlap --overlap; refresh: `score_topk` (compressed attention + scores + top-n;
 reuse layers skip it, union combine); dense: the layer's q/k/v/o and MLP matmuls; head: final
 LM head. Self-drafter cost: `self:K` = K layers of a decode-like step per depth level.
@@ -300,8 +300,8 @@ class GpuParts:
                       gates=torch.rand(nq, self.hq, 3, device="cuda", dtype=self.dt))
         ver = NSAVerifier(self.nsa, self.hq, self.hkv, self.d, device="cuda")
         prec = "approx" if sched is Schedule.SHARED_INDEX else "strict"
-        ver.plan([par] * b, [ctx] * b, bt, schedule=sched, traversal=trav, precision=prec,
-                 group_size=c)
+        ver.prepare([par] * b, [ctx] * b, bt, schedule=sched, traversal=trav, precision=prec,
+                    group_size=c)
         return self._t(key, lambda: ver.run(q, kn, vn, kc, vc, sel, out=o, **kw))
 
     def decode_attn(self, ctx: int, b: int) -> float:

@@ -129,12 +129,13 @@ class LaunchTuning:
             knobs = dict(knobs)
             mult = knobs.pop("mult", 1)
             ver = NSAVerifier(self.args.nsa, self.b.hq, self.b.hkv, d, device=DEV, **knobs)
-            plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
-                            schedule=Schedule.EXACT_MERGED)
+            meta = ver.prepare(case["parents"], case["prefix_lens"], case["block_table"],
+                               schedule=Schedule.EXACT_MERGED)
             if mult != 1:
-                plan = ver.plan(case["parents"], case["prefix_lens"], case["block_table"],
-                                schedule=Schedule.EXACT_MERGED, num_splits=plan.num_splits * mult)
-            knobs["splits"] = plan.num_splits
+                meta = ver.prepare(case["parents"], case["prefix_lens"], case["block_table"],
+                                   schedule=Schedule.EXACT_MERGED,
+                                   num_splits=meta.num_splits * mult)
+            knobs["splits"] = meta.num_splits
             fn = lambda ver=ver: ver.run(case["q"], case["k_new"], case["v_new"], case["k_cache"],
                                          case["v_cache"], case["sel"], out=o)
             try:

@@ -1,4 +1,4 @@
-"""Per-step verification metadata: frozen dataclasses built by `NSAVerifier.plan`, read by every
+"""Per-step verification metadata: frozen dataclasses built by `NSAVerifier.prepare`, read by every
 layer's `run`. Construct by keyword only."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from specsa.kernels.fused import VerifyGeometry
 
 
 @dataclass(frozen=True)
-class VerifyPlan:
+class VerifyMetadata:
     """One verification step's frozen geometry.
 
-    schedule / traversal / precision: what plan() was asked for; group_size C (1 for
+    schedule / traversal / precision: what prepare() was asked for; group_size C (1 for
     INDEPENDENT); num_splits split-KV factor; geometry: device metadata (VerifyGeometry);
     union: (idx [NG, Hkv, CAP] int32, own int64, cnt [NG, Hkv] int32) buffers for the merged
     schedules, None for INDEPENDENT; workspace: split-KV partial buffers or None;

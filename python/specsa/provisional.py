@@ -1,6 +1,7 @@
-"""Host planning of provisional compressed tokens: the compression blocks that close inside a
-draft tree (docs/DESIGN.md section 2). Shared by the runtime's Triton forward plan and the SGLang
-Triton backend, which differ only in how a committed position names its KV source."""
+"""Host-side geometry of provisional compressed tokens: the compression blocks that close inside
+a draft tree (docs/DESIGN.md section 2). Shared by the runtime's Triton forward
+(`build_triton_forward`) and the SGLang Triton backend, which differ only in how a committed
+position names its KV source."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

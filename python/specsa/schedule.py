@@ -1,6 +1,6 @@
 """Verification schedule geometry on the host: lay a draft tree out flat (CHAIN / BFS / DFS,
 `specsa.draft_tree.traversal_order`) and cut the flat order into groups of C verifier queries (docs/DESIGN.md section 4). Pure functions of the tree shape;
-`specsa.verifier.NSAVerifier.plan` calls them once per step.
+`specsa.verifier.NSAVerifier.prepare` calls them once per step.
 
 Why the order matters: EXACT_MERGED reads the union of a group's selections once, so adjacent
 queries should share blocks. BFS puts siblings together (same position, near-identical

@@ -1,18 +1,19 @@
-"""FlashInfer-style NSA verification API: `plan()` once per verification step, `run()` per layer.
+"""FlashInfer-style NSA verification API: `prepare()` once per verification step (FlashInfer's
+`plan()`), `run()` per layer.
 
     verifier = NSAVerifier(NSAConfig(), num_q_heads=32, num_kv_heads=8, head_dim=128,
                            device="cuda", graph_buffers=True)
-    plan = verifier.plan(parents, prefix_lens, block_table,
-                         schedule=Schedule.EXACT_MERGED, traversal=Traversal.BFS)
+    meta = verifier.prepare(parents, prefix_lens, block_table,
+                            schedule=Schedule.EXACT_MERGED, traversal=Traversal.BFS)
     for layer in range(num_layers):
         sel, o_cmp = refresh(...)                        # per layer, on the device
         verifier.run(q, k_new, v_new, k_cache[layer], v_cache[layer], sel,
                      o_cmp=o_cmp, gates=gates, out=o)    # no host syncs: graph capturable
 
-plan() freezes what the host knows (tree topology, positions, page tables, group cuts, union
+prepare() freezes what the host knows (tree topology, positions, page tables, group cuts, union
 capacity, split factor) into device buffers; selections are produced on the device per layer,
 so run() builds the group unions on the device (docs/DESIGN.md section 4). With graph_buffers=True a
-plan of the same shape (batch, tree sizes, schedule) rewrites the previous plan's buffers in
+step of the same shape (batch, tree sizes, schedule) rewrites the previous step's buffers in
 place, so a graph captured around run() replays with the new step's metadata.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Trav
 from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.common.launch import num_sms
 from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
-from specsa.device_plan import DeviceStepPlan
-from specsa.metadata import VerifyPlan
+from specsa.device_metadata import DeviceStepMetadata
+from specsa.metadata import VerifyMetadata
 from specsa.kernels.common.tree import MAX_TREE_NODES
 from specsa.schedule import as_parents, default_group_size, default_num_splits, flat_orders
 
@@ -68,15 +69,15 @@ class NSAVerifier:
         # Triton launch knobs of the fused verify kernel (nsa_verify_fwd)
         self.launch = {"num_warps": num_warps, "num_stages": num_stages,
                        "blocks_per_iter": blocks_per_iter}
-        self._plan: VerifyPlan | None = None
+        self._meta: VerifyMetadata | None = None
         self._num_sms = num_sms(self.device)
 
     # -- per step -----------------------------------------------------------------------
-    def plan(self, parents: Sequence[Sequence[int] | torch.Tensor], prefix_lens: Sequence[int],
-             block_table: torch.Tensor, schedule: Schedule | str = Schedule.EXACT_MERGED,
-             traversal: Traversal | str = Traversal.BFS,
-             precision: PrecisionClass | str = PrecisionClass.STRICT,
-             group_size: int | None = None, num_splits: int | None = None) -> VerifyPlan:
+    def prepare(self, parents: Sequence[Sequence[int] | torch.Tensor], prefix_lens: Sequence[int],
+                block_table: torch.Tensor, schedule: Schedule | str = Schedule.EXACT_MERGED,
+                traversal: Traversal | str = Traversal.BFS,
+                precision: PrecisionClass | str = PrecisionClass.STRICT,
+                group_size: int | None = None, num_splits: int | None = None) -> VerifyMetadata:
         """Freeze one step's geometry.
 
         Args:
@@ -88,8 +89,8 @@ class NSAVerifier:
                 INDEPENDENT uses 1.
             num_splits: split-KV factor (default: two waves of the GPU; 1 on CPU).
         Returns:
-            VerifyPlan, also kept as the plan `run()` uses. Raises ConfigError with a sentence
-            for unsupported combinations.
+            VerifyMetadata, also kept as the metadata `run()` uses. Raises ConfigError with a
+            sentence for unsupported combinations.
         """
         schedule = parse_enum(Schedule, schedule, "schedule")
         traversal = parse_enum(Traversal, traversal, "traversal")
@@ -113,17 +114,17 @@ class NSAVerifier:
         geo = build_geometry(pars, [int(p) for p in prefix_lens], block_table, orders, c,
                              self.params.window, num_splits,
                              shared=schedule is Schedule.SHARED_INDEX)
-        plan = self._buffers(schedule, traversal, precision, c, num_splits, geo, sizes)
-        self._plan = plan
-        return plan
+        meta = self._buffers(schedule, traversal, precision, c, num_splits, geo, sizes)
+        self._meta = meta
+        return meta
 
-    def plan_on_device(self, bs: int, t: int, table_width: int, page_size: int,
-                       schedule: Schedule | str = Schedule.EXACT_MERGED,
-                       precision: PrecisionClass | str = PrecisionClass.STRICT,
-                       group_size: int | None = None, margin: int = 0,
-                       num_splits: int | None = None) -> DeviceStepPlan:
-        """Static buffers for steps of `bs` trees of `t` nodes whose geometry is planned on the
-        device (`DeviceStepPlan.fill`, no host sync); `run()` then reads them. Groups are C
+    def prepare_on_device(self, bs: int, t: int, table_width: int, page_size: int,
+                          schedule: Schedule | str = Schedule.EXACT_MERGED,
+                          precision: PrecisionClass | str = PrecisionClass.STRICT,
+                          group_size: int | None = None, margin: int = 0,
+                          num_splits: int | None = None) -> DeviceStepMetadata:
+        """Static buffers for steps of `bs` trees of `t` nodes whose geometry is built on the
+        device (`DeviceStepMetadata.fill`, no host sync); `run()` then reads them. Groups are C
         consecutive nodes of a tree in node order (any order is exact; level order keeps
         siblings together)."""
         schedule = parse_enum(Schedule, schedule, "schedule")
@@ -139,16 +140,16 @@ class NSAVerifier:
             sel_tiles = self.params.topn * (1 if c == 1 else max(1, c // 2))
             work = sel_tiles + -(-self.params.window // 64)
             num_splits = default_num_splits(n_groups * self.hkv, work, self._num_sms)
-        dplan = DeviceStepPlan(bs, t, table_width, page_size, self.params, c,
-                               schedule is Schedule.SHARED_INDEX, margin, self.device,
-                               num_splits)
-        self._plan = None
-        self._plan = self._buffers(schedule, Traversal.CHAIN if t == 1 else Traversal.BFS,
-                                   precision, c, num_splits, dplan.geo, (t,) * bs)
-        return dplan
+        dmeta = DeviceStepMetadata(bs, t, table_width, page_size, self.params, c,
+                                   schedule is Schedule.SHARED_INDEX, margin, self.device,
+                                   num_splits)
+        self._meta = None
+        self._meta = self._buffers(schedule, Traversal.CHAIN if t == 1 else Traversal.BFS,
+                                   precision, c, num_splits, dmeta.geo, (t,) * bs)
+        return dmeta
 
-    def _buffers(self, schedule, traversal, precision, c, nsplit, geo, sizes) -> VerifyPlan:
-        old = self._plan
+    def _buffers(self, schedule, traversal, precision, c, nsplit, geo, sizes) -> VerifyMetadata:
+        old = self._meta
         reuse = (self.graph_buffers and old is not None and old.sizes == sizes
                  and old.group_size == c and old.num_splits == nsplit
                  and old.geometry.block_table.shape == geo.block_table.shape)
@@ -165,7 +166,7 @@ class NSAVerifier:
             workspace = None if nsplit == 1 else (
                 torch.empty(nsplit * nb * nq * self.hq * self.head_dim, device=self.device),
                 torch.empty(nsplit * nb * nq * self.hq, device=self.device))
-        return VerifyPlan(schedule=schedule, traversal=traversal, precision=precision,
+        return VerifyMetadata(schedule=schedule, traversal=traversal, precision=precision,
                           params=self.params, group_size=c, num_splits=nsplit, geometry=geo,
                           union=union, workspace=workspace,
                           union_capacity=c * self.params.topn, sizes=sizes,
@@ -176,7 +177,7 @@ class NSAVerifier:
             k_cache: torch.Tensor, v_cache: torch.Tensor, sel: torch.Tensor,
             o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
             layer: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Selected + window + combine for every verifier query of the planned step.
+        """Selected + window + combine for every verifier query of the prepared step.
 
         Args:
             q (torch.Tensor): [Nq, Hq, D], queries request-major, node order within a request.
@@ -189,16 +190,16 @@ class NSAVerifier:
         Returns:
             out. No host syncs; launches: union (merged schedules), fused verify, split merge.
         """
-        plan = self._plan
-        if plan is None:
-            raise RuntimeError("NSAVerifier.run() called before plan()")
+        meta = self._meta
+        if meta is None:
+            raise RuntimeError("NSAVerifier.run() called before prepare()")
         if isinstance(k_cache, (list, tuple)):
             k_cache, v_cache = k_cache[layer], v_cache[layer]
         union = None
-        if plan.union is not None:
-            geo = plan.geometry
+        if meta.union is not None:
+            geo = meta.geometry
             union = merge_group_selections(sel, geo.sel_src, geo.g_start, geo.g_len,
-                                           plan.group_size, out=plan.union)
-        return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, plan.geometry, self.params,
+                                           meta.group_size, out=meta.union)
+        return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, meta.geometry, self.params,
                               self.scale, sel=sel, union=union, o_cmp=o_cmp, gates=gates,
-                              out=out, workspace=plan.workspace, **self.launch)
+                              out=out, workspace=meta.workspace, **self.launch)

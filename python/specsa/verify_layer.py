@@ -8,11 +8,11 @@ backend, `specsa.sglang_plugin.triton_backend`):
    (`score_topk_grouped`, compressed keys read once per group), unless the layer reuses the
    selection of the step's last refresh layer (REUSE classes) — with the gated combine the
    kernel still runs for this layer's compressed-branch output;
-3. selected + window + combine through the step's `NSAVerifier` plan (INDEPENDENT,
+3. selected + window + combine through the step's `NSAVerifier` metadata (INDEPENDENT,
    EXACT_MERGED or SHARED_INDEX).
 
-What a step must provide is `StepTensors`: the engines plan it differently (the runtime on the
-host from its paged cache; SGLang on the device from its request tables, `specsa.device_plan`)
+What a step must provide is `StepTensors`: the engines build it differently (the runtime on the
+host from its paged cache; SGLang on the device from its request tables, `specsa.device_metadata`)
 but hand the kernels the same arrays.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StepTensors:
     cmp_lens [B] committed compressed tokens; prov_idx [Np, l] compress_gather sources of the
     provisional tokens (None: none close), prov_cidx [Np], prov_vis [N, MP] (-1 padded);
     groups (order [N], g_start [NG], g_len [NG]) and group_size for the grouped refresh (None:
-    per-row refresh); verifier: the NSAVerifier holding the step's plan."""
+    per-row refresh); verifier: the NSAVerifier holding the step's metadata."""
 
     block_table: torch.Tensor
     q_req: torch.Tensor

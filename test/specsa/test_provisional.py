@@ -1,4 +1,4 @@
-"""Host planning of provisional compressed tokens (specsa.provisional) against the torch
+"""Host-side geometry of provisional compressed tokens (specsa.provisional) against the torch
 path's tree visibility: the same closing nodes and block indices, sources on each node's path."""
 from __future__ import annotations
 

@@ -171,10 +171,10 @@ class NSADecoder(nn.Module):
         self.verify_knobs = knobs
         return self
 
-    def plan_triton(self, cache: PagedKVCache, blocks: Sequence[BlockInput],
-                    knobs: VerifyKnobs | None = None,
-                    traversal: Traversal | None = None) -> TritonForward:
-        """Host geometry of a TRITON-path forward (reusable: `forward(..., plan=)` then runs
+    def prepare_triton(self, cache: PagedKVCache, blocks: Sequence[BlockInput],
+                       knobs: VerifyKnobs | None = None,
+                       traversal: Traversal | None = None) -> TritonForward:
+        """Host geometry of a TRITON-path forward (reusable: `forward(..., prepared=)` then runs
         without host work, e.g. under CUDA-graph capture). Prefill chunks reserve pages."""
         cfg = self.cfg
         knobs = self.verify_knobs if knobs is None else knobs
@@ -185,7 +185,7 @@ class NSADecoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, cache: PagedKVCache, blocks: Sequence[BlockInput], *,
-                last_only: bool = False, plan: TritonForward | None = None,
+                last_only: bool = False, prepared: TritonForward | None = None,
                 knobs: VerifyKnobs | None = None, traversal: Traversal | None = None
                 ) -> tuple[torch.Tensor, PendingKV]:
         """Run the new blocks of several requests in one batch.
@@ -195,7 +195,7 @@ class NSADecoder(nn.Module):
             blocks: one `BlockInput` per request (distinct rids, each already in the cache).
             last_only: return logits only for the last node of each block (prefill / decode).
             knobs: this forward's precision knobs (default `self.verify_knobs`; a given
-                `plan` carries its own).
+                `prepared` carries its own).
             traversal: flattening order the schedule groups verify rows in (default
                 `self.triton_options.traversal`); matters only for SHARED_INDEX.
         Returns:
@@ -203,16 +203,17 @@ class NSADecoder(nn.Module):
             with last_only; pending: `PendingKV` to pass to `cache.commit`.
         """
         knobs = self.verify_knobs if knobs is None else knobs
-        if plan is None and self.attn_impl is AttnImpl.TRITON:
-            plan = self.plan_triton(cache, blocks, knobs, traversal)
-        if plan is not None:
-            knobs = plan.knobs
-            views, tokens, positions = plan, plan.tokens, plan.positions
-            vp = plan.verify
-            sched = None if vp is None else vp.verifier._plan.schedule
-            c = None if vp is None else vp.verifier._plan.group_size
+        if prepared is None and self.attn_impl is AttnImpl.TRITON:
+            prepared = self.prepare_triton(cache, blocks, knobs, traversal)
+        if prepared is not None:
+            knobs = prepared.knobs
+            views, tokens, positions = prepared, prepared.tokens, prepared.positions
+            vp = prepared.verify
+            sched = None if vp is None else vp.verifier._meta.schedule
+            c = None if vp is None else vp.verifier._meta.group_size
         else:
-            views, tokens, positions, sched, c = self._plan(cache, blocks, knobs, traversal)
+            views, tokens, positions, sched, c = self._request_views(cache, blocks, knobs,
+                                                                     traversal)
         sels = LayerSelections(knobs)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         h = self.model.embed_tokens(tokens)
@@ -236,13 +237,13 @@ class NSADecoder(nn.Module):
         if cap == "final":
             h = hidden = self.model.norm(h)     # row-wise: the same values after slicing
         if last_only:
-            h = h[plan.last_rows if plan is not None else
+            h = h[prepared.last_rows if prepared is not None else
                   torch.tensor([rv.offset + rv.n - 1 for rv in views], device=h.device)]
         logits = self.lm_head(h if cap == "final" else self.model.norm(h)).float()
-        if plan is not None:
+        if prepared is not None:
             return logits, PendingKV(k=torch.stack(ks), v=torch.stack(vs), ck=torch.stack(cks),
-                                     cv=torch.stack(cvs), blocks=dict(plan.metas), fused=True,
-                                     in_place=plan.in_place, hidden=hidden)
+                                     cv=torch.stack(cvs), blocks=dict(prepared.metas), fused=True,
+                                     in_place=prepared.in_place, hidden=hidden)
         metas = {rv.rid: BlockMeta(offset=rv.offset, prefix_len=rv.prefix_len,
                                    parents=tuple(rv.parents.tolist()), cmp_offset=rv.cmp_offset,
                                    close_nodes=tuple(rv.vis.cmp_nodes.tolist()),
@@ -252,9 +253,9 @@ class NSADecoder(nn.Module):
                             cv=torch.stack(cvs), blocks=metas, hidden=hidden)
         return logits, pending
 
-    def _plan(self, cache: PagedKVCache, blocks: Sequence[BlockInput], knobs: VerifyKnobs,
-              traversal: Traversal | None
-              ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor, Schedule | None,
+    def _request_views(self, cache: PagedKVCache, blocks: Sequence[BlockInput],
+                       knobs: VerifyKnobs, traversal: Traversal | None
+                       ) -> tuple[list[RequestView], torch.Tensor, torch.Tensor, Schedule | None,
                          int | None]:
         """Host-side geometry of the batch: flat tokens, positions, one view per request, and
         the schedule / group size its verify rows run with (the TRITON path's rule: chains
@@ -277,7 +278,7 @@ class NSADecoder(nn.Module):
                                                       sum(sizes)))
             why = (unsupported_reason(sched, knobs.precision, sizes, c, self.params.select)
                    if sched is Schedule.SHARED_INDEX else None)
-            if why:    # the TRITON path's verifier refuses the same (NSAVerifier.plan)
+            if why:    # the TRITON path's verifier refuses the same (NSAVerifier.prepare)
                 raise ConfigError(why)
         views, toks, poss = [], [], []
         offset = cmp_offset = 0

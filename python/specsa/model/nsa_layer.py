@@ -8,11 +8,11 @@ CLI `--attn-impl`, `NSADecoder.set_attn_impl`):
   block; the eager reference path (host syncs, not graph-capturable).
 - TRITON (default on CUDA; on CPU only under TRITON_INTERPRET=1, for tests): the kernels of
   `specsa.kernels`, batched over requests. Per forward, `build_triton_forward` (model/triton_forward.py) freezes the host
-  geometry once (page tables, positions, provisional-token sources, the `NSAVerifier` plan);
+  geometry once (page tables, positions, provisional-token sources, the `NSAVerifier` metadata);
   per layer:
     verify rows (decode steps, draft trees, chains of <= MAX_TREE_NODES tokens): provisional
       compressed tokens of nodes closing a block (`compress_gather`, committed slots + the
-      path's tail rows), refresh (`score_topk_grouped` over the NSAVerifier plan's query
+      path's tail rows), refresh (`score_topk_grouped` over the NSAVerifier metadata's query
       groups, so each compressed key is read once per group, decode rows being groups of 1;
       or per row with `score_topk`, TritonOptions.refresh: committed compressed tokens from
       the paged compressed cache + the visible provisional ones; o_cmp when gated), then

@@ -1,8 +1,8 @@
 """Host side of the model's Triton path: what one forward needs, built once per forward
 (`build_triton_forward`: page tables, positions, provisional-token sources, the `NSAVerifier`
-plan; no per-layer host work), and the knobs that choose it (`TritonOptions`). The layer that
-runs it is `specsa.model.nsa_layer.NSAAttention`; the module docstring there describes both
-paths.
+step metadata; no per-layer host work), and the knobs that choose it (`TritonOptions`). The
+layer that runs it is `specsa.model.nsa_layer.NSAAttention`; the module docstring there
+describes both paths.
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from .cache import BlockMeta, PagedKVCache
 class Refresh(enum.Enum):
     """Refresh kernel of the Triton path's verify rows (same selections and o_cmp)."""
 
-    GROUPED = "grouped"   # score_topk_grouped on the verifier plan's groups (keys read once per group)
+    GROUPED = "grouped"   # score_topk_grouped on the verifier's groups (keys read once per group)
     PER_ROW = "per_row"   # score_topk, one program per (row, KV head): kept for benchmarks
 
 
 @dataclass(frozen=True)
 class TritonOptions:
-    """Knobs of the Triton path's verification (see `specsa.verifier.NSAVerifier.plan`)."""
+    """Knobs of the Triton path's verification (see `specsa.verifier.NSAVerifier.prepare`)."""
 
     schedule: Schedule = Schedule.EXACT_MERGED
     traversal: Traversal = Traversal.BFS
@@ -78,8 +78,8 @@ class VerifyPart:
     prov_cidx: torch.Tensor | None  # [Np] int32
     prov_vis: torch.Tensor | None  # [Nv, MP] int32, -1 padded
     num_prov: int
-    verifier: object               # specsa.verifier.NSAVerifier holding this step's plan
-    # grouped refresh: the plan's (order [Nv], g_start [NG], g_len [NG]) int32 cuts and its C;
+    verifier: object               # specsa.verifier.NSAVerifier holding this step's metadata
+    # grouped refresh: the step's (order [Nv], g_start [NG], g_len [NG]) int32 cuts and its C;
     # None: per-row score_topk
     groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     group_size: int = 1
@@ -164,7 +164,7 @@ def build_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int],
         nsa / heads / head_dim / scale: the model's attention geometry.
         options: verification schedule knobs (already combined with `knobs`:
             `effective_options`).
-        knobs: precision class (checked by the verifier's plan for SHARED_INDEX) and refresh
+        knobs: precision class (checked by the verifier's prepare() for SHARED_INDEX) and refresh
             period, carried in the TritonForward for the layers.
     Returns:
         TritonForward. A chain block longer than options.prefill_chain is a prefill chunk
@@ -228,10 +228,10 @@ def build_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int],
         rows = _Rows(None if len(v_rows) == n_all else _i64(v_rows, dev))
         bt = _table(cache, v_rids, dev)
         verifier = NSAVerifier(nsa, num_q_heads, num_kv_heads, head_dim, device=dev, scale=scale)
-        plan = verifier.plan(v_par, v_P, bt, schedule=options.schedule,
-                             traversal=options.traversal, precision=knobs.precision,
-                             group_size=options.group_size, num_splits=options.num_splits)
-        geo = plan.geometry
+        meta = verifier.prepare(v_par, v_P, bt, schedule=options.schedule,
+                                traversal=options.traversal, precision=knobs.precision,
+                                group_size=options.group_size, num_splits=options.num_splits)
+        geo = meta.geometry
         # the refresh reuses the verifier's groups (rows request-major in node order, as the
         # verify rows here); a request of one node (decode) is a group of 1
         grouped = options.refresh is Refresh.GROUPED

@@ -1,4 +1,4 @@
-"""Speculative NSA generation for a batch: draft -> plan -> verify -> accept -> commit.
+"""Speculative NSA generation for a batch: draft -> fit trees -> verify -> accept -> commit.
 
     results, stats = speculative_generate(model, [ids], drafter, SamplingConfig(max_new_tokens=64))
     results[0].tokens            # == generate(model, [ids], same sampling)[0][0].tokens (greedy)
@@ -193,8 +193,8 @@ def _step(model: NSADecoder, cache: PagedKVCache, drafter: Drafter,
                   for r in reqs]
     else:
         drafts = _draft(drafter, reqs, stats)
-    trees = _plan(cache, drafts, rids, [sampling.max_new_tokens - len(o) for _, _, o in live],
-                  traversal)
+    trees = _fit_trees(cache, drafts, rids,
+                       [sampling.max_new_tokens - len(o) for _, _, o in live], traversal)
     t0 = time.perf_counter()
     logits, pending = _verify(model, cache, rids, trees, knobs, traversal)
     stats.verify_s += time.perf_counter() - t0
@@ -302,11 +302,11 @@ def _draft(drafter: Drafter, reqs: list[DraftRequest], stats: SpecStats) -> list
     return drafts
 
 
-def _plan(cache: PagedKVCache, drafts: list[Draft], rids: list[int], remaining: list[int],
-          traversal: Traversal | None) -> list[tuple[DraftTree, torch.Tensor | None, bool]]:
+def _fit_trees(cache: PagedKVCache, drafts: list[Draft], rids: list[int], remaining: list[int],
+               traversal: Traversal | None) -> list[tuple[DraftTree, torch.Tensor | None, bool]]:
     """Prune nodes that could only yield tokens past max_new_tokens, check the trees fit the
     cache, and renumber them in the requested traversal order."""
-    plans = []
+    fitted = []
     for rid, d, rem in zip(rids, drafts, remaining):
         tree, q = d.tree, d.draft_probs
         if int(tree.depth.max()) > rem - 1:
@@ -318,8 +318,8 @@ def _plan(cache: PagedKVCache, drafts: list[Draft], rids: list[int], remaining: 
         if traversal is not None:
             tree, perm = tree.permuted(traversal)
             q = None if q is None else q[perm]
-        plans.append((tree, q, d.replacement))
-    return plans
+        fitted.append((tree, q, d.replacement))
+    return fitted
 
 
 def _verify(model: NSADecoder, cache: PagedKVCache, rids: list[int],

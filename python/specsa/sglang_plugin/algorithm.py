@@ -146,7 +146,7 @@ def handle_specsa_server_args(sa) -> None:
     device = str(sa.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not overlap_schedule() or not device.startswith("cuda"):
         # SGLang's overlap scheduler prepares step N+1 on the host while the GPU runs step N;
-        # the SpecSA step needs no host sync (the plan is built on the device), so on CUDA
+        # the SpecSA step needs no host sync (its metadata is built on the device), so on CUDA
         # SPECSA_OVERLAP=on keeps it (opt-in: not yet checked on a GPU); it needs CUDA streams
         # (not on the CPU harness)
         sa.disable_overlap_schedule = True

@@ -11,7 +11,7 @@ What a draft query sees: block 0 of the context (`sink` tokens), the last `windo
 positions, and its own chain of new tokens (causal). This is `nsa_verify_fwd` with a fixed
 selection (one block: the sink) and union combine; no compressed cache, no refresh.
 
-- `DraftWindowPlan`: device metadata (VerifyGeometry) for R rows that each hang T chain nodes
+- `DraftWindowMetadata`: device metadata (VerifyGeometry) for R rows that each hang T chain nodes
   below a prefix of P committed positions, in static buffers per (rows, T): filled from device
   tensors only (no host sync), so SGLang's draft CUDA graphs replay it.
 - `SpecsaDraftExtendBackend` (a TritonAttnBackend, so SGLang captures its draft-extend graph):
@@ -38,10 +38,10 @@ from specsa.kernels.fused import VerifyGeometry, nsa_verify_fwd
 from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
-from .triton_plan import block_table_from
+from .step_metadata import block_table_from
 
 
-class DraftWindowPlan:
+class DraftWindowMetadata:
     """Static window-attention geometry of `rows` requests x `t` chain nodes (see module doc)."""
 
     def __init__(self, rows: int, t: int, width: int, hq: int, hkv: int, head_dim: int,
@@ -105,8 +105,8 @@ def branch_tables(bt: torch.Tensor, prefix: torch.Tensor, topk: int, steps: int,
     return bt.gather(1, idx).reshape(b * topk, w)
 
 
-class _Plans:
-    """DraftWindowPlan per key, allocated on first use (outside graph capture)."""
+class _WindowMetadataCache:
+    """DraftWindowMetadata per key, allocated on first use (outside graph capture)."""
 
     def __init__(self, runner, win: DraftWindow):
         mc = runner.model_config
@@ -117,16 +117,16 @@ class _Plans:
         self.width = -(-runner.req_to_token_pool.req_to_token.shape[1] // self.page_size)
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.pool, self.win, self.device = pool, win, runner.device
-        self._plans: dict = {}
+        self._metas: dict = {}
         logging.getLogger("specsa").warning(
             "specsa: draft attention = sink %d + window %d through the fused kernel (page %d)",
             win.sink, win.window, self.page_size)
 
-    def get(self, key, rows: int, t: int) -> DraftWindowPlan:
-        if key not in self._plans:
-            self._plans[key] = DraftWindowPlan(rows, t, self.width, self.hq, self.hkv,
-                                               self.head_dim, self.win, self.device)
-        return self._plans[key]
+    def get(self, key, rows: int, t: int) -> DraftWindowMetadata:
+        if key not in self._metas:
+            self._metas[key] = DraftWindowMetadata(rows, t, self.width, self.hq, self.hkv,
+                                                   self.head_dim, self.win, self.device)
+        return self._metas[key]
 
     def table(self, pool_idx: torch.Tensor) -> torch.Tensor:
         """[B, width] page tables of the requests (device op)."""
@@ -140,20 +140,21 @@ class _Plans:
         return k.view(-1, ps, *k.shape[1:]), v.view(-1, ps, *v.shape[1:])
 
 
-def _attend(plans: _Plans, plan: DraftWindowPlan, q, k, v, layer, fb, save_kv_cache):
+def _attend(metas: _WindowMetadataCache, meta: DraftWindowMetadata, q, k, v, layer, fb,
+            save_kv_cache):
     if save_kv_cache:
-        plans.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
+        metas.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
     hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
     q3 = q.reshape(-1, hq, layer.qk_head_dim).contiguous()
-    kc, vc = plans.caches(layer)
+    kc, vc = metas.caches(layer)
     k3 = k.reshape(-1, hkv, layer.qk_head_dim).to(kc.dtype).contiguous()
     v3 = v.reshape(-1, hkv, layer.v_head_dim).to(vc.dtype).contiguous()
-    n = plan.rows * plan.t
+    n = meta.rows * meta.t
     if q3.shape[0] != n:
         raise RuntimeError(f"specsa draft backend: forward has {q3.shape[0]} query rows, the "
-                           f"plan {n}")
+                           f"metadata {n}")
     out = q3.new_empty(n, hq, layer.v_head_dim)
-    plan.attend(q3, k3, v3, kc, vc, float(layer.scaling), out)
+    meta.attend(q3, k3, v3, kc, vc, float(layer.scaling), out)
     return out.reshape(-1, hq * layer.v_head_dim)
 
 
@@ -162,41 +163,41 @@ class _WindowExtend:
     draft prefill) through the base backend."""
 
     def _setup_window(self, runner, win: DraftWindow, num_draft_tokens: int) -> None:
-        self.plans = _Plans(runner, win)
+        self.metas = _WindowMetadataCache(runner, win)
         self.t = num_draft_tokens
-        self.window_plan: DraftWindowPlan | None = None
+        self.window_meta: DraftWindowMetadata | None = None
 
-    def _plan(self, fb) -> None:
+    def _build_metadata(self, fb) -> None:
         bs = int(fb.batch_size)
-        plan = self.plans.get(("extend", bs), bs, self.t)
+        meta = self.metas.get(("extend", bs), bs, self.t)
         # DRAFT_EXTEND_V2's seq_lens already count the T rows it writes (graph padding rows
         # carry a fill value: clamp so that they read nothing)
         prefix = (fb.seq_lens[:bs] - self.t).clamp(min=0)
-        plan.fill(prefix, self.plans.table(fb.req_pool_indices[:bs]))
-        self.window_plan = plan
+        meta.fill(prefix, self.metas.table(fb.req_pool_indices[:bs]))
+        self.window_meta = meta
 
     def init_forward_metadata(self, fb):
         if fb.forward_mode.is_draft_extend_v2():
-            self._plan(fb)
+            self._build_metadata(fb)
             return
-        self.window_plan = None
+        self.window_meta = None
         super().init_forward_metadata(fb)
 
     def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
         if fb.forward_mode.is_draft_extend_v2():
-            self._plan(fb)
+            self._build_metadata(fb)
             return
-        self.window_plan = None
+        self.window_meta = None
         super().init_forward_metadata_out_graph(fb, in_capture)
 
     def init_forward_metadata_in_graph(self, fb):
-        if self.window_plan is None:
+        if self.window_meta is None:
             super().init_forward_metadata_in_graph(fb)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        if self.window_plan is None or not forward_batch.forward_mode.is_draft_extend_v2():
+        if self.window_meta is None or not forward_batch.forward_mode.is_draft_extend_v2():
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        return _attend(self.plans, self.window_plan, q, k, v, layer, forward_batch,
+        return _attend(self.metas, self.window_meta, q, k, v, layer, forward_batch,
                        save_kv_cache)
 
 
@@ -242,7 +243,7 @@ class _DraftStep(AttentionBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         o = self.owner
-        return _attend(o.plans, o.step_plans[self.step], q, k, v, layer, forward_batch,
+        return _attend(o.metas, o.step_metas[self.step], q, k, v, layer, forward_batch,
                        save_kv_cache)
 
 
@@ -253,35 +254,35 @@ class SpecsaDraftDecodeBackend:
 
     def __init__(self, runner, topk: int, num_steps: int, win: DraftWindow):
         self.topk, self.num_steps = topk, num_steps
-        self.plans = _Plans(runner, win)
+        self.metas = _WindowMetadataCache(runner, win)
         self.attn_backends = [_DraftStep(self, i) for i in range(num_steps - 1)]
-        self.step_plans: list[DraftWindowPlan] = []
+        self.step_metas: list[DraftWindowMetadata] = []
 
-    def _plan(self, fb) -> None:
+    def _build_metadata(self, fb) -> None:
         bs = int(fb.batch_size)
         rows = bs * self.topk
-        p = self.plans
+        p = self.metas
         prefix = fb.seq_lens[:bs]
         bt = branch_tables(p.table(fb.req_pool_indices[:bs]), prefix, self.topk,
                            self.num_steps, p.page_size)
         pre = prefix.to(torch.int32).repeat_interleave(self.topk)
-        self.step_plans = []
+        self.step_metas = []
         for i in range(self.num_steps - 1):
-            plan = p.get(("decode", bs, i), rows, 1)
+            meta = p.get(("decode", bs, i), rows, 1)
             # step i's query sits at P + i; branch positions P..P+i-1 are its earlier drafts
-            plan.fill(pre + i, bt if i == 0 else None)
+            meta.fill(pre + i, bt if i == 0 else None)
             if i:
-                plan.geo.block_table.copy_(self.step_plans[0].geo.block_table)
-            self.step_plans.append(plan)
+                meta.geo.block_table.copy_(self.step_metas[0].geo.block_table)
+            self.step_metas.append(meta)
 
     def init_forward_metadata(self, fb):
-        self._plan(fb)
+        self._build_metadata(fb)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        pass            # plans are allocated per batch size on first use
+        pass            # metadata is allocated per batch size on first use
 
     def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
-        self._plan(fb)
+        self._build_metadata(fb)
 
     def init_forward_metadata_in_graph(self, fb):
         pass

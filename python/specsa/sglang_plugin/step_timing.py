@@ -11,8 +11,9 @@ this costs the overlap SGLang would otherwise keep) and appends one entry
 ring buffer that it writes to the file at the end of a step, at most every `every_s` seconds
 (so the last entries reach the file with a later step). GPU time of a phase is the time
 between its two events on the compute stream, idle gaps waiting for the host included; host
-time is the Python time between the marks. `plan_host_ms` is the part of the host time the
-specsa target backend spent planning (init_forward_metadata*), added by the backend.
+time is the Python time between the marks. `plan_host_ms` (a key the results files already
+carry) is the part of the host time the specsa target backend spent building the step's
+metadata (init_forward_metadata*), added by the backend.
 
 `SPECSA_TORCH_PROFILE=<dir>[,skip[,steps]]` additionally runs torch.profiler over `steps`
 decode steps after `skip` and writes key_averages tables (by device and by host time) there.
@@ -37,7 +38,7 @@ class StepTimer:
         self.entries: list[dict] = []
         self.active = False
         self._marks: list[tuple[str, torch.cuda.Event | None, float]] = []
-        self.plan_host_s = 0.0
+        self.metadata_host_s = 0.0
         self._meta: dict = {}
         self._cuda = torch.cuda.is_available()
 
@@ -53,7 +54,7 @@ class StepTimer:
         """steps: the step's draft length; predicted_ms: the orchestrator's prediction of the
         step's time (step_policy.py, auto mode)."""
         self.active = True
-        self.plan_host_s = 0.0
+        self.metadata_host_s = 0.0
         self._meta = {"bs": int(bs), "seq_max": int(seq_max), "steps": steps,
                       "predicted_ms": predicted_ms}
         self._marks = [("start", self._event(), time.perf_counter())]
@@ -62,9 +63,9 @@ class StepTimer:
         if self.active:
             self._marks.append((name, self._event(), time.perf_counter()))
 
-    def add_plan_host(self, seconds: float) -> None:
+    def add_metadata_host(self, seconds: float) -> None:
         if self.active:
-            self.plan_host_s += seconds
+            self.metadata_host_s += seconds
 
     def end(self) -> None:
         if not self.active:
@@ -79,7 +80,7 @@ class StepTimer:
                 gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e1)
         (_, e_first, t_first), (_, e_last, t_last) = self._marks[0], self._marks[-1]
         entry = dict(self._meta, gpu_ms=gpu, host_ms=host,
-                     plan_host_ms=1e3 * self.plan_host_s,
+                     plan_host_ms=1e3 * self.metadata_host_s,
                      step_host_ms=1e3 * (t_last - t_first),
                      step_gpu_ms=e_first.elapsed_time(e_last) if e_first is not None else None)
         self.entries.append(entry)

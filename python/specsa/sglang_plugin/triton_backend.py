@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.config import Compression, NSAConfig
-from specsa.device_plan import parents_from_links
+from specsa.device_metadata import parents_from_links
 from specsa.kernels.compression import compress_paged
 from specsa.kernels.prefill import chunked_nsa_prefill
 from specsa.verify_layer import verify_layer
@@ -36,13 +36,13 @@ from .compressed_cache import shared_on_pool
 from .memory import compressed_shape
 from .native_weights import layer_native
 from .settings import state_draft_tokens, verify_knobs
-from .triton_plan import StepBuffers, StepPlanner, block_table_from
+from .step_metadata import StepBuffers, StepMetadataBuilder, block_table_from
 
 
 class SpecsaTritonBackend(AttentionBackend):
     """NSA target attention on the Triton kernels over SGLang's MHA token pool."""
 
-    # decode / verify plans read seq_lens on the device; prefill reads SGLang's host lists
+    # decode / verify metadata reads seq_lens on the device; prefill reads SGLang's host lists
     needs_cpu_seq_lens = False
 
     def __init__(self, runner, nsa: NSAConfig):
@@ -68,9 +68,9 @@ class SpecsaTritonBackend(AttentionBackend):
         hq = mc.num_attention_heads // max(1, getattr(sa, "tp_size", 1))
         scale = getattr(mc, "head_dim", d) ** -0.5
         self.knobs = verify_knobs()
-        self.planner = StepPlanner(nsa, hq, hkv, d, scale, ps, width,
-                                   margin=self.draft_tokens + 1, device=self.device,
-                                   knobs=self.knobs)
+        self.metadata = StepMetadataBuilder(nsa, hq, hkv, d, scale, ps, width,
+                                            margin=self.draft_tokens + 1, device=self.device,
+                                            knobs=self.knobs)
         # REUSE classes: the selection of the last refresh layer of the current step
         self._last_sel: torch.Tensor | None = None
         self._refreshed = [0, 0]          # [layers that refreshed, layers] of the current step
@@ -81,7 +81,7 @@ class SpecsaTritonBackend(AttentionBackend):
         logging.getLogger("specsa").warning(
             "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d); "
             "compressed KV %.1f MiB for a pool of %d tokens; verify %s", self.device, ps,
-            self.planner.margin, 2 * self.ck.numel() * self.ck.element_size() / 2**20,
+            self.metadata.margin, 2 * self.ck.numel() * self.ck.element_size() / 2**20,
             num_pages * ps, self.knobs)
 
     # -- metadata ------------------------------------------------------------------------
@@ -102,11 +102,11 @@ class SpecsaTritonBackend(AttentionBackend):
         t0 = time.perf_counter()
         self._report_reuse()
         if mode.is_target_verify() or mode.is_decode():
-            self.step = self._plan_step(fb, in_capture)
+            self.step = self._build_step(fb, in_capture)
         else:
-            self.extend = self._plan_extend(fb)
+            self.extend = self._build_extend(fb)
         if self.timer is not None:
-            self.timer.add_plan_host(time.perf_counter() - t0)
+            self.timer.add_metadata_host(time.perf_counter() - t0)
 
     def _report_reuse(self) -> None:
         """Once: how many layers of an eager step ran the refresh (the REUSE saving)."""
@@ -118,12 +118,12 @@ class SpecsaTritonBackend(AttentionBackend):
                 "(refresh period %d)", done, total, self.knobs.refresh_period)
         self._refreshed = [0, 0]
 
-    def _plan_step(self, fb, in_capture: bool) -> StepBuffers:
-        """Plan a decode / TARGET_VERIFY step on the device (no host sync)."""
+    def _build_step(self, fb, in_capture: bool) -> StepBuffers:
+        """Build a decode / TARGET_VERIFY step's metadata on the device (no host sync)."""
         verify = fb.forward_mode.is_target_verify()
         bs = int(getattr(fb, "batch_size", None) or fb.req_pool_indices.shape[0])
         t = self.draft_tokens if verify else 1
-        buf = self.planner.buffers("verify" if verify else "decode", bs, t)
+        buf = self.metadata.buffers("verify" if verify else "decode", bs, t)
         seq = fb.seq_lens[:bs].to(torch.int32)
         # decode: seq_lens counts the token being decoded; verify: the committed prefix only
         prefix = seq if verify else (seq - 1).clamp(min=0)
@@ -135,10 +135,11 @@ class SpecsaTritonBackend(AttentionBackend):
             raw = links.shape[0]
             # rows beyond the batch are CUDA-graph padding: they keep the chain
             parents = links if raw == bs else torch.cat([links, buf.chain[raw:]])
-        return self.planner.fill(buf, prefix, parents, self.req_to_token_pool.req_to_token,
+        return self.metadata.fill(buf, prefix, parents, self.req_to_token_pool.req_to_token,
                                  fb.req_pool_indices[:bs])
 
-    def _plan_extend(self, fb) -> dict:
+    def _build_extend(self, fb) -> dict:
+        """An extend's (prefill) metadata from SGLang's host lists."""
         geo = forward_geometry(fb)
         dev, ps = self.device, self.page_size
         pre = [g.prefix for g in geo]
@@ -152,7 +153,7 @@ class SpecsaTritonBackend(AttentionBackend):
         return dict(
             bt=block_table_from(req_rows, ps, width),
             q_req=i32(q_req), q_pos=i32(q_pos), prefix=i32(pre), lens=i32(lens),
-            lo=i32([max(0, p - self.planner.margin) for p in pre]))
+            lo=i32([max(0, p - self.metadata.margin) for p in pre]))
 
     # -- forward -------------------------------------------------------------------------
     def _caches(self, layer):
@@ -187,7 +188,7 @@ class SpecsaTritonBackend(AttentionBackend):
         e = self.extend
         n = int(e["q_req"].shape[0])
         # a breakable prefill graph may hand over rows padded to its token bucket: attend the
-        # planned rows, leave the padding zero (SGLang never reads it)
+        # rows of its metadata, leave the padding zero (SGLang never reads it)
         if save_kv_cache:
             loc = fb.out_cache_loc
             self.pool.set_kv_buffer(layer, KVWriteLoc(loc), k[:loc.shape[0]], v[:loc.shape[0]])
@@ -212,15 +213,15 @@ class SpecsaTritonBackend(AttentionBackend):
         n = s.num_tokens
         if q3.shape[0] != n:
             raise RuntimeError(f"specsa triton backend: forward has {q3.shape[0]} query rows, "
-                               f"the step plan {n}")
+                               f"the step metadata {n}")
         p = self.params
         # the draft KV exactly as the pool stores it (what later steps will read)
         kn = k3.to(kc.dtype).contiguous()
         vn = v3.to(vc.dtype).contiguous()
         gates, cw = self._native(layer)
-        dp = s.plan
+        dm = s.meta
         # every layer keeps its committed compressed tokens current (a later step may refresh it)
-        compress_paged(kc, vc, ck, cv, dp.block_table, dp.upd_lo, dp.prefix, p, cw=cw)
+        compress_paged(kc, vc, ck, cv, dm.block_table, dm.upd_lo, dm.prefix, p, cw=cw)
         refresh = self.knobs.refreshes(layer.layer_id - self.pool.start_layer) \
             or self._last_sel is None
         out = q3.new_empty(n, layer.tp_q_head_num, layer.v_head_dim)

@@ -1,10 +1,10 @@
-"""Per-step metadata of the Triton NSA path inside SGLang, in static buffers planned on the
+"""Per-step metadata of the Triton NSA path inside SGLang, in static buffers built on the
 device.
 
 Decode and TARGET_VERIFY forwards have a fixed shape per batch size (every request carries T
 new tokens: 1 for decode, `speculative_num_draft_tokens` for verification), so everything the
 kernels read lives in buffers allocated once per (mode, batch size) and rewritten in place
-before every forward by device ops only (`specsa.device_plan`): no host sync, so the host can
+before every forward by device ops only (`specsa.device_metadata`): no host sync, so the host can
 prepare a step while the GPU still runs the previous phase, and a CUDA graph captured around
 the layers replays with the new step's metadata. Eager forwards use the very same buffers, so
 CPU tests (Triton interpreter) exercise the code the graphs run.
@@ -26,7 +26,7 @@ import torch
 
 from specsa.verifier import NSAVerifier
 from specsa.config import NSAConfig, VerifyKnobs
-from specsa.device_plan import DeviceStepPlan, chain_parents
+from specsa.device_metadata import DeviceStepMetadata, chain_parents
 from specsa.schedule import default_schedule
 from specsa.verify_layer import StepTensors
 
@@ -43,23 +43,23 @@ def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Te
 
 @dataclass
 class StepBuffers:
-    """The static metadata of one (mode, batch size): the device plan and its verifier."""
+    """The static metadata of one (mode, batch size): the device metadata and its verifier."""
 
-    plan: DeviceStepPlan
+    meta: DeviceStepMetadata
     verifier: NSAVerifier
     chain: torch.Tensor       # [bs, T] the chain's parents (decode, topk 1, graph capture)
-    tensors: StepTensors      # what verify_layer reads (views of `plan`)
+    tensors: StepTensors      # what verify_layer reads (views of `meta`)
 
     @property
     def num_tokens(self) -> int:
-        return self.plan.num_queries
+        return self.meta.num_queries
 
     @property
     def group_size(self) -> int:
-        return self.plan.c
+        return self.meta.c
 
 
-class StepPlanner:
+class StepMetadataBuilder:
     """Allocates `StepBuffers` per (mode, batch size) and fills them for each step."""
 
     def __init__(self, nsa: NSAConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -78,12 +78,12 @@ class StepPlanner:
             k = self.knobs
             verifier = NSAVerifier(self.nsa, self.hq, self.hkv, self.head_dim,
                                    device=self.device, scale=self.scale, graph_buffers=True)
-            plan = verifier.plan_on_device(
+            meta = verifier.prepare_on_device(
                 bs, t, self.width, self.page_size,
                 schedule=k.schedule or default_schedule(bs * t), precision=k.precision,
                 group_size=k.group_size, margin=self.margin)
-            self._bufs[key] = StepBuffers(plan, verifier, chain_parents(bs, t, self.device),
-                                          plan.step_tensors(verifier))
+            self._bufs[key] = StepBuffers(meta, verifier, chain_parents(bs, t, self.device),
+                                          meta.step_tensors(verifier))
         return self._bufs[key]
 
     def fill(self, buf: StepBuffers, prefix: torch.Tensor, parents: torch.Tensor,
@@ -91,6 +91,6 @@ class StepPlanner:
         """Rewrite `buf` in place for one step (device ops only): prefix [bs] committed
         lengths, parents [bs, T], the requests' req_to_token rows through pool_idx [bs]."""
         rows = req_to_token.index_select(0, pool_idx.long())
-        buf.plan.fill(prefix, parents, block_table_from(rows, self.page_size, self.width),
+        buf.meta.fill(prefix, parents, block_table_from(rows, self.page_size, self.width),
                       self.params.window)
         return buf

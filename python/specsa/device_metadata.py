@@ -1,4 +1,4 @@
-"""One decode / verification step's metadata planned on the device from the draft trees
+"""One decode / verification step's metadata built on the device from the draft trees
 (no host synchronisation, static shapes: what a CUDA graph replays).
 
 Inputs per step, all device tensors: each request's committed length P [B], its draft tree as
@@ -17,7 +17,7 @@ committed context), and its page table [B, W]. Outputs, written in place into st
 - the committed positions whose compressed tokens the step rewrites first ([P - margin, P)).
 
 The host-side reference for all of it is `specsa.provisional` + `kernels/fused/geometry.py`
-(tested against each other in test/specsa/test_device_plan.py). Depths and ancestor sets come
+(tested against each other in test/specsa/test_device_metadata.py). Depths and ancestor sets come
 from pointer jumping: ceil(log2 T) rounds of gathers.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def parents_from_links(next_token: torch.Tensor, next_sibling: torch.Tensor,
     return par
 
 
-class DeviceStepPlan:
+class DeviceStepMetadata:
     """Static device buffers of one step shape (B requests x T nodes, group size C)."""
 
     def __init__(self, bs: int, t: int, width: int, page_size: int, params: NSAParams,
@@ -115,7 +115,7 @@ class DeviceStepPlan:
 
     def fill(self, prefix: torch.Tensor, parents: torch.Tensor, block_table: torch.Tensor,
              window: int) -> None:
-        """Plan one step in place from device tensors: prefix [B] committed lengths,
+        """Build one step's metadata in place from device tensors: prefix [B] committed lengths,
         parents [B, T], block_table [B, >= W'] page ids (the first W columns are used)."""
         p, bs, t, c = self.params, self.bs, self.t, self.c
         self.prefix.copy_(prefix)
