@@ -267,8 +267,30 @@ class EagleHead(nn.Module):
         row's K/V to `cache` (chain blocks only). Returns (logits [N, V] float32 over the
         TARGET vocabulary, -inf outside a hot-token head's vocabulary; hidden [N, H] for the
         next draft rows), or the last row per block with last_only."""
-        target = self._target[0]
         dev = self.device
+        views, toks, poss = self._block_views(cache, blocks)
+        n = sum(rows.stop - rows.start for _, rows, _ in views)
+        if feature.shape[0] != n:
+            raise BlockError(f"EAGLE head: {feature.shape[0]} feature rows for {n} tokens")
+        tokens = torch.tensor(toks, dtype=torch.int64, device=dev)
+        cos, sin = self.rotary.cos_sin(torch.tensor(poss, dtype=torch.int64, device=dev),
+                                       self.dtype)
+        embed = (self.embed_tokens or self._target[0].model.embed_tokens)(tokens)
+        out, ks, vs = self._layers(embed, self._fuse(embed, feature.to(self.dtype)), cos, sin,
+                                   cache, views)
+        if commit:
+            k_all, v_all = torch.stack(ks), torch.stack(vs)
+            for rid, rows, _ in views:
+                cache.append(rid, k_all[:, rows], v_all[:, rows])
+        if last_only:
+            last = torch.tensor([rows.stop - 1 for _, rows, _ in views], device=dev)
+            out = out[last]
+        return self._logits(out)
+
+    def _block_views(self, cache: HeadCache, blocks: Sequence[BlockInput]
+                     ) -> tuple[list[tuple[int, slice, torch.Tensor]], list[int], list[int]]:
+        """Per block (rid, its rows, [n, P + n] visibility mask: committed rows + ancestors),
+        the flat token ids and their positions."""
         views, toks, poss = [], [], []
         off = 0
         for b in blocks:
@@ -281,27 +303,30 @@ class EagleHead(nn.Module):
                 depth[i] = 0 if p < 0 else depth[p] + 1
             P = cache.length(b.rid)
             mask = torch.cat([torch.ones(len(ids), P, dtype=torch.bool), _ancestors(par)], 1)
-            views.append((b.rid, slice(off, off + len(ids)), mask.to(dev)))
+            views.append((b.rid, slice(off, off + len(ids)), mask.to(self.device)))
             toks.extend(ids)
             poss.extend(P + d for d in depth)
             off += len(ids)
-        if feature.shape[0] != off:
-            raise BlockError(f"EAGLE head: {feature.shape[0]} feature rows for {off} tokens")
-        tokens = torch.tensor(toks, dtype=torch.int64, device=dev)
-        cos, sin = self.rotary.cos_sin(torch.tensor(poss, dtype=torch.int64, device=dev),
-                                       self.dtype)
-        embed = (self.embed_tokens or target.model.embed_tokens)(tokens)
-        x = feature.to(self.dtype)
-        ks, vs = [], []
+        return views, toks, poss
+
+    def _fuse(self, embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The fc input stage: EAGLE fuses [embedding, feature]; EAGLE-3 projects the target's
+        concatenated (normed) aux hidden states, draft rows (already hidden size) pass."""
         if self.kind == "eagle":
-            x = self.fc(torch.cat([embed, x], dim=-1))
-        elif x.shape[-1] != embed.shape[-1]:
+            return self.fc(torch.cat([embed, x], dim=-1))
+        if x.shape[-1] != embed.shape[-1]:
             if self.input_norm is not None:
                 x = self.input_norm(x)
             if self.fc_norm is not None:
                 x = torch.cat([nrm(c) for nrm, c in
                                zip(self.fc_norm, x.chunk(self.cfg.num_aux, dim=-1))], dim=-1)
             x = self.fc(x)
+        return x
+
+    def _layers(self, embed, x, cos, sin, cache: HeadCache, views
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The decoder layers: (output hidden state before the final norm, K and V per layer)."""
+        ks, vs = [], []
         residual = None
         for i, layer in enumerate(self.layers):
             if self.kind == "eagle3" and i == 0:
@@ -317,14 +342,11 @@ class EagleHead(nn.Module):
             x = layer.mlp(layer.post_attention_layernorm(residual))
             ks.append(k)
             vs.append(v)
-        out = x + residual
-        if commit:
-            k_all, v_all = torch.stack(ks), torch.stack(vs)
-            for rid, rows, _ in views:
-                cache.append(rid, k_all[:, rows], v_all[:, rows])
-        if last_only:
-            last = torch.tensor([rows.stop - 1 for _, rows, _ in views], device=dev)
-            out = out[last]
+        return x + residual, ks, vs
+
+    def _logits(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits over the target vocabulary, float32; hidden state for the next draft rows)."""
+        target = self._target[0]
         if self.kind == "eagle":
             return target.lm_head(out).float(), out
         normed = self.norm(out)

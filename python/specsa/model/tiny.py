@@ -182,75 +182,102 @@ def build_tiny_eagle(out_dir: str | Path, target_dir: str | Path, kind: str = "e
     h, v, n = t["hidden_size"], t["vocab_size"], t["num_hidden_layers"]
     hq, hkv = t["num_attention_heads"], t["num_key_value_heads"]
     d = t.get("head_dim") or h // hq
-    inter = t["intermediate_size"]
-    cfg = {k: t[k] for k in ("model_type", "hidden_size", "intermediate_size",
-                             "num_attention_heads", "num_key_value_heads", "head_dim",
-                             "hidden_act", "rms_norm_eps", "max_position_embeddings",
-                             "rope_theta", "bos_token_id", "eos_token_id") if k in t}
-    cfg.update(architectures=[EAGLE_ARCH[kind, model_type]], num_hidden_layers=num_layers,
-               vocab_size=v, tie_word_embeddings=False, torch_dtype="float32")
-    if "rope_parameters" in t:
-        cfg["rope_parameters"] = t["rope_parameters"]
+    cfg = _eagle_config(t, kind, num_layers)
     if mimic and kind == "eagle3":
         hkv = cfg["num_key_value_heads"] = hq      # the head's own geometry: v carries H dims
-    g = torch.Generator().manual_seed(seed)
-    w: dict[str, torch.Tensor] = {}
-
-    def lin(name, out_f, in_f, bias=False):
-        w[name + ".weight"] = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
-        if bias:
-            w[name + ".bias"] = torch.randn(out_f, generator=g) * 0.1
-
-    def norm(name, dim):
-        w[name + ".weight"] = 1 + torch.randn(dim, generator=g) * 0.1
-
-    qkv_bias = model_type == "qwen2"
-    for layer in range(num_layers):
-        p = "midlayer." if kind == "eagle3" and num_layers == 1 else f"layers.{layer}."
-        in_f = 2 * h if kind == "eagle3" and layer == 0 else h
-        if kind == "eagle3":
-            norm(p + "hidden_norm", h)
-            if layer == 0:
-                norm(p + "input_layernorm", h)
-        elif layer > 0:
-            norm(p + "input_layernorm", h)
-        norm(p + "post_attention_layernorm", h)
-        lin(p + "self_attn.q_proj", hq * d, in_f, qkv_bias)
-        lin(p + "self_attn.k_proj", hkv * d, in_f, qkv_bias)
-        lin(p + "self_attn.v_proj", hkv * d, in_f, qkv_bias)
-        lin(p + "self_attn.o_proj", h, hq * d)
-        lin(p + "mlp.gate_proj", inter, h)
-        lin(p + "mlp.up_proj", inter, h)
-        lin(p + "mlp.down_proj", h, inter)
+    rw = _RandomWeights(seed)      # draws in call order: the order below fixes the values
+    _eagle_layers(rw, kind, num_layers, h, hq, hkv, d, t["intermediate_size"],
+                  qkv_bias=model_type == "qwen2")
     if kind == "eagle":
-        w["embed_tokens.weight"] = torch.randn(v, h, generator=g)   # replaced by the target's
-        lin("fc", h, 2 * h, bias=True)
+        # replaced by the target's embedding when loaded
+        rw.w["embed_tokens.weight"] = torch.randn(v, h, generator=rw.g)
+        rw.lin("fc", h, 2 * h, bias=True)
     else:
-        ids = aux_layer_ids if aux_layer_ids is not None else [0, n // 2 - 1, n - 2]
-        if len(set(ids)) != len(ids) or not all(0 <= i <= n - 2 for i in ids):
-            raise ValueError(f"build_tiny_eagle: aux layer ids {ids} must be distinct and in "
-                             f"[0, {n - 2}] for a {n}-layer target")
-        cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(ids),
-                               "use_aux_hidden_state": True}
-        if fc_norm:
-            cfg["fc_norm"] = True
-            for i in range(len(ids)):
-                norm(f"fc_norm.{i}", h)
-        lin("fc", h, len(ids) * h)
-        norm("norm", h)
-        dv = draft_vocab_size or v
-        cfg["draft_vocab_size"] = dv
-        hot = torch.sort(torch.randperm(v, generator=g)[:dv]).values
-        w["d2t"] = hot - torch.arange(dv)
-        t2d = torch.zeros(v, dtype=torch.bool)
-        t2d[hot] = True
-        w["t2d"] = t2d
-        lin("lm_head", dv, h)
+        _eagle3_head(rw, cfg, h, v, n, aux_layer_ids, fc_norm, draft_vocab_size)
+    w = rw.w
     if mimic:
         _mimic(w, kind, read_weights_file(Path(target_dir)), h, hq, hkv, d, num_layers, cfg)
     save_weights(out, w)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
+
+
+class _RandomWeights:
+    """Seeded random tensors by checkpoint name: linear weights (+ bias) and RMSNorm scales."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.w: dict[str, torch.Tensor] = {}
+
+    def lin(self, name: str, out_f: int, in_f: int, bias: bool = False) -> None:
+        self.w[name + ".weight"] = torch.randn(out_f, in_f, generator=self.g) * in_f ** -0.5
+        if bias:
+            self.w[name + ".bias"] = torch.randn(out_f, generator=self.g) * 0.1
+
+    def norm(self, name: str, dim: int) -> None:
+        self.w[name + ".weight"] = 1 + torch.randn(dim, generator=self.g) * 0.1
+
+
+def _eagle_config(t: dict, kind: str, num_layers: int) -> dict:
+    """The head's config.json from the target's: its shape fields, the EAGLE architecture."""
+    cfg = {k: t[k] for k in ("model_type", "hidden_size", "intermediate_size",
+                             "num_attention_heads", "num_key_value_heads", "head_dim",
+                             "hidden_act", "rms_norm_eps", "max_position_embeddings",
+                             "rope_theta", "bos_token_id", "eos_token_id") if k in t}
+    cfg.update(architectures=[EAGLE_ARCH[kind, t["model_type"]]], num_hidden_layers=num_layers,
+               vocab_size=t["vocab_size"], tie_word_embeddings=False, torch_dtype="float32")
+    if "rope_parameters" in t:
+        cfg["rope_parameters"] = t["rope_parameters"]
+    return cfg
+
+
+def _eagle_layers(rw: _RandomWeights, kind: str, num_layers: int, h: int, hq: int, hkv: int,
+                  d: int, inter: int, qkv_bias: bool) -> None:
+    """The head's decoder layers (EAGLE-3's single layer is `midlayer.`, its q/k/v read 2H)."""
+    for layer in range(num_layers):
+        p = "midlayer." if kind == "eagle3" and num_layers == 1 else f"layers.{layer}."
+        in_f = 2 * h if kind == "eagle3" and layer == 0 else h
+        if kind == "eagle3":
+            rw.norm(p + "hidden_norm", h)
+            if layer == 0:
+                rw.norm(p + "input_layernorm", h)
+        elif layer > 0:
+            rw.norm(p + "input_layernorm", h)
+        rw.norm(p + "post_attention_layernorm", h)
+        rw.lin(p + "self_attn.q_proj", hq * d, in_f, qkv_bias)
+        rw.lin(p + "self_attn.k_proj", hkv * d, in_f, qkv_bias)
+        rw.lin(p + "self_attn.v_proj", hkv * d, in_f, qkv_bias)
+        rw.lin(p + "self_attn.o_proj", h, hq * d)
+        rw.lin(p + "mlp.gate_proj", inter, h)
+        rw.lin(p + "mlp.up_proj", inter, h)
+        rw.lin(p + "mlp.down_proj", h, inter)
+
+
+def _eagle3_head(rw: _RandomWeights, cfg: dict, h: int, v: int, n: int,
+                 aux_layer_ids: list[int] | None, fc_norm: bool,
+                 draft_vocab_size: int | None) -> None:
+    """EAGLE-3's fc over the aux hidden states (+ their norms), final norm and hot-token
+    lm_head with d2t / t2d; records the aux layer ids and draft vocabulary in `cfg`."""
+    ids = aux_layer_ids if aux_layer_ids is not None else [0, n // 2 - 1, n - 2]
+    if len(set(ids)) != len(ids) or not all(0 <= i <= n - 2 for i in ids):
+        raise ValueError(f"build_tiny_eagle: aux layer ids {ids} must be distinct and in "
+                         f"[0, {n - 2}] for a {n}-layer target")
+    cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(ids),
+                           "use_aux_hidden_state": True}
+    if fc_norm:
+        cfg["fc_norm"] = True
+        for i in range(len(ids)):
+            rw.norm(f"fc_norm.{i}", h)
+    rw.lin("fc", h, len(ids) * h)
+    rw.norm("norm", h)
+    dv = draft_vocab_size or v
+    cfg["draft_vocab_size"] = dv
+    hot = torch.sort(torch.randperm(v, generator=rw.g)[:dv]).values
+    rw.w["d2t"] = hot - torch.arange(dv)
+    t2d = torch.zeros(v, dtype=torch.bool)
+    t2d[hot] = True
+    rw.w["t2d"] = t2d
+    rw.lin("lm_head", dv, h)
 
 
 def read_weights_file(model_dir: Path) -> dict[str, torch.Tensor]:

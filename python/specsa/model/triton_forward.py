@@ -170,88 +170,127 @@ def build_triton_forward(cache: PagedKVCache, blocks: list[tuple[int, list[int],
         TritonForward. A chain block longer than options.prefill_chain is a prefill chunk
         (written in place); everything else is verified from the draft tail.
     """
-    from specsa.verifier import NSAVerifier
-    from specsa.provisional import closing_blocks, visible_rows
-
     p = nsa.params
     ps = cache.page_size
     toks, poss, last, metas, in_place = [], [], [], {}, set()
-    v_rids, v_par, v_P, v_rows, v_qpos, v_qreq = [], [], [], [], [], []
-    f_rids, f_rows, f_qpos, f_qreq, f_P, f_len, f_slots = [], [], [], [], [], [], []
-    prov_idx, prov_cidx, prov_vis_rows = [], [], []
-    off = cmp_off = 0
+    vrows, frows = _VerifyRows(), _PrefillRows()
+    off = 0
     for rid, ids, par in blocks:
         n, P = len(ids), cache.length(rid)
-        depth = node_depths(par)
-        pos = [P + d for d in depth]
-        chain = par == tuple(range(-1, n - 1))
-        if chain and n > options.prefill_chain:
-            cache.reserve(rid, P + n)
-            pages = cache.block_table(rid)
-            f_qreq.extend([len(f_rids)] * n)
-            f_rids.append(rid)
-            f_rows.extend(range(off, off + n))
-            f_qpos.extend(pos)
-            f_P.append(P)
-            f_len.append(P + n)
-            f_slots.extend(pages[t // ps] * ps + t % ps for t in pos)
+        pos = [P + d for d in node_depths(par)]
+        if par == tuple(range(-1, n - 1)) and n > options.prefill_chain:
+            frows.add(cache, rid, P, pos, off)
             in_place.add(rid)
-            metas[rid] = BlockMeta(offset=off, prefix_len=P, parents=par, cmp_offset=cmp_off,
-                                   close_nodes=(), cmp_index=())
+            metas[rid] = BlockMeta(offset=off, prefix_len=P, parents=par,
+                                   cmp_offset=vrows.cmp_off, close_nodes=(), cmp_index=())
         else:
-            pages = cache.block_table(rid)
-            voff = len(v_rows)                    # first row of this request in the verify part
-            blocks_at = closing_blocks(par, P, p, lambda t, pg=pages: pg[t // ps] * ps + t % ps,
-                                       voff)
-            close = [v for v, b in enumerate(blocks_at) if b is not None]
-            cidx = [blocks_at[v][1] for v in close]
-            prov_idx.extend(blocks_at[v][0] for v in close)
-            prov_cidx.extend(cidx)
-            prov_vis_rows.extend(visible_rows(par, {v: cmp_off + j for j, v in enumerate(close)}))
-            v_qreq.extend([len(v_rids)] * n)
-            v_rids.append(rid)
-            v_par.append(list(par))
-            v_P.append(P)
-            v_rows.extend(range(off, off + n))
-            v_qpos.extend(pos)
-            metas[rid] = BlockMeta(offset=off, prefix_len=P, parents=par, cmp_offset=cmp_off,
-                                   close_nodes=tuple(close), cmp_index=tuple(cidx))
-            cmp_off += len(close)
+            metas[rid] = vrows.add(cache.block_table(rid), ps, p, rid, par, P, pos, off)
         toks.extend(ids)
         poss.extend(pos)
         off += n
         last.append(off - 1)
     dev = torch.device(device)
-    n_all = off
     verify = prefill = None
-    if v_rids:
-        rows = _Rows(None if len(v_rows) == n_all else _i64(v_rows, dev))
-        bt = _table(cache, v_rids, dev)
+    if vrows.rids:
+        verify = vrows.part(cache, off, nsa, num_q_heads, num_kv_heads, head_dim, scale, dev,
+                            options, knobs)
+    if frows.rids:
+        prefill = frows.part(cache, off, dev)
+    return TritonForward(tokens=_i64(toks, dev), positions=_i64(poss, dev),
+                         last_rows=_i64(last, dev), metas=metas, in_place=frozenset(in_place),
+                         verify=verify, prefill=prefill, knobs=knobs)
+
+
+class _VerifyRows:
+    """Host lists of a forward's verify part (draft trees, decode rows, short chains), request
+    by request, and the `VerifyPart` built from them."""
+
+    def __init__(self):
+        self.rids, self.parents, self.prefix, self.rows = [], [], [], []
+        self.q_pos, self.q_req = [], []
+        self.prov_idx, self.prov_cidx, self.prov_vis = [], [], []
+        self.cmp_off = 0          # provisional tokens so far (their compressed-row offset)
+
+    def add(self, pages: list[int], ps: int, p, rid: int, par: tuple[int, ...], P: int,
+            pos: list[int], off: int) -> BlockMeta:
+        """One request's rows at flat offset `off`; returns its BlockMeta."""
+        from specsa.provisional import closing_blocks, visible_rows
+
+        n = len(par)
+        voff = len(self.rows)                    # first row of this request in the verify part
+        blocks_at = closing_blocks(par, P, p, lambda t, pg=pages: pg[t // ps] * ps + t % ps,
+                                   voff)
+        close = [v for v, b in enumerate(blocks_at) if b is not None]
+        cidx = [blocks_at[v][1] for v in close]
+        self.prov_idx.extend(blocks_at[v][0] for v in close)
+        self.prov_cidx.extend(cidx)
+        self.prov_vis.extend(visible_rows(par, {v: self.cmp_off + j
+                                                for j, v in enumerate(close)}))
+        self.q_req.extend([len(self.rids)] * n)
+        self.rids.append(rid)
+        self.parents.append(list(par))
+        self.prefix.append(P)
+        self.rows.extend(range(off, off + n))
+        self.q_pos.extend(pos)
+        meta = BlockMeta(offset=off, prefix_len=P, parents=par, cmp_offset=self.cmp_off,
+                         close_nodes=tuple(close), cmp_index=tuple(cidx))
+        self.cmp_off += len(close)
+        return meta
+
+    def part(self, cache: PagedKVCache, n_all: int, nsa: NSAConfig, num_q_heads: int,
+             num_kv_heads: int, head_dim: int, scale: float, dev: torch.device,
+             options: TritonOptions, knobs: VerifyKnobs) -> VerifyPart:
+        """The verify part on the device, with the NSAVerifier prepared for this step."""
+        from specsa.verifier import NSAVerifier
+
+        p = nsa.params
+        rows = _Rows(None if len(self.rows) == n_all else _i64(self.rows, dev))
+        bt = _table(cache, self.rids, dev)
         verifier = NSAVerifier(nsa, num_q_heads, num_kv_heads, head_dim, device=dev, scale=scale)
-        meta = verifier.prepare(v_par, v_P, bt, schedule=options.schedule,
+        meta = verifier.prepare(self.parents, self.prefix, bt, schedule=options.schedule,
                                 traversal=options.traversal, precision=knobs.precision,
                                 group_size=options.group_size, num_splits=options.num_splits)
         geo = meta.geometry
         # the refresh reuses the verifier's groups (rows request-major in node order, as the
         # verify rows here); a request of one node (decode) is a group of 1
         grouped = options.refresh is Refresh.GROUPED
-        npv = len(prov_idx)
-        mp = max(1, max(len(r) for r in prov_vis_rows))
-        vis = [r + [-1] * (mp - len(r)) for r in prov_vis_rows]
-        verify = VerifyPart(
-            rows=rows, block_table=bt, q_req=_i32(v_qreq, dev), q_pos=_i32(v_qpos, dev),
-            cmp_lens=_i32([p.num_cmp(P) for P in v_P], dev),
-            prov_idx=_i32(prov_idx, dev) if npv else None,
-            prov_cidx=_i32(prov_cidx, dev) if npv else None,
+        npv = len(self.prov_idx)
+        mp = max(1, max(len(r) for r in self.prov_vis))
+        vis = [r + [-1] * (mp - len(r)) for r in self.prov_vis]
+        return VerifyPart(
+            rows=rows, block_table=bt, q_req=_i32(self.q_req, dev), q_pos=_i32(self.q_pos, dev),
+            cmp_lens=_i32([p.num_cmp(P) for P in self.prefix], dev),
+            prov_idx=_i32(self.prov_idx, dev) if npv else None,
+            prov_cidx=_i32(self.prov_cidx, dev) if npv else None,
             prov_vis=_i32(vis, dev) if npv else None, num_prov=npv, verifier=verifier,
             groups=(geo.order, geo.g_start, geo.g_len) if grouped else None,
             group_size=geo.C if grouped else 1)
-    if f_rids:
-        rows = _Rows(None if len(f_rows) == n_all else _i64(f_rows, dev))
-        prefill = PrefillPart(
-            rows=rows, block_table=_table(cache, f_rids, dev), q_req=_i32(f_qreq, dev),
-            q_pos=_i32(f_qpos, dev), prefix_lens=_i32(f_P, dev), seq_lens=_i32(f_len, dev),
-            slots=_i64(f_slots, dev))
-    return TritonForward(tokens=_i64(toks, dev), positions=_i64(poss, dev),
-                         last_rows=_i64(last, dev), metas=metas, in_place=frozenset(in_place),
-                         verify=verify, prefill=prefill, knobs=knobs)
+
+
+class _PrefillRows:
+    """Host lists of a forward's prefill part (chains longer than prefill_chain, written in
+    place into pages reserved here) and the `PrefillPart` built from them."""
+
+    def __init__(self):
+        self.rids, self.rows, self.q_pos, self.q_req = [], [], [], []
+        self.prefix, self.seq_lens, self.slots = [], [], []
+
+    def add(self, cache: PagedKVCache, rid: int, P: int, pos: list[int], off: int) -> None:
+        n = len(pos)
+        cache.reserve(rid, P + n)
+        pages = cache.block_table(rid)
+        ps = cache.page_size
+        self.q_req.extend([len(self.rids)] * n)
+        self.rids.append(rid)
+        self.rows.extend(range(off, off + n))
+        self.q_pos.extend(pos)
+        self.prefix.append(P)
+        self.seq_lens.append(P + n)
+        self.slots.extend(pages[t // ps] * ps + t % ps for t in pos)
+
+    def part(self, cache: PagedKVCache, n_all: int, dev: torch.device) -> PrefillPart:
+        rows = _Rows(None if len(self.rows) == n_all else _i64(self.rows, dev))
+        return PrefillPart(
+            rows=rows, block_table=_table(cache, self.rids, dev), q_req=_i32(self.q_req, dev),
+            q_pos=_i32(self.q_pos, dev), prefix_lens=_i32(self.prefix, dev),
+            seq_lens=_i32(self.seq_lens, dev), slots=_i64(self.slots, dev))

@@ -150,21 +150,8 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
     Raises CacheFullError (naming the sizes) when a request cannot fit, ConfigError for
     knobs outside their precision class.
     """
-    from specsa.orchestrator.planner import knobs_error
-
-    knobs = model.verify_knobs if knobs is None else knobs
-    why = knobs_error(knobs.precision, knobs.schedule, knobs.refresh_period)
-    if why:
-        raise ConfigError(why)
-    knobs = VerifyKnobs(precision=knobs.precision, refresh_period=knobs.refresh_period)
-    counts = {"forwards": 0, "refreshed": 0, "reused": 0}
-
-    def on_forward() -> None:
-        info = model.last_forward
-        counts["forwards"] += 1
-        counts["refreshed"] += info.refreshed
-        counts["reused"] += info.reused
-
+    knobs = _ar_knobs(model, knobs)
+    counts = _LayerCounts(model)
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}")
     prompts = token_lists(prompts)
@@ -187,31 +174,16 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
         _sync(dev)
         t0 = time.perf_counter()
         live, prefill_steps = prefill(model, cache, prompts, rids, out, sampling, gen,
-                                      chunk_size, progress, knobs=knobs, on_forward=on_forward)
+                                      chunk_size, progress, knobs=knobs, on_forward=counts.add)
         _sync(dev)
         prefill_s = time.perf_counter() - t0
         # -- phase 2: decode ---------------------------------------------------------------
         if progress is not None:
             progress("decode", sum(len(o) for o in out))   # first tokens come from prefill
         live = [i for i in live if not _finished(out[i], sampling, stop, reason, i)]
-        decode_steps = decode_tokens = 0
         t0 = time.perf_counter()
-        while live:
-            logits, pending = model(cache, [BlockInput(rids[i], [out[i][-1]]) for i in live],
-                                    last_only=True, knobs=knobs)
-            on_forward()
-            toks = sample(logits, sampling, gen).tolist()
-            for i, t in zip(live, toks):
-                cache.commit(rids[i], pending)
-                out[i].append(t)
-            decode_steps += 1
-            decode_tokens += len(live)
-            if progress is not None:
-                progress("decode", len(live))
-            for i in [i for i in live if _finished(out[i], sampling, stop, reason, i)]:
-                cache.free_request(rids[i])
-                rids[i] = None
-            live = [i for i in live if rids[i] is not None]
+        decode_steps, decode_tokens = _decode(model, cache, rids, out, live, sampling, gen, stop,
+                                              reason, progress, knobs, counts.add)
         _sync(dev)
         decode_s = time.perf_counter() - t0
     finally:
@@ -224,9 +196,61 @@ def generate(model: NSADecoder, prompts: Sequence[Sequence[int]], sampling: Samp
                             decode_steps=decode_steps, prefill_s=prefill_s, decode_s=decode_s,
                             prefill_tokens=sum(len(p) for p in prompts),
                             decode_tokens=decode_tokens,
-                            refresh_period_counts={str(knobs.refresh_period): counts["forwards"]},
-                            layers_refreshed=counts["refreshed"], layers_reused=counts["reused"])
+                            refresh_period_counts={str(knobs.refresh_period): counts.forwards},
+                            layers_refreshed=counts.refreshed, layers_reused=counts.reused)
     return results, stats
+
+
+def _ar_knobs(model: NSADecoder, knobs: VerifyKnobs | None) -> VerifyKnobs:
+    """The knobs (default the model's), checked against their precision class; AR decoding
+    keeps only their precision and refresh period."""
+    from specsa.orchestrator.planner import knobs_error
+
+    knobs = model.verify_knobs if knobs is None else knobs
+    why = knobs_error(knobs.precision, knobs.schedule, knobs.refresh_period)
+    if why:
+        raise ConfigError(why)
+    return VerifyKnobs(precision=knobs.precision, refresh_period=knobs.refresh_period)
+
+
+class _LayerCounts:
+    """Forwards run and layers that refreshed / reused their selection (model.last_forward)."""
+
+    def __init__(self, model: NSADecoder):
+        self.model = model
+        self.forwards = self.refreshed = self.reused = 0
+
+    def add(self) -> None:
+        info = self.model.last_forward
+        self.forwards += 1
+        self.refreshed += info.refreshed
+        self.reused += info.reused
+
+
+def _decode(model: NSADecoder, cache: PagedKVCache, rids: list, out: list[list[int]],
+            live: list[int], sampling: SamplingConfig, gen, stop: set[int], reason: list[str],
+            progress: Progress | None, knobs: VerifyKnobs, on_forward: Callable[[], None]
+            ) -> tuple[int, int]:
+    """Batched one-token decode of the `live` requests until each finishes; a finished
+    request's pages are freed at once and its rid set to None. Returns (steps, tokens)."""
+    steps = tokens = 0
+    while live:
+        logits, pending = model(cache, [BlockInput(rids[i], [out[i][-1]]) for i in live],
+                                last_only=True, knobs=knobs)
+        on_forward()
+        toks = sample(logits, sampling, gen).tolist()
+        for i, t in zip(live, toks):
+            cache.commit(rids[i], pending)
+            out[i].append(t)
+        steps += 1
+        tokens += len(live)
+        if progress is not None:
+            progress("decode", len(live))
+        for i in [i for i in live if _finished(out[i], sampling, stop, reason, i)]:
+            cache.free_request(rids[i])
+            rids[i] = None
+        live = [i for i in live if rids[i] is not None]
+    return steps, tokens
 
 
 def _finished(toks: list[int], sampling: SamplingConfig, stop: set[int], reason: list[str],
