@@ -28,8 +28,14 @@ def test_missing_package_is_named_before_download(tmp_path, monkeypatch, capsys)
 
 def test_base_install_has_the_conversion_packages():
     """gguf and accelerate are base dependencies: the script works right after `make demo`."""
+    from importlib import metadata
     ns = runpy.run_path(str(SCRIPT))
-    assert ns["missing_packages"]() == []
+    try:
+        metadata.distribution("specsa")
+    except metadata.PackageNotFoundError:
+        pass        # the package is on PYTHONPATH without an install (the GPU machine's copy)
+    else:
+        assert ns["missing_packages"]() == []
     tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
     deps = tomllib.loads((SCRIPT.parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split("=")[0].split("<")[0].split(">")[0].strip() for d in deps}

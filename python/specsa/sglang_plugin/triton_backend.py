@@ -56,6 +56,9 @@ class SpecsaTritonBackend(AttentionBackend):
         self.draft_tokens = state_draft_tokens(sa)
         self.topk = int(getattr(sa, "speculative_eagle_topk", None) or 1)
         mc = runner.model_config
+        # SGLang's overlap (spec v2) path sizes the verify tree mask from it when the batch
+        # carries no host seq_lens (eagle_worker_common.build_eagle_verify_input)
+        self.max_context_len = mc.context_len
         hkv, d = self.pool.head_num, self.pool.head_dim
         rows = self.pool.get_key_buffer(self.pool.start_layer).shape[0]
         dtype = self.pool.get_key_buffer(self.pool.start_layer).dtype
