@@ -12,6 +12,19 @@ import triton
 import triton.language as tl
 
 from .launch import pow2
+from .tl_math import merge_state
+
+
+@triton.jit
+def gated_combine(GATES, OCMP, p_row, m_row, o_d, m_o, b_slc, b_win, D: tl.constexpr):
+    # o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win for rows p_row (flat query-head index;
+    # gates [*, 3] in (cmp, slc, win) order, sigmoid already applied), in fp32
+    p_g = GATES + p_row * 3
+    b_gc = tl.load(p_g + 0, mask=m_row, other=0.).to(tl.float32)
+    b_gs = tl.load(p_g + 1, mask=m_row, other=0.).to(tl.float32)
+    b_gw = tl.load(p_g + 2, mask=m_row, other=0.).to(tl.float32)
+    b_oc = tl.load(OCMP + p_row[:, None] * D + o_d[None, :], mask=m_o, other=0.).to(tl.float32)
+    return b_gc[:, None] * b_oc + b_gs[:, None] * b_slc + b_gw[:, None] * b_win
 
 
 @triton.jit
@@ -25,13 +38,7 @@ def _merge_branch(OPART, LPART, i_q, o_h, m_h, o_d, m_d, br, NQ, NSPLIT,
         base = (s * NB + br) * NQ * HQ + i_q * HQ + o_h                  # [BH]
         b_l = tl.load(LPART + base, mask=m_h, other=float("-inf"))
         b_o = tl.load(OPART + base[:, None] * D + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0.0)
-        m_new = tl.maximum(m, b_l)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m - m_safe)
-        w = tl.exp2(b_l - m_safe)
-        l = l * a + w
-        acc = acc * a[:, None] + w[:, None] * b_o
-        m = m_new
+        m, l, acc = merge_state(m, l, acc, b_l, b_o)
     return acc / tl.where(l > 0, l, 1.0)[:, None]
 
 
@@ -50,11 +57,7 @@ def _merge_splits_kernel(OPART, LPART, OCMP, GATES, OUT, NQ, NSPLIT,
     m_o = m_h[:, None] & m_d[None, :]
     if GATED:
         b_w = _merge_branch(OPART, LPART, i_q, o_h, m_h, o_d, m_d, 1, NQ, NSPLIT, HQ, D, NB, BH, BD)
-        g0 = tl.load(GATES + p_row * 3 + 0, mask=m_h, other=0.0).to(tl.float32)
-        g1 = tl.load(GATES + p_row * 3 + 1, mask=m_h, other=0.0).to(tl.float32)
-        g2 = tl.load(GATES + p_row * 3 + 2, mask=m_h, other=0.0).to(tl.float32)
-        b_c = tl.load(OCMP + p_row[:, None] * D + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
-        b_o = g0[:, None] * b_c + g1[:, None] * b_o + g2[:, None] * b_w
+        b_o = gated_combine(GATES, OCMP, p_row, m_h, o_d, m_o, b_o, b_w, D)
     tl.store(OUT + p_row[:, None] * D + o_d[None, :], b_o.to(OUT.dtype.element_ty), mask=m_o)
 
 

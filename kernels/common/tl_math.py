@@ -27,6 +27,41 @@ def online_step(b_m, b_l, b_acc, b_s, m_s, b_v, F32: tl.constexpr):
 
 
 @triton.jit
+def merge_state(b_m, b_l, b_acc, b_pl, b_po):
+    # fold a normalised partial (o [rows, D], lse [rows], log2 units) into a running
+    # (m, l, acc); a partial with lse = -inf (no key) gets weight 0, never NaN
+    b_mn = tl.maximum(b_m, b_pl)
+    b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+    b_a = tl.exp2(b_m - b_ms)
+    b_w = tl.exp2(b_pl - b_ms)
+    b_l = b_l * b_a + b_w
+    b_acc = b_acc * b_a[:, None] + b_w[:, None] * b_po
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def load_rows(ptr, o_row, m_row, D: tl.constexpr, BD: tl.constexpr):
+    # rows o_row of a row-major [*, D] tensor as a [rows, BD] tile (masked rows and the padded
+    # columns read 0); the column offsets / mask come back for the caller's later accesses
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_x = tl.load(ptr + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
+    return b_x, o_d, m_d
+
+
+@triton.jit
+def load_q_heads(q, i_q, i_h, HQ: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                 D: tl.constexpr, BD: tl.constexpr):
+    # the G query heads of KV head i_h in query row i_q: a [BG, BD] tile (BG >= 16 for the MMA,
+    # padded heads masked) -> (tile, flat head rows [BG], head mask, column offsets / mask)
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    o_hq = i_q * HQ + i_h * G + o_g
+    b_q, o_d, m_d = load_rows(q, o_hq, m_g, D, BD)
+    return b_q, o_hq, m_g, o_d, m_d
+
+
+@triton.jit
 def overlap(o_start, o_blk, L: tl.constexpr, LS: tl.constexpr, DS: tl.constexpr):
     # |[start, start+l) intersect [j*l', (j+1)*l')| / d (Eq. 9 weight), exact integer as fp32
     lo = tl.maximum(o_start, o_blk * LS)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.tl_math import NEG_BIG
+from ..common.merge import gated_combine
+from ..common.tl_math import NEG_BIG, load_q_heads
 from ..common.tl_math import dot_f32 as _dot
 
 
@@ -49,13 +50,7 @@ def sel_win_attention_kernel(
     i_t = tl.load(q_pos + i_q)
     i_w0 = tl.maximum(i_t - W + 1, 0)
     p_bt = block_table + i_req * stride_bt
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_hq = i_q * HQ + i_h * G + o_g                                                 # [BG]
-    m_qd = m_g[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.)        # [BG, BD]
+    b_q, o_hq, m_g, o_d, m_d = load_q_heads(q, i_q, i_h, HQ, G, BG, D, BD)
     b_m = tl.full([BG], NEG_BIG, tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BD], tl.float32)
@@ -80,11 +75,7 @@ def sel_win_attention_kernel(
         b_m, b_l, b_acc = _attend(b_q, k_cache, v_cache, p_bt, o_wp, o_wp <= i_t, i_h, o_d, m_d,
                                   b_m, b_l, b_acc, scale, HKV, D, PS, F32)
     b_o = b_acc / b_l[:, None]                    # the window always holds the query itself
+    m_qd = m_g[:, None] & m_d[None, :]
     if GATED:
-        p_g = gates + o_hq * 3
-        b_gc = tl.load(p_g, mask=m_g, other=0.).to(tl.float32)
-        b_gs = tl.load(p_g + 1, mask=m_g, other=0.).to(tl.float32)
-        b_gw = tl.load(p_g + 2, mask=m_g, other=0.).to(tl.float32)
-        b_oc = tl.load(o_cmp + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.).to(tl.float32)
-        b_o = b_gc[:, None] * b_oc + b_gs[:, None] * b_slc + b_gw[:, None] * b_o
+        b_o = gated_combine(gates, o_cmp, o_hq, m_g, o_d, m_qd, b_slc, b_o, D)
     tl.store(out + o_hq[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_qd)

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..common.launch import pow2
 from ..common.params import NSAParams
-from ..common.tl_math import LOG2E
+from ..common.merge import gated_combine
+from ..common.tl_math import LOG2E, merge_state
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import online_step as _online
 
@@ -132,23 +133,12 @@ def prefill_tile_kernel(
             b_pl = tl.load(part_lse + o_e, mask=m_p, other=float("-inf"))
             b_po = tl.load(part_o + o_e[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :],
                            other=0.).to(tl.float32)
-            b_mn = tl.maximum(b_m, b_pl)
-            b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
-            b_a = tl.exp2(b_m - b_ms)
-            b_w = tl.exp2(b_pl - b_ms)
-            b_l = b_l * b_a + b_w
-            b_acc = b_acc * b_a[:, None] + b_w[:, None] * b_po
-            b_m = b_mn
+            b_m, b_l, b_acc = merge_state(b_m, b_l, b_acc, b_pl, b_po)
     # ---- epilogue ------------------------------------------------------------------------
     b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
     if GATED:
         b_ow = w_acc / tl.where(w_l > 0, w_l, 1.)[:, None]
-        p_g = gates + o_hq * 3
-        b_gc = tl.load(p_g, mask=m_r, other=0.).to(tl.float32)
-        b_gs = tl.load(p_g + 1, mask=m_r, other=0.).to(tl.float32)
-        b_gw = tl.load(p_g + 2, mask=m_r, other=0.).to(tl.float32)
-        b_oc = tl.load(o_cmp + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.).to(tl.float32)
-        b_o = b_gc[:, None] * b_oc + b_gs[:, None] * b_o + b_gw[:, None] * b_ow
+        b_o = gated_combine(gates, o_cmp, o_hq, m_r, o_d, m_qd, b_o, b_ow, D)
     tl.store(out + o_hq[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_qd)
 
 

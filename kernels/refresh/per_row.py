@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..common.launch import pow2
 from ..common.params import NSAParams
-from ..common.tl_math import NEG_BIG
+from ..common.tl_math import NEG_BIG, load_q_heads
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import overlap as _overlap
 from ..compression.blocks import load_cmp_tile as _load_cmp_tile
@@ -60,12 +60,7 @@ def score_topk_kernel(
     i_t = tl.load(q_pos + i_q)
     n_c = tl.minimum(tl.load(cmp_lens + i_req), num_cmp_dev(i_t + 1, L, DS))
     p_bt = block_table + i_req * stride_bt
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_hq = i_q * HQ + i_h * G + o_g                                                # [BG]
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
+    b_q, o_hq, m_g, o_d, m_d = load_q_heads(q, i_q, i_h, HQ, G, BG, D, BD)
     o_bc = tl.arange(0, BC)
 
     # ---- pass 1: softmax statistics (and o_cmp) over committed + provisional tokens ----
