@@ -47,7 +47,7 @@ import triton.language as tl
 
 from ..common.launch import num_sms, pow2
 from ..common.params import NSAParams
-from ..common.tl_math import LN2, LOG2E, NEG_BIG
+from ..common.tl_math import LN2, LOG2E, NEG_BIG, load_rows
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tree import MAX_TREE_NODES
 from .grouped_tiles import (
@@ -64,6 +64,53 @@ from .grouped_tiles import (
 from .per_row import check_refresh_args, refresh_outputs
 
 
+@triton.jit
+def _group_q(q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
+             i_g, i_h, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr,
+             D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+             LS: tl.constexpr):
+    # the group's rows (see _group) and its [RR, BD] Q tile; the Q load is masked by the rows,
+    # so an unused slot (g_len 0: the kernel returns next) reads nothing
+    g_len, m_r, i_qr, gg, n_cr, i_qq, m_q, cur_q, i_req = _group(
+        i_g, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, G, GP, CP, L, DS, LS)
+    o_hq = i_qr * HQ + i_h * G + gg                                                # [RR]
+    b_q, o_d, m_d = load_rows(q, o_hq, m_r, D, BD)
+    p_bt = block_table + i_req * stride_bt
+    return g_len, m_r, n_cr, i_qq, m_q, cur_q, scale * LOG2E, p_bt, o_hq, b_q, o_d, m_d
+
+
+@triton.jit
+def _prov_stats(b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
+                m_d, qk_scale, b_m, b_l, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+                CP: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, DS: tl.constexpr,
+                F32: tl.constexpr):
+    # fold the group's provisional tokens into the rows' (max, sum exp2); their masked logits
+    # and slots come back so that the fused kernel's pass 2 need not recompute them
+    b_sp, m_rp, b_prow, b_pst = _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order, g_start_p,
+                                           i_g, g_len, m_r, i_h, o_d, m_d, qk_scale, HKV, D,
+                                           GP, CP, MP, MPP, DS, F32)
+    b_sp = tl.where(m_rp, b_sp, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
+    b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_sp - b_mn[:, None]), 1)
+    return b_mn, b_l, b_sp, m_rp, b_prow, b_pst
+
+
+@triton.jit
+def _lse2(b_m, b_l):
+    # (row has a token, log2-sum-exp2); 0 where it has none, so exp2(s - lse) stays finite
+    m_any = b_l > 0
+    return m_any, tl.where(m_any, b_m + tl.log2(tl.where(m_any, b_l, 1.)), 0.)
+
+
+@triton.jit
+def _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV: tl.constexpr,
+              D: tl.constexpr, F32: tl.constexpr):
+    # o_cmp share of the provisional tokens: probabilities b_p [RR, NPS] times their values
+    b_pv = tl.load(prov_v + (b_prow * HKV + i_h)[:, None] * D + o_d[None, :],
+                   mask=(b_pst >= 0)[:, None] & m_d[None, :], other=0.)
+    return b_acc + _dot(b_p.to(b_pv.dtype), b_pv, F32)
+
+
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
 def score_topk_grouped_fused_kernel(
     q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
@@ -77,17 +124,12 @@ def score_topk_grouped_fused_kernel(
 ):
     # NSPLIT == 1: pass 1, pass 2 and the final pick in one program per (group, KV head)
     i_g, i_h = tl.program_id(0), tl.program_id(1)
-    g_len, m_r, i_qr, gg, n_cr, i_qq, m_q, cur_q, i_req = _group(
-        i_g, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, G, GP, CP, L, DS, LS)
+    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
+        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
     if g_len == 0:
         return
     RR: tl.constexpr = CP * GP
-    qk_scale = scale * LOG2E
-    p_bt = block_table + i_req * stride_bt
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_hq = i_qr * HQ + i_h * G + gg                                                # [RR]
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
     b_m = tl.full([RR], NEG_BIG, tl.float32)
     b_l = tl.zeros([RR], tl.float32)
     b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
@@ -95,23 +137,16 @@ def score_topk_grouped_fused_kernel(
     b_pp = tl.zeros([CP * MPP], tl.float32)
     b_pst = tl.full([CP * MPP], -1, tl.int32)
     if HAS_PROV:
-        b_sp, m_rp, b_prow, b_pst = _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order, g_start_p,
-                                               i_g, g_len, m_r, i_h, o_d, m_d, qk_scale, HKV, D,
-                                               GP, CP, MP, MPP, DS, F32)
-        b_sp = tl.where(m_rp, b_sp, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
-        b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_sp - b_mn[:, None]), 1)
-        b_m = b_mn
-    m_any = b_l > 0
-    b_lse = tl.where(m_any, b_m + tl.log2(tl.where(m_any, b_l, 1.)), 0.)          # [RR] log2
+        b_m, b_l, b_sp, m_rp, b_prow, b_pst = _prov_stats(
+            b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d, m_d,
+            qk_scale, b_m, b_l, HKV, D, GP, CP, MP, MPP, DS, F32)
+    m_any, b_lse = _lse2(b_m, b_l)                                                 # [RR] log2
     b_acc = tl.zeros([RR, BD], tl.float32)
     if HAS_PROV:
         b_p = _prov_probs(b_sp, m_rp, b_lse)
         b_pp = tl.sum(b_p, 0)
         if WITH_OUT:
-            b_pv = tl.load(prov_v + (b_prow * HKV + i_h)[:, None] * D + o_d[None, :],
-                           mask=(b_pst >= 0)[:, None] & m_d[None, :], other=0.)
-            b_acc += _dot(b_p.to(b_pv.dtype), b_pv, F32)
+            b_acc = _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV, D, F32)
     nblk = tl.max(tl.where(m_q, cur_q + 1, 0), 0)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            0, nblk, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
@@ -138,32 +173,22 @@ def score_topk_grouped_stats_kernel(
 ):
     # pass 1 of split i_s: (max, sum exp2) partials of every row over the split's tokens
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g_len, m_r, i_qr, gg, n_cr, i_qq, m_q, cur_q, i_req = _group(
-        i_g, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, G, GP, CP, L, DS, LS)
+    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
+        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
     if g_len == 0:
         return
-    RR: tl.constexpr = CP * GP
-    qk_scale = scale * LOG2E
-    p_bt = block_table + i_req * stride_bt
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_hq = i_qr * HQ + i_h * G + gg
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
-    b_m = tl.full([RR], NEG_BIG, tl.float32)
-    b_l = tl.zeros([RR], tl.float32)
+    b_m = tl.full([CP * GP], NEG_BIG, tl.float32)
+    b_l = tl.zeros([CP * GP], tl.float32)
     b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, jlo * R,
                       tl.minimum(jhi * R, tl.max(n_cr, 0)), qk_scale, b_m, b_l,
                       HKV, D, PS, CPP, L, DS, TS, F32)
     if HAS_PROV:
         if i_s == 0:
-            b_sp, m_rp, b_prow, b_pst = _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order,
-                                                   g_start_p, i_g, g_len, m_r, i_h, o_d, m_d,
-                                                   qk_scale, HKV, D, GP, CP, MP, MPP, DS, F32)
-            b_sp = tl.where(m_rp, b_sp, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
-            b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_sp - b_mn[:, None]), 1)
-            b_m = b_mn
+            b_m, b_l, _, _, _, _ = _prov_stats(
+                b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
+                m_d, qk_scale, b_m, b_l, HKV, D, GP, CP, MP, MPP, DS, F32)
     o_w = i_s * NQ * HQ + o_hq
     tl.store(m_part + o_w, b_m, mask=m_r)
     tl.store(l_part + o_w, b_l, mask=m_r)
@@ -184,27 +209,19 @@ def score_topk_grouped_scores_kernel(
     # pass 2 of split i_s: global lse from the partials, then the split's block scores -> its
     # top-BS candidate keys per query; o_cmp partial (already globally normalised)
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g_len, m_r, i_qr, gg, n_cr, i_qq, m_q, cur_q, i_req = _group(
-        i_g, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, G, GP, CP, L, DS, LS)
+    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
+        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
     if g_len == 0:
         return
-    RR: tl.constexpr = CP * GP
-    qk_scale = scale * LOG2E
-    p_bt = block_table + i_req * stride_bt
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_hq = i_qr * HQ + i_h * G + gg
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
     o_sp = tl.arange(0, NSP)
     m_w = m_r[:, None] & (o_sp[None, :] < NSPLIT)
     o_w = o_sp[None, :] * NQ * HQ + o_hq[:, None]                                  # [RR, NSP]
     b_ms = tl.load(m_part + o_w, mask=m_w, other=NEG_BIG)
     b_ls = tl.load(l_part + o_w, mask=m_w, other=0.)
     b_m = tl.max(b_ms, 1)
-    b_l = tl.sum(b_ls * tl.exp2(b_ms - b_m[:, None]), 1)
-    m_any = b_l > 0
-    b_lse = tl.where(m_any, b_m + tl.log2(tl.where(m_any, b_l, 1.)), 0.)
-    b_acc = tl.zeros([RR, BD], tl.float32)
+    m_any, b_lse = _lse2(b_m, tl.sum(b_ls * tl.exp2(b_ms - b_m[:, None]), 1))
+    b_acc = tl.zeros([CP * GP, BD], tl.float32)
     b_pp = tl.zeros([CP * MPP], tl.float32)
     b_pst = tl.full([CP * MPP], -1, tl.int32)
     if HAS_PROV:
@@ -215,9 +232,7 @@ def score_topk_grouped_scores_kernel(
         b_pp = tl.sum(b_p, 0)
         if WITH_OUT:
             if i_s == 0:
-                b_pv = tl.load(prov_v + (b_prow * HKV + i_h)[:, None] * D + o_d[None, :],
-                               mask=(b_pst >= 0)[:, None] & m_d[None, :], other=0.)
-                b_acc += _dot(b_p.to(b_pv.dtype), b_pv, F32)
+                b_acc = _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV, D, F32)
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            jlo, jhi, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
@@ -365,8 +380,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     Example: a T=16 draft tree, G=4, group_size 16 -> one program per (KV head, split) holds
     the 64 rows (16 queries x 4 heads) and reads each compressed key once per split.
     """
-    nq, hq, dim = q.shape
-    _, cpp, hkv, _ = ck_cache.shape
+    nq, hq, _ = q.shape
+    hkv = ck_cache.shape[2]
     what = "score_topk_grouped"
     has_prov = check_refresh_args(what, q, ck_cache, cv_cache, block_table, q_req, q_pos,
                                   cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
@@ -374,10 +389,41 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     if not 1 <= group_size <= MAX_TREE_NODES:
         raise ValueError(f"{what}: group_size must be in 1..{MAX_TREE_NODES}, got {group_size}")
     with_out = params.gated if with_out is None else with_out
-    g = hq // hkv
     sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)
     if nq == 0:
         return sel, o_cmp, lse
+    order, g_start, g_len = _groups_or_default(what, q, q_req, group_size, groups)
+    if num_splits is None:
+        max_blocks = -(-block_table.shape[1] * page_size // params.select)
+        num_splits = default_refresh_splits(g_len.shape[0] * hkv, max_blocks, params,
+                                            num_sms(q.device), refresh_rows(group_size, hq, hkv))
+    ns = int(num_splits)
+    if ns < 1:
+        raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
+    both, pass2 = _grouped_constexprs(what, q, ck_cache, params, page_size,
+                                      prov_vis.shape[1] if has_prov else 1, with_out,
+                                      group_size, merge, stats_tile, num_warps)
+    dummy = q.new_empty(1)
+    both.update(HAS_PROV=has_prov, q=q, ck_cache=ck_cache, block_table=block_table, q_req=q_req, q_pos=q_pos,
+                cmp_lens=cmp_lens, order=order, g_start_p=g_start, g_len_p=g_len,
+                prov_k=prov_k if has_prov else dummy,
+                prov_cidx=prov_cidx if has_prov else cmp_lens,
+                prov_vis=prov_vis if has_prov else cmp_lens,
+                scale=float(scale), stride_bt=block_table.stride(0), num_stages=num_stages)
+    pass2.update(cv_cache=cv_cache, prov_v=prov_v if has_prov else dummy)
+    outs = (sel, o_cmp if with_out else dummy, lse if with_out else dummy)
+    if ns == 1:
+        score_topk_grouped_fused_kernel[(g_len.shape[0], hkv)](
+            **both, **pass2, sel=outs[0], o_cmp=outs[1], lse=outs[2])
+    else:
+        _launch_split(what, both, pass2, ns, g_len.shape[0], outs, params, with_out, workspace)
+    return sel, o_cmp, lse
+
+
+def _groups_or_default(what: str, q: torch.Tensor, q_req: torch.Tensor, group_size: int,
+                       groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the caller's plan (shapes checked), else each row alone or `refresh_groups` (host sync)
+    nq = q.shape[0]
     if groups is None:
         if group_size == 1:
             ar = torch.arange(nq, dtype=torch.int32, device=q.device)
@@ -389,20 +435,22 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     if order.shape != (nq,) or g_start.shape != (ng,):
         raise ValueError(f"{what}: groups must be (order [Nq={nq}], g_start [NG], g_len [NG]), got "
                          f"{tuple(order.shape)}, {tuple(g_start.shape)}, {tuple(g_len.shape)}")
-    if num_splits is None:
-        max_blocks = -(-block_table.shape[1] * page_size // params.select)
-        num_splits = default_refresh_splits(ng * hkv, max_blocks, params, num_sms(q.device),
-                                            refresh_rows(group_size, hq, hkv))
-    ns = int(num_splits)
-    if ns < 1:
-        raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
+    return order, g_start, g_len
 
+
+def _grouped_constexprs(what: str, q: torch.Tensor, ck_cache: torch.Tensor, params: NSAParams,
+                        page_size: int, mp: int, with_out: bool, group_size: int, merge: str,
+                        stats_tile: int | None, num_warps: int | None) -> tuple[dict, dict]:
+    """Tile sizes and launch knobs of the grouped kernels: (those of every pass, pass 2's own);
+    mp: provisional tokens visible per row (1 without any)."""
+    nq, hq, dim = q.shape
+    _, cpp, hkv, _ = ck_cache.shape
+    g = hq // hkv
     gp = pow2(g)
     cp = max(pow2(group_size), pow2(16 // gp))         # rows CP*GP >= 16 for the MMA
     r = params.select // params.stride
     rp = pow2(r)
     bs = pow2(params.topn, 16)
-    mp = prov_vis.shape[1] if has_prov else 1
     mpp = max(pow2(mp), pow2(16 // cp))                # slots CP*MPP >= 16 for the MMA
     bd = pow2(dim, 16)
     on_gpu = q.device.type == "cuda"
@@ -415,40 +463,34 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
         raise ValueError(f"{what}: stats_tile must be a power of two >= 16, got {stats_tile}")
     if num_warps is None:   # H200 (stages_tune.json): 4 warps up to 64 rows, 8 from 128 rows or
         num_warps = 8 if (with_out or cp * gp >= 128) and bd >= 128 else 4   # with o_cmp (spills)
-    dummy = q.new_empty(1)
-    f32 = q.dtype == torch.float32 or q.device.type == "cpu"
-    common = dict(
-        q=q, ck_cache=ck_cache, block_table=block_table, q_req=q_req, q_pos=q_pos,
-        cmp_lens=cmp_lens, order=order, g_start_p=g_start, g_len_p=g_len,
-        prov_k=prov_k if has_prov else dummy,
-        prov_cidx=prov_cidx if has_prov else cmp_lens, prov_vis=prov_vis if has_prov else cmp_lens,
-        scale=float(scale), stride_bt=block_table.stride(0), NQ=nq,
-        HQ=hq, HKV=hkv, G=g, GP=gp, CP=cp, D=dim, BD=bd, L=params.block, DS=params.stride,
-        LS=params.select, R=r, PS=page_size, CPP=cpp, TB=bs * rp, MP=mp, MPP=mpp,
-        HAS_PROV=has_prov, F32=f32, TS=ts, num_warps=num_warps,
-        num_stages=num_stages)
-    pass2 = dict(cv_cache=cv_cache, prov_v=prov_v if has_prov else dummy, RP=rp,
-                 K=params.block // params.stride, TOPN=params.topn, BS=bs,
-                 INIT=params.init_blocks, LOCAL=params.local_blocks, WITH_OUT=with_out,
-                 MERGE=merges[merge])
-    if ns == 1:
-        score_topk_grouped_fused_kernel[(ng, hkv)](
-            **common, **pass2, sel=sel, o_cmp=o_cmp if with_out else dummy,
-            lse=lse if with_out else dummy)
-        return sel, o_cmp, lse
+    both = {"NQ": nq, "HQ": hq, "HKV": hkv, "G": g, "GP": gp, "CP": cp, "D": dim, "BD": bd,
+            "L": params.block, "DS": params.stride, "LS": params.select, "R": r, "PS": page_size,
+            "CPP": cpp, "TB": bs * rp, "MP": mp, "MPP": mpp,
+            "F32": q.dtype == torch.float32 or q.device.type == "cpu", "TS": ts,
+            "num_warps": num_warps}
+    pass2 = {"RP": rp, "K": params.block // params.stride, "TOPN": params.topn, "BS": bs,
+             "INIT": params.init_blocks, "LOCAL": params.local_blocks, "WITH_OUT": with_out,
+             "MERGE": merges[merge]}
+    return both, pass2
+
+
+def _launch_split(what: str, both: dict, pass2: dict, ns: int, ng: int, outs: tuple,
+                  params: NSAParams, with_out: bool, workspace) -> None:
+    # NSPLIT > 1: pass 1 and pass 2 per split, then the merge of the splits' lists / partials
+    nq, hq, hkv, dim, bs = both["NQ"], both["HQ"], both["HKV"], both["D"], pass2["BS"]
     if workspace is None:
-        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, q.device)
+        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, both["q"].device)
     m_part, l_part, cand, o_part = workspace
     if (m_part.numel() < ns * nq * hq or cand.numel() < ns * nq * hkv * bs
             or (with_out and o_part.numel() < ns * nq * hq * dim)):
         raise ValueError(f"{what}: workspace too small for {ns} splits (see refresh_workspace)")
+    sel, o_cmp, lse = outs
     score_topk_grouped_stats_kernel[(ng, hkv, ns)](
-        **common, m_part=m_part, l_part=l_part, NSPLIT=ns, BS=bs)
+        **both, m_part=m_part, l_part=l_part, NSPLIT=ns, BS=bs)
     score_topk_grouped_scores_kernel[(ng, hkv, ns)](
-        **common, **pass2, m_part=m_part, l_part=l_part, cand=cand, o_part=o_part,
-        lse=lse if with_out else dummy, NSPLIT=ns, NSP=pow2(ns))
+        **both, **pass2, m_part=m_part, l_part=l_part, cand=cand, o_part=o_part, lse=lse,
+        NSPLIT=ns, NSP=pow2(ns))
     score_topk_grouped_merge_kernel[(nq, hkv)](
-        cand=cand, o_part=o_part, sel=sel, o_cmp=o_cmp if with_out else dummy, NQ=nq,
-        HQ=hq, HKV=hkv, G=g, GP=gp, D=dim, BD=bd, TOPN=params.topn, BS=bs, NSPLIT=ns,
-        NSP=pow2(ns), WITH_OUT=with_out, num_warps=4)
-    return sel, o_cmp, lse
+        cand=cand, o_part=o_part, sel=sel, o_cmp=o_cmp, NQ=nq, HQ=hq, HKV=hkv, G=both["G"],
+        GP=both["GP"], D=dim, BD=both["BD"], TOPN=params.topn, BS=bs, NSPLIT=ns, NSP=pow2(ns),
+        WITH_OUT=with_out, num_warps=4)
