@@ -45,6 +45,100 @@ def _gt(v_a, i_a, v_b, i_b):
 
 
 @triton.jit
+def _cmp_stats(b_q, ck_cache, cv_cache, p_bt, n_c, i_h, o_d, m_d, scale, HKV: tl.constexpr,
+               D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, L: tl.constexpr,
+               DS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+               WITH_OUT: tl.constexpr, F32: tl.constexpr):
+    # pass 1 over the committed compressed tokens [0, n_c): online (max, sum exp) and, for
+    # o_cmp, the unnormalised accumulator (natural-log units: the reference's)
+    b_m = tl.full([BG], NEG_BIG, tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BD], tl.float32)
+    o_bc = tl.arange(0, BC)
+    for i0 in range(0, n_c, BC):
+        o_c = i0 + o_bc
+        m_c = o_c < n_c
+        b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * scale                               # [BG, BC]
+        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp(b_s - b_mn[:, None])                                          # [BG, BC]
+        b_a = tl.exp(b_m - b_mn)
+        b_l = b_l * b_a + tl.sum(b_p, 1)
+        if WITH_OUT:
+            b_v = _load_cmp_tile(cv_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+            b_pv = _dot(b_p.to(b_v.dtype), b_v, F32)
+            b_acc = b_acc * b_a[:, None] + b_pv                                    # [BG, BD]
+        b_m = b_mn
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _prov_stats(b_q, prov_k, prov_v, prov_cidx, prov_vis, i_q, i_h, o_d, m_d, scale, b_m, b_l,
+                b_acc, HKV: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, MP: tl.constexpr,
+                BP: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr):
+    # the provisional tokens visible to row i_q join pass 1's softmax; their masked logits
+    # [BG, BP], mask and start positions come back for pass 2's scores
+    o_p = tl.arange(0, BP)
+    b_r = tl.load(prov_vis + i_q * MP + o_p, mask=o_p < MP, other=-1).to(tl.int64)  # [BP]
+    m_p = b_r >= 0
+    o_pr = (tl.where(m_p, b_r, 0) * HKV + i_h) * D                                 # [BP]
+    b_pk = tl.load(prov_k + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+    b_pst = tl.load(prov_cidx + tl.where(m_p, b_r, 0), mask=m_p, other=0) * DS      # [BP] start
+    b_sp = _dot(b_q, tl.trans(b_pk), F32) * scale                                 # [BG, BP]
+    b_sp = tl.where(m_p[None, :], b_sp, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
+    b_p = tl.exp(b_sp - b_mn[:, None])
+    b_a = tl.exp(b_m - b_mn)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    if WITH_OUT:
+        b_pv_ = tl.load(prov_v + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+        b_pv = _dot(b_p.to(b_pv_.dtype), b_pv_, F32)
+        b_acc = b_acc * b_a[:, None] + b_pv
+    return b_mn, b_l, b_acc, b_sp, m_p, b_pst
+
+
+@triton.jit
+def _block_scores(b_q, ck_cache, p_bt, j0, n_c, b_lse, b_carry, m_g, i_h, o_d, m_d, scale,
+                  HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
+                  L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr,
+                  BS: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
+    # Eq. 9 scores [BS] of selection blocks j0 .. j0+BS-1 from the committed tokens starting in
+    # them, plus the spill carried from the previous tile; returns this tile's spill into the
+    # next tile's first block (a token starting in the last block reaches past the tile)
+    o_bs = tl.arange(0, BS)
+    o_bc = tl.arange(0, BC)
+    o_j = j0 + o_bs                                                                # [BS]
+    o_c = j0 * R + o_bc                                                            # [BC]
+    m_c = (o_bc < BS * R) & (o_c < n_c)
+    b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
+    b_s = _dot(b_q, tl.trans(b_k), F32) * scale                                   # [BG, BC]
+    b_p2 = tl.where(m_g[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.)
+    b_ps = tl.sum(b_p2, 0)                                                        # [BC]
+    o_st = o_c * DS                                                                # [BC]
+    b_sc = tl.sum(b_ps[:, None] * _overlap(o_st[:, None], o_j[None, :], L, LS, DS), 0)  # [BS]
+    b_sc += tl.where(o_bs == 0, b_carry, 0.)
+    return b_sc, tl.sum(b_ps * _overlap(o_st, j0 + BS, L, LS, DS), 0)
+
+
+@triton.jit
+def _rank_merge(b_tv, b_ti, b_sc, b_si, o_n):
+    # running top-n (b_tv, b_ti) [BN] merged with a tile (b_sc, b_si) [BS]: every element's rank
+    # in the union is its new slot, so no sort is needed (ties -> lower block index)
+    r_a = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1) \
+        + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1)  # [BN]
+    r_b = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1) \
+        + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1)  # [BS]
+    s_a = r_a[:, None] == o_n[None, :]                                             # [BN, BN]
+    s_b = r_b[:, None] == o_n[None, :]                                             # [BS, BN]
+    b_tv_new = tl.maximum(tl.max(tl.where(s_a, b_tv[:, None], -1.0), 0),
+                          tl.max(tl.where(s_b, b_sc[:, None], -1.0), 0))
+    b_ti = tl.maximum(tl.max(tl.where(s_a, b_ti[:, None], -1), 0),
+                      tl.max(tl.where(s_b, b_si[:, None], -1), 0))
+    return b_tv_new, b_ti
+
+
+@triton.jit
 def score_topk_kernel(
     q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
     prov_k, prov_v, prov_cidx, prov_vis, sel, o_cmp, lse, scale, stride_bt,
@@ -61,45 +155,14 @@ def score_topk_kernel(
     n_c = tl.minimum(tl.load(cmp_lens + i_req), num_cmp_dev(i_t + 1, L, DS))
     p_bt = block_table + i_req * stride_bt
     b_q, o_hq, m_g, o_d, m_d = load_q_heads(q, i_q, i_h, HQ, G, BG, D, BD)
-    o_bc = tl.arange(0, BC)
 
     # ---- pass 1: softmax statistics (and o_cmp) over committed + provisional tokens ----
-    b_m = tl.full([BG], NEG_BIG, tl.float32)
-    b_l = tl.zeros([BG], tl.float32)
-    b_acc = tl.zeros([BG, BD], tl.float32)
-    for i0 in range(0, n_c, BC):
-        o_c = i0 + o_bc
-        m_c = o_c < n_c
-        b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * scale                               # [BG, BC]
-        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp(b_s - b_mn[:, None])                                          # [BG, BC]
-        b_a = tl.exp(b_m - b_mn)
-        b_l = b_l * b_a + tl.sum(b_p, 1)
-        if WITH_OUT:
-            b_v = _load_cmp_tile(cv_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-            b_pv = _dot(b_p.to(b_v.dtype), b_v, F32)
-            b_acc = b_acc * b_a[:, None] + b_pv                                    # [BG, BD]
-        b_m = b_mn
+    b_m, b_l, b_acc = _cmp_stats(b_q, ck_cache, cv_cache, p_bt, n_c, i_h, o_d, m_d, scale,
+                                 HKV, D, PS, CPP, L, DS, BG, BD, BC, WITH_OUT, F32)
     if HAS_PROV:
-        o_p = tl.arange(0, BP)
-        b_r = tl.load(prov_vis + i_q * MP + o_p, mask=o_p < MP, other=-1).to(tl.int64)  # [BP]
-        m_p = b_r >= 0
-        o_pr = (tl.where(m_p, b_r, 0) * HKV + i_h) * D                             # [BP]
-        b_pk = tl.load(prov_k + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
-        b_pst = tl.load(prov_cidx + tl.where(m_p, b_r, 0), mask=m_p, other=0) * DS  # [BP] start
-        b_sp = _dot(b_q, tl.trans(b_pk), F32) * scale                             # [BG, BP]
-        b_sp = tl.where(m_p[None, :], b_sp, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_sp, 1))
-        b_p = tl.exp(b_sp - b_mn[:, None])
-        b_a = tl.exp(b_m - b_mn)
-        b_l = b_l * b_a + tl.sum(b_p, 1)
-        if WITH_OUT:
-            b_pv_ = tl.load(prov_v + o_pr[:, None] + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
-            b_pv = _dot(b_p.to(b_pv_.dtype), b_pv_, F32)
-            b_acc = b_acc * b_a[:, None] + b_pv
-        b_m = b_mn
+        b_m, b_l, b_acc, b_sp, m_p, b_pst = _prov_stats(
+            b_q, prov_k, prov_v, prov_cidx, prov_vis, i_q, i_h, o_d, m_d, scale, b_m, b_l, b_acc,
+            HKV, D, DS, MP, BP, WITH_OUT, F32)
     m_any = b_l > 0                                                                # [BG]
     b_lse = tl.where(m_any, b_m + tl.log(tl.where(m_any, b_l, 1.)), 0.)           # [BG]
     if WITH_OUT:
@@ -113,42 +176,21 @@ def score_topk_kernel(
         b_pp = tl.where(m_g[:, None] & m_p[None, :], tl.exp(b_sp - b_lse[:, None]), 0.)
         b_pps = tl.sum(b_pp, 0)                                                    # [BP]
     i_cur = i_t // LS
-    n_sel = i_cur + 1
     o_bs = tl.arange(0, BS)
     o_n = tl.arange(0, BN)
     b_tv = tl.full([BN], -1.0, tl.float32)     # running top-n scores (rank order)
     b_ti = tl.full([BN], -1, tl.int32)         # and block indices, -1 = empty
     b_carry = tl.sum(tl.zeros([BS], tl.float32), 0)
-    for j0 in range(0, n_sel, BS):
+    for j0 in range(0, i_cur + 1, BS):
         o_j = j0 + o_bs                                                            # [BS]
-        o_c = j0 * R + o_bc                                                        # [BC]
-        m_c = (o_bc < BS * R) & (o_c < n_c)
-        b_k = _load_cmp_tile(ck_cache, p_bt, o_c, m_c, i_h, o_d, m_d, HKV, D, PS, CPP, L, DS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * scale                               # [BG, BC]
-        b_p2 = tl.where(m_g[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.)
-        b_ps = tl.sum(b_p2, 0)                                                    # [BC]
-        o_st = o_c * DS                                                            # [BC]
-        b_sc = tl.sum(b_ps[:, None] * _overlap(o_st[:, None], o_j[None, :], L, LS, DS), 0)  # [BS]
-        b_sc += tl.where(o_bs == 0, b_carry, 0.)
-        b_carry = tl.sum(b_ps * _overlap(o_st, j0 + BS, L, LS, DS), 0)
+        b_sc, b_carry = _block_scores(b_q, ck_cache, p_bt, j0, n_c, b_lse, b_carry, m_g, i_h, o_d,
+                                      m_d, scale, HKV, D, PS, CPP, L, DS, LS, R, BS, BC, F32)
         if HAS_PROV:
             b_sc += tl.sum(b_pps[:, None] * _overlap(b_pst[:, None], o_j[None, :], L, LS, DS), 0)
         m_cand = o_j <= i_cur
         m_forced = m_cand & ((o_j < INIT) | (o_j > i_cur - LOCAL))
         b_sc = tl.where(m_cand, tl.where(m_forced, float("inf"), b_sc), -1.0)      # [BS]
-        b_si = tl.where(m_cand, o_j, -1)                                           # [BS]
-        # rank of every element in (running top-n U tile); the slot = its rank
-        r_a = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1) \
-            + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_tv[:, None], b_ti[:, None]).to(tl.int32), 1)  # [BN]
-        r_b = tl.sum(_gt(b_tv[None, :], b_ti[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1) \
-            + tl.sum(_gt(b_sc[None, :], b_si[None, :], b_sc[:, None], b_si[:, None]).to(tl.int32), 1)  # [BS]
-        s_a = r_a[:, None] == o_n[None, :]                                         # [BN, BN]
-        s_b = r_b[:, None] == o_n[None, :]                                         # [BS, BN]
-        b_tv_new = tl.maximum(tl.max(tl.where(s_a, b_tv[:, None], -1.0), 0),
-                              tl.max(tl.where(s_b, b_sc[:, None], -1.0), 0))
-        b_ti = tl.maximum(tl.max(tl.where(s_a, b_ti[:, None], -1), 0),
-                          tl.max(tl.where(s_b, b_si[:, None], -1), 0))
-        b_tv = b_tv_new
+        b_tv, b_ti = _rank_merge(b_tv, b_ti, b_sc, tl.where(m_cand, o_j, -1), o_n)
     # the first TOPN slots hold the winners; report them sorted ascending, -1 padded
     m_v = (b_ti >= 0) & (o_n < TOPN)
     r_i = tl.sum((m_v[None, :] & (b_ti[None, :] < b_ti[:, None])).to(tl.int32), 1)  # [BN]
