@@ -28,7 +28,7 @@ import triton.language as tl
 from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..common.merge import gated_combine
-from ..common.tl_math import LOG2E, merge_state
+from ..common.tl_math import LOG2E, load_rows, merge_state
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import online_step as _online
 
@@ -42,6 +42,58 @@ def _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d,
     b_k = tl.load(k_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
     b_v = tl.load(v_cache + o_kv[:, None] + o_d[None, :], mask=m_kv, other=0.)
     return b_k, b_v
+
+
+# which token band `_band` walks: its extra per-row mask
+INIT_BLOCKS = tl.constexpr(0)
+LOCAL_BLOCKS = tl.constexpr(1)
+WINDOW = tl.constexpr(2)
+
+
+@triton.jit
+def _band(b_m, b_l, b_acc, b_q, k_cache, v_cache, p_bt, lo, hi, t_r, cur_r, m_r, i_h, o_d, m_d,
+          qk_scale, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, LS: tl.constexpr,
+          W: tl.constexpr, LOCAL: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+          GATED: tl.constexpr, F32: tl.constexpr):
+    # one online-softmax walk over positions [lo, hi) shared by the tile's rows; row t keeps
+    # positions <= t of its own forced local blocks (LOCAL_BLOCKS) or window (WINDOW); union
+    # combine: the forced passes leave row t's window to the window pass (each token once)
+    o_n = tl.arange(0, BN)
+    for p0 in range(lo, hi, BN):
+        o_pos = p0 + o_n
+        m_t = o_pos < hi
+        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale                            # [R, BN]
+        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None])
+        if KIND == LOCAL_BLOCKS:
+            m_s = m_s & (o_pos[None, :] // LS > cur_r[:, None] - LOCAL)
+        if KIND == WINDOW:
+            m_s = m_s & (o_pos[None, :] >= t_r[:, None] - W + 1)
+        elif not GATED:
+            m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
+        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _free_partials(b_m, b_l, b_acc, sel, part_o, part_lse, i_q, gg, t_r, cur_r, m_r, i_h, o_d,
+                   m_d, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, LS: tl.constexpr,
+                   W: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
+                   LOCAL: tl.constexpr, SLO: tl.constexpr, NF: tl.constexpr,
+                   GATED: tl.constexpr):
+    # the (o, lse) partials sparse.py wrote for the rows' free selected blocks, merged into the
+    # same softmax; forced blocks (and, union, blocks starting in the window) are skipped
+    for f in range(NF):
+        b_blk = tl.load(sel + (i_q * HKV + i_h) * TOPN + SLO + f, mask=m_r, other=-1)
+        m_p = m_r & (b_blk >= INIT) & (b_blk <= cur_r - LOCAL)
+        if not GATED:
+            m_p = m_p & (b_blk * LS < t_r - W + 1)
+        o_e = ((i_q * HKV + i_h) * NF + f) * G + gg                                # [R]
+        b_pl = tl.load(part_lse + o_e, mask=m_p, other=float("-inf"))
+        b_po = tl.load(part_o + o_e[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :],
+                       other=0.).to(tl.float32)
+        b_m, b_l, b_acc = merge_state(b_m, b_l, b_acc, b_pl, b_po)
+    return b_m, b_l, b_acc
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -68,11 +120,9 @@ def prefill_tile_kernel(
     t_max = tl.max(tl.where(m_r, t_r, 0), 0)
     t_min = tl.min(tl.where(m_r, t_r, 2147483647), 0)
     cur_r = t_r // LS
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
     o_hq = i_q * HQ + i_h * G + gg                                                # [R]
+    b_q, o_d, m_d = load_rows(q, o_hq, m_r, D, BD)
     m_qd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_hq[:, None] * D + o_d[None, :], mask=m_qd, other=0.)
     p_bt = block_table + i_req * stride_bt
     b_m = tl.full([R], float("-inf"), tl.float32)      # union, or gated selected branch
     b_l = tl.zeros([R], tl.float32)
@@ -80,60 +130,36 @@ def prefill_tile_kernel(
     w_m = tl.full([R], float("-inf"), tl.float32)      # gated window branch
     w_l = tl.zeros([R], tl.float32)
     w_acc = tl.zeros([R, BD], tl.float32)
-    o_n = tl.arange(0, BN)
     # ---- 1. forced initial blocks --------------------------------------------------------
     hi = tl.minimum(INIT * LS, t_max + 1)
     if not GATED:
         hi = tl.minimum(hi, t_max - W + 1)
-    for p0 in range(0, hi, BN):
-        o_pos = p0 + o_n
-        m_t = o_pos < hi
-        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale                            # [R, BN]
-        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None])
-        if not GATED:
-            m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
-        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    b_m, b_l, b_acc = _band(b_m, b_l, b_acc, b_q, k_cache, v_cache, p_bt, 0, hi, t_r, cur_r, m_r,
+                            i_h, o_d, m_d, qk_scale, HKV, D, PS, LS, W, LOCAL, BN, INIT_BLOCKS,
+                            GATED, F32)
     # ---- 2. forced local blocks (positions from block max(INIT, cur_min - LOCAL + 1)) ------
     lo = tl.maximum(INIT, t_min // LS - LOCAL + 1) * LS
     hi = tl.minimum((t_max // LS + 1) * LS, t_max + 1)
     if not GATED:
         hi = tl.minimum(hi, t_max - W + 1)
-    for p0 in range(lo, hi, BN):
-        o_pos = p0 + o_n
-        m_t = o_pos < hi
-        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale
-        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None]) \
-            & (o_pos[None, :] // LS > cur_r[:, None] - LOCAL)
-        if not GATED:
-            m_s = m_s & (o_pos[None, :] < t_r[:, None] - W + 1)
-        b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    b_m, b_l, b_acc = _band(b_m, b_l, b_acc, b_q, k_cache, v_cache, p_bt, lo, hi, t_r, cur_r, m_r,
+                            i_h, o_d, m_d, qk_scale, HKV, D, PS, LS, W, LOCAL, BN, LOCAL_BLOCKS,
+                            GATED, F32)
     # ---- 3. window band ------------------------------------------------------------------
     lo = tl.maximum(t_min - W + 1, 0)
-    for p0 in range(lo, t_max + 1, BN):
-        o_pos = p0 + o_n
-        m_t = o_pos <= t_max
-        b_k, b_v = _kv(k_cache, v_cache, p_bt, o_pos, m_t, i_h, o_d, m_d, HKV, D, PS)
-        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale
-        m_s = m_r[:, None] & m_t[None, :] & (o_pos[None, :] <= t_r[:, None]) \
-            & (o_pos[None, :] >= t_r[:, None] - W + 1)
-        if GATED:
-            w_m, w_l, w_acc = _online(w_m, w_l, w_acc, b_s, m_s, b_v, F32)
-        else:
-            b_m, b_l, b_acc = _online(b_m, b_l, b_acc, b_s, m_s, b_v, F32)
+    if GATED:
+        w_m, w_l, w_acc = _band(w_m, w_l, w_acc, b_q, k_cache, v_cache, p_bt, lo, t_max + 1, t_r,
+                                cur_r, m_r, i_h, o_d, m_d, qk_scale, HKV, D, PS, LS, W, LOCAL, BN,
+                                WINDOW, GATED, F32)
+    else:
+        b_m, b_l, b_acc = _band(b_m, b_l, b_acc, b_q, k_cache, v_cache, p_bt, lo, t_max + 1, t_r,
+                                cur_r, m_r, i_h, o_d, m_d, qk_scale, HKV, D, PS, LS, W, LOCAL, BN,
+                                WINDOW, GATED, F32)
     # ---- 4. free selected blocks: merge the partials of sparse.py ------------------------
     if HAS_PART:
-        for f in range(NF):
-            b_blk = tl.load(sel + (i_q * HKV + i_h) * TOPN + SLO + f, mask=m_r, other=-1)
-            m_p = m_r & (b_blk >= INIT) & (b_blk <= cur_r - LOCAL)
-            if not GATED:
-                m_p = m_p & (b_blk * LS < t_r - W + 1)
-            o_e = ((i_q * HKV + i_h) * NF + f) * G + gg                            # [R]
-            b_pl = tl.load(part_lse + o_e, mask=m_p, other=float("-inf"))
-            b_po = tl.load(part_o + o_e[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :],
-                           other=0.).to(tl.float32)
-            b_m, b_l, b_acc = merge_state(b_m, b_l, b_acc, b_pl, b_po)
+        b_m, b_l, b_acc = _free_partials(b_m, b_l, b_acc, sel, part_o, part_lse, i_q, gg, t_r,
+                                         cur_r, m_r, i_h, o_d, m_d, HKV, G, D, LS, W, TOPN, INIT,
+                                         LOCAL, SLO, NF, GATED)
     # ---- epilogue ------------------------------------------------------------------------
     b_o = b_acc / tl.where(b_l > 0, b_l, 1.)[:, None]
     if GATED:
