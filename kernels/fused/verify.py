@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from ..common.launch import num_sms, pow2
-from ..common.merge import merge_splits
+from ..common.merge import gated_combine, merge_splits
 from ..common.params import NSAParams
-from ..common.tl_math import LOG2E
+from ..common.tl_math import LOG2E, load_rows
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,140 @@ def _finish(m_i, l_i, acc):
     return o, lse
 
 
+@triton.jit
+def _kv_tile(KC, VC, p_bt, pos, m_t, i_h, o_d, m_d, HKV: tl.constexpr, D: tl.constexpr,
+             PS: tl.constexpr):
+    # K and V rows [N, BD] of KV head i_h at paged positions pos (m_t masks them)
+    page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
+    off = (page.to(tl.int64) * PS + pos % PS) * (HKV * D) + i_h * D                  # [N]
+    b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
+def _selected_pass(m_a, l_a, acc_a, b_q, KC, VC, p_bt, SEL, SELSRC, UIDX, UOWN, UCNT, g_start,
+                   i_g, i_h, i_s, NSPLIT, P, t_r, t_max, m_r, o_c, o_d, m_d,
+                   HKV: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BS: tl.constexpr,
+                   W: tl.constexpr, TOPN: tl.constexpr, CAP: tl.constexpr, PS: tl.constexpr,
+                   NBI: tl.constexpr, DIRECT: tl.constexpr, GATED: tl.constexpr,
+                   IEEE: tl.constexpr):
+    # pass 1: split i_s of the group's selected blocks, committed positions (< P) only
+    if DIRECT:
+        q0 = tl.load(SELSRC + g_start)
+        p_list = SEL + (q0 * HKV + i_h) * TOPN
+        n_blk = TOPN
+    else:
+        p_list = UIDX + (i_g * HKV + i_h) * CAP
+        n_blk = tl.load(UCNT + i_g * HKV + i_h)
+    chunk = tl.cdiv(n_blk, NSPLIT)
+    lo = i_s * chunk
+    hi = tl.minimum(lo + chunk, n_blk)
+    # NBI selected blocks per iteration: one [NBI*BS] token tile (more bytes in flight)
+    o_n = tl.arange(0, NBI * BS)
+    o_nb = o_n // BS
+    o_nt = o_n % BS
+    for i in range(lo, hi, NBI):
+        # scalar loads of the NBI block ids (and ownership words), spread over the tile:
+        # per-token gathers and an [R, NBI*BS] int64 shift cost more than the loads save
+        blk = tl.full([NBI * BS], -1, tl.int32)
+        m_own = o_c[:, None] < 0                                         # [R, 1] all false
+        for k in tl.static_range(NBI):
+            b_k = tl.load(p_list + i + k, mask=i + k < hi, other=-1)
+            blk = tl.where(o_nb == k, b_k, blk)
+            if not DIRECT:
+                own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i + k, mask=i + k < hi, other=0)
+                m_own = m_own | ((o_nb[None, :] == k) & ((((own >> o_c.to(tl.int64)) & 1) != 0)[:, None]))
+        pos = blk * S + o_nt                                             # [NBI*BS]
+        m_t = (o_nt < S) & (pos < P) & (blk >= 0)
+        if not GATED:
+            # tokens in every row's window are read by pass 2 instead
+            m_t = m_t & (pos < t_max - W + 1)
+        b_k, b_v = _kv_tile(KC, VC, p_bt, pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _qk(b_q, b_k, IEEE)                                        # [R, NBI*BS]
+        m_s = m_t[None, :] & m_r[:, None]
+        if not DIRECT:
+            m_s = m_s & m_own
+        if not GATED:
+            m_s = m_s & (pos[None, :] < t_r[:, None] - W + 1)
+        m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, b_q.dtype, IEEE)
+    return m_a, l_a, acc_a
+
+
+@triton.jit
+def _window_pass(m_i, l_i, acc, b_q, KC, VC, p_bt, G_WINLO, i_g, i_h, i_s, NSPLIT, P, t_r, m_r,
+                 o_d, m_d, HKV: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                 W: tl.constexpr, PS: tl.constexpr, DENSE: tl.constexpr, IEEE: tl.constexpr):
+    # pass 2: split i_s of the committed window [win_lo, P) (dense: the whole prefix)
+    if DENSE:
+        w_lo = 0
+    else:
+        w_lo = tl.load(G_WINLO + i_g)
+    n_tile = tl.cdiv(tl.maximum(P - w_lo, 0), BN)
+    chunk2 = tl.cdiv(n_tile, NSPLIT)
+    lo2 = i_s * chunk2
+    hi2 = tl.minimum(lo2 + chunk2, n_tile)
+    o_n2 = tl.arange(0, BN)
+    for i in range(lo2, hi2):
+        pos = w_lo + i * BN + o_n2                                       # [BN]
+        m_t = pos < P
+        b_k, b_v = _kv_tile(KC, VC, p_bt, pos, m_t, i_h, o_d, m_d, HKV, D, PS)
+        b_s = _qk(b_q, b_k, IEEE)                                        # [R, BN]
+        m_s = m_t[None, :] & m_r[:, None]
+        if not DENSE:
+            m_s = m_s & (pos[None, :] >= t_r[:, None] - W + 1)
+        m_i, l_i, acc = _online(m_i, l_i, acc, b_s, m_s, b_v, b_q.dtype, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _tail_selected(SEL, i_src, i_h, m_r, pos_j, P, HKV: tl.constexpr, S: tl.constexpr,
+                   TOPN: tl.constexpr, R: tl.constexpr):
+    # [R, TP]: tail token j lies in a block row r selected (the tail's blocks b0 .. b0+63
+    # as a bitmask per row)
+    b0 = P // S
+    bits = tl.zeros([R], tl.int64)
+    for k in tl.static_range(TOPN):
+        sv = tl.load(SEL + (i_src * HKV + i_h) * TOPN + k, mask=m_r, other=-1)
+        dv = sv - b0
+        ok = (sv >= 0) & (dv >= 0) & (dv < 64)
+        bits = bits | tl.where(ok, tl.full([R], 1, tl.int64) << tl.maximum(dv, 0).to(tl.int64), 0)
+    db = tl.maximum(pos_j // S - b0, 0).to(tl.int64)
+    return ((bits[:, None] >> db[None, :]) & 1) != 0
+
+
+@triton.jit
+def _tail_pass(m_a, l_a, acc_a, m_w, l_w, acc_w, b_q, KN, VN, QPOS, QANC, SEL, REQ_OFF, REQ_T,
+               i_b, i_q, i_src, i_h, P, t_r, m_r, o_d, m_d, HKV: tl.constexpr, D: tl.constexpr,
+               S: tl.constexpr, W: tl.constexpr, TOPN: tl.constexpr, TP: tl.constexpr,
+               R: tl.constexpr, DENSE: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr):
+    # pass 3: the request's draft tail, visible along each row's ancestors only
+    DT = b_q.dtype
+    t_off = tl.load(REQ_OFF + i_b)
+    n_t = tl.load(REQ_T + i_b)
+    o_j = tl.arange(0, TP)
+    m_j = o_j < n_t
+    pos_j = tl.load(QPOS + t_off + o_j, mask=m_j, other=0)               # [TP]
+    off_j = (t_off + o_j) * (HKV * D) + i_h * D
+    b_k = tl.load(KN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(VN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
+    b_s = _qk(b_q, b_k, IEEE)                                            # [R, TP]
+    anc = tl.load(QANC + i_q, mask=m_r, other=0)                         # [R] int64
+    vis = ((anc[:, None] >> o_j[None, :].to(tl.int64)) & 1) != 0
+    vis = vis & m_j[None, :] & m_r[:, None]
+    if DENSE:
+        m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis, b_v, DT, IEEE)
+    else:
+        member = _tail_selected(SEL, i_src, i_h, m_r, pos_j, P, HKV, S, TOPN, R)
+        in_win = pos_j[None, :] >= t_r[:, None] - W + 1
+        if GATED:
+            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & member, b_v, DT, IEEE)
+            m_w, l_w, acc_w = _online(m_w, l_w, acc_w, b_s, vis & in_win, b_v, DT, IEEE)
+        else:
+            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & (member | in_win), b_v, DT, IEEE)
+    return m_a, l_a, acc_a, m_w, l_w, acc_w
+
+
 @triton.jit(do_not_specialize=["stride_bt", "NQ", "NSPLIT"])
 def _nsa_verify_fwd_kernel(
         Q, KN, VN, KC, VC, BT, REQ_P, REQ_OFF, REQ_T, QPOS, QANC, ORDER, SELSRC,
@@ -132,10 +266,8 @@ def _nsa_verify_fwd_kernel(
     i_hq = i_h * G + o_r % G                                             # [R] query head
     t_r = tl.load(QPOS + i_q, mask=m_r, other=0)                         # [R]
     t_max = tl.max(tl.where(m_r, t_r, 0), 0)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    p_q = Q + (i_q * HQ + i_hq)[:, None] * D + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)      # [R, BD]
+    p_row = (i_q * HQ + i_hq)
+    b_q, o_d, m_d = load_rows(Q, p_row, m_r, D, BD)                      # [R, BD]
     b_q = (b_q * qk_scale).to(DT)
 
     m_a = tl.full([R], float("-inf"), tl.float32)
@@ -144,125 +276,30 @@ def _nsa_verify_fwd_kernel(
     m_w = tl.full([R], float("-inf"), tl.float32)
     l_w = tl.zeros([R], tl.float32)
     acc_w = tl.zeros([R, BD], tl.float32)      # gated window branch
-    row_kv = HKV * D
     p_bt = BT + i_b * stride_bt
-
-    # ---- pass 1: selected blocks, committed positions ------------------------------------
     if not DENSE:
-        if DIRECT:
-            q0 = tl.load(SELSRC + g_start)
-            p_list = SEL + (q0 * HKV + i_h) * TOPN
-            n_blk = TOPN
-        else:
-            p_list = UIDX + (i_g * HKV + i_h) * CAP
-            n_blk = tl.load(UCNT + i_g * HKV + i_h)
-        chunk = tl.cdiv(n_blk, NSPLIT)
-        lo = i_s * chunk
-        hi = tl.minimum(lo + chunk, n_blk)
-        # NBI selected blocks per iteration: one [NBI*BS] token tile (more bytes in flight)
-        o_n = tl.arange(0, NBI * BS)
-        o_nb = o_n // BS
-        o_nt = o_n % BS
-        for i in range(lo, hi, NBI):
-            # scalar loads of the NBI block ids (and ownership words), spread over the tile:
-            # per-token gathers and an [R, NBI*BS] int64 shift cost more than the loads save
-            blk = tl.full([NBI * BS], -1, tl.int32)
-            m_own = o_c[:, None] < 0                                     # [R, 1] all false
-            for k in tl.static_range(NBI):
-                b_k = tl.load(p_list + i + k, mask=i + k < hi, other=-1)
-                blk = tl.where(o_nb == k, b_k, blk)
-                if not DIRECT:
-                    own = tl.load(UOWN + (i_g * HKV + i_h) * CAP + i + k, mask=i + k < hi, other=0)
-                    m_own = m_own | ((o_nb[None, :] == k) & ((((own >> o_c.to(tl.int64)) & 1) != 0)[:, None]))
-            pos = blk * S + o_nt                                         # [NBI*BS]
-            m_t = (o_nt < S) & (pos < P) & (blk >= 0)
-            if not GATED:
-                # tokens in every row's window are read by pass 2 instead
-                m_t = m_t & (pos < t_max - W + 1)
-            page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
-            off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D              # [NBI*BS]
-            b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-            b_s = _qk(b_q, b_k, IEEE)                                    # [R, NBI*BS]
-            m_s = m_t[None, :] & m_r[:, None]
-            if not DIRECT:
-                m_s = m_s & m_own
-            if not GATED:
-                m_s = m_s & (pos[None, :] < t_r[:, None] - W + 1)
-            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
-
-    # ---- pass 2: committed window (dense: the whole committed prefix) --------------------
-    if DENSE:
-        w_lo = 0
+        m_a, l_a, acc_a = _selected_pass(
+            m_a, l_a, acc_a, b_q, KC, VC, p_bt, SEL, SELSRC, UIDX, UOWN, UCNT, g_start, i_g, i_h,
+            i_s, NSPLIT, P, t_r, t_max, m_r, o_c, o_d, m_d, HKV, D, S, BS, W, TOPN, CAP, PS, NBI,
+            DIRECT, GATED, IEEE)
+    if GATED:
+        m_w, l_w, acc_w = _window_pass(m_w, l_w, acc_w, b_q, KC, VC, p_bt, G_WINLO, i_g, i_h, i_s,
+                                       NSPLIT, P, t_r, m_r, o_d, m_d, HKV, D, BN, W, PS, DENSE, IEEE)
     else:
-        w_lo = tl.load(G_WINLO + i_g)
-    n_tile = tl.cdiv(tl.maximum(P - w_lo, 0), BN)
-    chunk2 = tl.cdiv(n_tile, NSPLIT)
-    lo2 = i_s * chunk2
-    hi2 = tl.minimum(lo2 + chunk2, n_tile)
-    o_n2 = tl.arange(0, BN)
-    for i in range(lo2, hi2):
-        pos = w_lo + i * BN + o_n2                                       # [BN]
-        m_t = pos < P
-        page = tl.load(p_bt + pos // PS, mask=m_t, other=0)
-        off = (page.to(tl.int64) * PS + pos % PS) * row_kv + i_h * D
-        b_k = tl.load(KC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(VC + off[:, None] + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        b_s = _qk(b_q, b_k, IEEE)                                        # [R, BN]
-        m_s = m_t[None, :] & m_r[:, None]
-        if not DENSE:
-            m_s = m_s & (pos[None, :] >= t_r[:, None] - W + 1)
-        if GATED:
-            m_w, l_w, acc_w = _online(m_w, l_w, acc_w, b_s, m_s, b_v, DT, IEEE)
-        else:
-            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, m_s, b_v, DT, IEEE)
-
-    # ---- pass 3: draft tail, tree (ancestor) mask ----------------------------------------
+        m_a, l_a, acc_a = _window_pass(m_a, l_a, acc_a, b_q, KC, VC, p_bt, G_WINLO, i_g, i_h, i_s,
+                                       NSPLIT, P, t_r, m_r, o_d, m_d, HKV, D, BN, W, PS, DENSE, IEEE)
     if i_s == 0:
-        t_off = tl.load(REQ_OFF + i_b)
-        n_t = tl.load(REQ_T + i_b)
-        o_j = tl.arange(0, TP)
-        m_j = o_j < n_t
-        pos_j = tl.load(QPOS + t_off + o_j, mask=m_j, other=0)           # [TP]
-        off_j = (t_off + o_j) * row_kv + i_h * D
-        b_k = tl.load(KN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(VN + off_j[:, None] + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
-        b_s = _qk(b_q, b_k, IEEE)                                        # [R, TP]
-        anc = tl.load(QANC + i_q, mask=m_r, other=0)                     # [R] int64
-        vis = ((anc[:, None] >> o_j[None, :].to(tl.int64)) & 1) != 0
-        vis = vis & m_j[None, :] & m_r[:, None]
-        if DENSE:
-            m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis, b_v, DT, IEEE)
-        else:
-            # which of the tail's selection blocks (b0 .. b0+63) each row selected
-            b0 = P // S
-            bits = tl.zeros([R], tl.int64)
-            for k in tl.static_range(TOPN):
-                sv = tl.load(SEL + (i_src * HKV + i_h) * TOPN + k, mask=m_r, other=-1)
-                dv = sv - b0
-                ok = (sv >= 0) & (dv >= 0) & (dv < 64)
-                bits = bits | tl.where(ok, tl.full([R], 1, tl.int64) << tl.maximum(dv, 0).to(tl.int64), 0)
-            db = tl.maximum(pos_j // S - b0, 0).to(tl.int64)
-            member = ((bits[:, None] >> db[None, :]) & 1) != 0
-            in_win = pos_j[None, :] >= t_r[:, None] - W + 1
-            if GATED:
-                m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & member, b_v, DT, IEEE)
-                m_w, l_w, acc_w = _online(m_w, l_w, acc_w, b_s, vis & in_win, b_v, DT, IEEE)
-            else:
-                m_a, l_a, acc_a = _online(m_a, l_a, acc_a, b_s, vis & (member | in_win), b_v, DT, IEEE)
+        m_a, l_a, acc_a, m_w, l_w, acc_w = _tail_pass(
+            m_a, l_a, acc_a, m_w, l_w, acc_w, b_q, KN, VN, QPOS, QANC, SEL, REQ_OFF, REQ_T, i_b,
+            i_q, i_src, i_h, P, t_r, m_r, o_d, m_d, HKV, D, S, W, TOPN, TP, R, DENSE, GATED, IEEE)
 
     # ---- epilogue ------------------------------------------------------------------------
     o_a, lse_a = _finish(m_a, l_a, acc_a)
     m_o = m_r[:, None] & m_d[None, :]
-    p_row = (i_q * HQ + i_hq)
     if FINAL:
         if GATED:
             o_w, lse_w = _finish(m_w, l_w, acc_w)
-            g0 = tl.load(GATES + p_row * 3 + 0, mask=m_r, other=0.0).to(tl.float32)
-            g1 = tl.load(GATES + p_row * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
-            g2 = tl.load(GATES + p_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-            b_c = tl.load(OCMP + p_row[:, None] * D + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
-            o_a = g0[:, None] * b_c + g1[:, None] * o_a + g2[:, None] * o_w
+            o_a = gated_combine(GATES, OCMP, p_row, m_r, o_d, m_o, o_a, o_w, D)
         tl.store(OUT + p_row[:, None] * D + o_d[None, :], o_a.to(OUT.dtype.element_ty), mask=m_o)
     else:
         NB: tl.constexpr = 2 if GATED else 1
