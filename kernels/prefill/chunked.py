@@ -116,14 +116,7 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """
     n, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
-    if impl not in IMPLS:
-        raise ValueError(f"chunked_nsa_prefill: impl must be one of {IMPLS}, got {impl!r}")
-    if params.gated != (gates is not None):
-        raise ValueError("chunked_nsa_prefill: gates must be given exactly when params.gated")
-    if gates is not None and (tuple(gates.shape) != (n, hq, 3) or not gates.is_contiguous()):
-        raise ValueError(f"chunked_nsa_prefill: gates must be contiguous [N={n}, Hq={hq}, 3]")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.is_contiguous()):
-        raise ValueError("chunked_nsa_prefill: q, k_cache, v_cache must be contiguous")
+    _check_chunk(q, k_cache, v_cache, gates, params, impl)
     if compress_programs is None:
         compress_programs = min(128, max(16, triton.next_power_of_2(max(1, n // (8 * params.stride)))))
     if _stages & 1:
@@ -160,8 +153,32 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                            num_splits=refresh_splits)
     elif params.gated:
         o_cmp = torch.zeros_like(q)
-    ct = max(1, tile_rows // g)
-    cq = max(1, item_rows // g)
+    _tile_passes(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out, params,
+                 scale, nb, max(1, tile_rows // g), max(1, item_rows // g), pass_rows, part_dtype,
+                 _stages)
+    return out, sel
+
+
+def _check_chunk(q, k_cache, v_cache, gates, params: NSAParams, impl: str) -> None:
+    n, hq, _ = q.shape
+    if impl not in IMPLS:
+        raise ValueError(f"chunked_nsa_prefill: impl must be one of {IMPLS}, got {impl!r}")
+    if params.gated != (gates is not None):
+        raise ValueError("chunked_nsa_prefill: gates must be given exactly when params.gated")
+    if gates is not None and (tuple(gates.shape) != (n, hq, 3) or not gates.is_contiguous()):
+        raise ValueError(f"chunked_nsa_prefill: gates must be contiguous [N={n}, Hq={hq}, 3]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.is_contiguous()):
+        raise ValueError("chunked_nsa_prefill: q, k_cache, v_cache must be contiguous")
+
+
+def _tile_passes(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out,
+                 params: NSAParams, scale: float, nb: int, ct: int, cq: int,
+                 pass_rows: int | None, part_dtype: torch.dtype | None, _stages: int) -> None:
+    # steps 3a / 3b of the module docstring, pass_rows rows at a time (ct rows per tile,
+    # cq entries per sparse item) so the partial buffers stay bounded
+    n, hq, dim = q.shape
+    _, ps, hkv, _ = k_cache.shape
+    g = hq // hkv
     slo, nf = free_slots(params)
     pdt = part_dtype or (torch.float32 if q.dtype == torch.float32 else q.dtype)
     per_row = max(1, hkv * nf * g * dim * torch.empty(0, dtype=pdt).element_size())
@@ -187,7 +204,6 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                          sel[r0:r1], params, scale, out[r0:r1], ct, part_o=part_o,
                          part_lse=part_lse, o_cmp=None if o_cmp is None else o_cmp[r0:r1],
                          gates=None if gates is None else gates[r0:r1], slots=(slo, nf))
-    return out, sel
 
 
 def _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out,
