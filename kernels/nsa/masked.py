@@ -327,19 +327,9 @@ def masked_nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     nq, hq, dim = q.shape
     hkv = k.shape[1]
     q_pos, k_pos = q_pos.long(), k_pos.long()   # int32 positions are fine; gather needs int64
-    g = hq // hkv
     if out is None:
         out = torch.empty(nq, hq, dim, dtype=q.dtype, device=q.device)
-    elif tuple(out.shape) != (nq, hq, dim):
-        raise ValueError(f"masked_nsa: out must be [{nq}, {hq}, {dim}], got {tuple(out.shape)}")
-    if sel is not None and sel_src is not None:
-        raise ValueError("masked_nsa: give sel (reused selection) or sel_src (shared "
-                         "selection), not both")
-    if sel is not None and tuple(sel.shape) != (nq, hkv, params.topn):
-        raise ValueError(f"masked_nsa: sel must be [{nq}, {hkv}, {params.topn}], got "
-                         f"{tuple(sel.shape)}")
-    if sel_src is not None and tuple(sel_src.shape) != (nq,):
-        raise ValueError(f"masked_nsa: sel_src must be [{nq}], got {tuple(sel_src.shape)}")
+    _check_reuse(out, sel, sel_src, nq, hq, dim, hkv, params)
     given = sel is not None
     if nq == 0:
         return out, torch.full((nq, hkv, params.topn), -1, dtype=torch.int64, device=q.device)
@@ -356,39 +346,59 @@ def masked_nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     k_blk = (k_pos // params.select).clamp(max=nsel)    # column nsel of `chosen` is never set
     for s in range(0, nq, chunk):
         e = min(s + chunk, nq)
-        qc = q[s:e].float().reshape(e - s, hkv, g, dim)                             # [C, Hkv, G, D]
-        tq = q_pos[s:e]
+        qc = q[s:e].float().reshape(e - s, hkv, hq // hkv, dim)                     # [C, Hkv, G, D]
         if given:
             sel_c = sel[s:e]
             o_cmp = (_cmp_out(qc, ckf, cvf, c_visible[s:e], scale) if gates is not None
                      else None)
         else:
             o_cmp, scores = _cmp_branch(qc, ckf, cvf, c_visible[s:e], w_overlap, scale)
-            sel_c = _select(scores, tq, params)                                 # [C, Hkv, n]
+            sel_c = _select(scores, q_pos[s:e], params)                         # [C, Hkv, n]
             sel[s:e] = sel_c
-        chosen = torch.zeros(e - s, hkv, nsel + 1, dtype=torch.bool, device=q.device)
-        # -1 padding (and, for a given selection, blocks no query here can see) -> column nsel
-        chosen.scatter_(2, sel_c.masked_fill((sel_c < 0) | (sel_c >= nsel), nsel), True)
-        # keys some query of the chunk sees AND that lie in a block selected by some
-        # (query, head) or in the chunk's window span: the rest would be masked anyway
-        vis = kv_visible[s:e]
-        used = chosen.any(dim=1).any(dim=0)[k_blk] | (k_pos > int(tq.min()) - params.window)
-        cols = (vis.any(dim=0) & used).nonzero().squeeze(1)  # host sync: sizes the key gather
-        vis = vis[:, cols]                                                      # [C, Nk']
-        in_sel = chosen.gather(2, k_blk[cols][None, None, :].expand(e - s, hkv, -1))  # [C, Hkv, Nk']
-        m_slc = in_sel & vis[:, None, :]
-        m_win = ((k_pos[cols][None, :] > (tq - params.window)[:, None]) & vis)[:, None, :]
-        # gather per chunk (not one fp32 copy of the whole cache): decode at long context reads
-        # only the selected blocks and the window
-        kc, vc = (_gather_heads_first(x, cols) for x in (k, v))                # [Hkv, Nk', D]
-        if gates is None:
-            o = _attend(qc, kc, vc, m_slc | m_win, scale)
-        else:
-            # the window branch only needs the keys near the chunk's queries
-            lo = _first_window_col(k_pos[cols], tq, params)
-            gc = gates[s:e].float().reshape(e - s, hkv, g, 3)
-            o_slc = _attend(qc, kc, vc, m_slc, scale)
-            o_win = _attend(qc, kc[:, lo:], vc[:, lo:], m_win[..., lo:].expand(-1, hkv, -1), scale)
-            o = gc[..., 0:1] * o_cmp + gc[..., 1:2] * o_slc + gc[..., 2:3] * o_win
+        o = _sel_win_chunk(qc, k, v, q_pos[s:e], k_pos, k_blk, kv_visible[s:e], sel_c, nsel,
+                           o_cmp, None if gates is None else gates[s:e], params, scale)
         out[s:e] = o.reshape(e - s, hq, dim).to(out.dtype)
     return out, sel
+
+
+def _check_reuse(out, sel, sel_src, nq: int, hq: int, dim: int, hkv: int, params: NSAParams) -> None:
+    # masked_nsa's output buffer and reused / shared selection arguments
+    if tuple(out.shape) != (nq, hq, dim):
+        raise ValueError(f"masked_nsa: out must be [{nq}, {hq}, {dim}], got {tuple(out.shape)}")
+    if sel is not None and sel_src is not None:
+        raise ValueError("masked_nsa: give sel (reused selection) or sel_src (shared "
+                         "selection), not both")
+    if sel is not None and tuple(sel.shape) != (nq, hkv, params.topn):
+        raise ValueError(f"masked_nsa: sel must be [{nq}, {hkv}, {params.topn}], got "
+                         f"{tuple(sel.shape)}")
+    if sel_src is not None and tuple(sel_src.shape) != (nq,):
+        raise ValueError(f"masked_nsa: sel_src must be [{nq}], got {tuple(sel_src.shape)}")
+
+
+def _sel_win_chunk(qc, k, v, tq, k_pos, k_blk, vis, sel_c, nsel, o_cmp, gates_c,
+                   params: NSAParams, scale: float) -> torch.Tensor:
+    """Selected + window branches and the combine for a chunk of queries qc [C, Hkv, G, D]
+    with selections sel_c [C, Hkv, n]; returns o [C, Hkv, G, D] fp32."""
+    c, hkv, g, _ = qc.shape
+    chosen = torch.zeros(c, hkv, nsel + 1, dtype=torch.bool, device=qc.device)
+    # -1 padding (and, for a given selection, blocks no query here can see) -> column nsel
+    chosen.scatter_(2, sel_c.masked_fill((sel_c < 0) | (sel_c >= nsel), nsel), True)
+    # keys some query of the chunk sees AND that lie in a block selected by some
+    # (query, head) or in the chunk's window span: the rest would be masked anyway
+    used = chosen.any(dim=1).any(dim=0)[k_blk] | (k_pos > int(tq.min()) - params.window)
+    cols = (vis.any(dim=0) & used).nonzero().squeeze(1)  # host sync: sizes the key gather
+    vis = vis[:, cols]                                                          # [C, Nk']
+    in_sel = chosen.gather(2, k_blk[cols][None, None, :].expand(c, hkv, -1))   # [C, Hkv, Nk']
+    m_slc = in_sel & vis[:, None, :]
+    m_win = ((k_pos[cols][None, :] > (tq - params.window)[:, None]) & vis)[:, None, :]
+    # gather per chunk (not one fp32 copy of the whole cache): decode at long context reads
+    # only the selected blocks and the window
+    kc, vc = (_gather_heads_first(x, cols) for x in (k, v))                    # [Hkv, Nk', D]
+    if gates_c is None:
+        return _attend(qc, kc, vc, m_slc | m_win, scale)
+    # the window branch only needs the keys near the chunk's queries
+    lo = _first_window_col(k_pos[cols], tq, params)
+    gc = gates_c.float().reshape(c, hkv, g, 3)
+    o_slc = _attend(qc, kc, vc, m_slc, scale)
+    o_win = _attend(qc, kc[:, lo:], vc[:, lo:], m_win[..., lo:].expand(-1, hkv, -1), scale)
+    return gc[..., 0:1] * o_cmp + gc[..., 1:2] * o_slc + gc[..., 2:3] * o_win
