@@ -25,8 +25,8 @@ import triton
 from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..compression.blocks import compress_paged
-from ..refresh.per_row import score_topk
 from ..refresh.grouped import score_topk_grouped
+from ..refresh.per_row import score_topk
 from .row_attention import sel_win_attention_kernel
 from .sparse import _maxb, free_slots, prefill_sparse, sparse_items
 from .tile import prefill_tile
@@ -117,14 +117,8 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     n, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
     _check_chunk(q, k_cache, v_cache, gates, params, impl)
-    if compress_programs is None:
-        compress_programs = min(128, max(16, triton.next_power_of_2(max(1, n // (8 * params.stride)))))
-    if _stages & 1:
-        compress_paged(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens, seq_lens,
-                       params, cw=cw, num_programs=compress_programs)
-    lens = seq_lens.to(torch.int32)
-    cmp_lens = torch.where(lens >= params.block, (lens - params.block) // params.stride + 1, 0)
-    cmp_lens = cmp_lens.to(torch.int32)
+    cmp_lens = _compress_chunk(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens,
+                               seq_lens, params, cw, compress_programs, n, _stages)
     out = torch.empty_like(q) if out is None else out
     if tuple(out.shape) != (n, hq, dim) or not out.is_contiguous():
         raise ValueError(f"chunked_nsa_prefill: out must be contiguous [N={n}, Hq={hq}, D={dim}]")
@@ -157,6 +151,21 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                  scale, nb, max(1, tile_rows // g), max(1, item_rows // g), pass_rows, part_dtype,
                  _stages)
     return out, sel
+
+
+def _compress_chunk(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens, seq_lens,
+                    params: NSAParams, cw, compress_programs: int | None, n: int,
+                    _stages: int) -> torch.Tensor:
+    # step 1 (the compressed tokens the chunk closes), then every request's committed
+    # compressed-token count after the chunk: cmp_lens [B] int32
+    if compress_programs is None:
+        compress_programs = min(128, max(16, triton.next_power_of_2(max(1, n // (8 * params.stride)))))
+    if _stages & 1:
+        compress_paged(k_cache, v_cache, ck_cache, cv_cache, block_table, prefix_lens, seq_lens,
+                       params, cw=cw, num_programs=compress_programs)
+    lens = seq_lens.to(torch.int32)
+    cmp_lens = torch.where(lens >= params.block, (lens - params.block) // params.stride + 1, 0)
+    return cmp_lens.to(torch.int32)
 
 
 def _check_chunk(q, k_cache, v_cache, gates, params: NSAParams, impl: str) -> None:

@@ -39,7 +39,7 @@ Rows of a group must belong to one request (the committed compressed tokens are 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -173,7 +173,7 @@ def score_topk_grouped_stats_kernel(
 ):
     # pass 1 of split i_s: (max, sum exp2) partials of every row over the split's tokens
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+    g_len, m_r, n_cr, _, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
         q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
         i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
     if g_len == 0:
@@ -184,7 +184,7 @@ def score_topk_grouped_stats_kernel(
     b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, jlo * R,
                       tl.minimum(jhi * R, tl.max(n_cr, 0)), qk_scale, b_m, b_l,
                       HKV, D, PS, CPP, L, DS, TS, F32)
-    if HAS_PROV:
+    if HAS_PROV:  # noqa: SIM102 (constexpr, dropped at compile time; i_s is run-time)
         if i_s == 0:
             b_m, b_l, _, _, _, _ = _prov_stats(
                 b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
@@ -230,7 +230,7 @@ def score_topk_grouped_scores_kernel(
                                                GP, CP, MP, MPP, DS, F32)
         b_p = _prov_probs(b_sp, m_rp, b_lse)
         b_pp = tl.sum(b_p, 0)
-        if WITH_OUT:
+        if WITH_OUT:  # noqa: SIM102 (constexpr, dropped at compile time; i_s is run-time)
             if i_s == 0:
                 b_acc = _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV, D, F32)
     jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
@@ -301,7 +301,7 @@ def refresh_groups(q_req: Sequence[int], group_size: int,
         starts.append(i)
         lens.append(j - i)
         i = j
-    i32 = dict(dtype=torch.int32, device=device)
+    i32 = {"dtype": torch.int32, "device": device}
     return (torch.arange(len(q_req), **i32), torch.tensor(starts, **i32), torch.tensor(lens, **i32))
 
 
@@ -330,7 +330,7 @@ def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, n
     """Fixed split buffers (m_part, l_part [NS*Nq*Hq] fp32, cand [NS*Nq*Hkv*BS] int64,
     o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy) for CUDA-graph capture; BS = pow2(topn) >= 16."""
     bs = pow2(params.topn, 16)
-    f32 = dict(dtype=torch.float32, device=device)
+    f32 = {"dtype": torch.float32, "device": device}
     return (torch.empty(num_splits * nq * hq, **f32), torch.empty(num_splits * nq * hq, **f32),
             torch.empty(num_splits * nq * hkv * bs, dtype=torch.int64, device=device),
             torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32))
@@ -393,13 +393,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     if nq == 0:
         return sel, o_cmp, lse
     order, g_start, g_len = _groups_or_default(what, q, q_req, group_size, groups)
-    if num_splits is None:
-        max_blocks = -(-block_table.shape[1] * page_size // params.select)
-        num_splits = default_refresh_splits(g_len.shape[0] * hkv, max_blocks, params,
-                                            num_sms(q.device), refresh_rows(group_size, hq, hkv))
-    ns = int(num_splits)
-    if ns < 1:
-        raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
+    ns = _num_splits(what, num_splits, g_len.shape[0] * hkv, q, block_table, params, page_size,
+                     refresh_rows(group_size, hq, hkv))
     both, pass2 = _grouped_constexprs(what, q, ck_cache, params, page_size,
                                       prov_vis.shape[1] if has_prov else 1, with_out,
                                       group_size, merge, stats_tile, num_warps)
@@ -436,6 +431,19 @@ def _groups_or_default(what: str, q: torch.Tensor, q_req: torch.Tensor, group_si
         raise ValueError(f"{what}: groups must be (order [Nq={nq}], g_start [NG], g_len [NG]), got "
                          f"{tuple(order.shape)}, {tuple(g_start.shape)}, {tuple(g_len.shape)}")
     return order, g_start, g_len
+
+
+def _num_splits(what: str, num_splits: int | None, num_programs: int, q: torch.Tensor,
+                block_table: torch.Tensor, params: NSAParams, page_size: int, rows: int) -> int:
+    # the caller's split count, else `default_refresh_splits` for the block table's capacity
+    if num_splits is None:
+        max_blocks = -(-block_table.shape[1] * page_size // params.select)
+        num_splits = default_refresh_splits(num_programs, max_blocks, params, num_sms(q.device),
+                                            rows)
+    ns = int(num_splits)
+    if ns < 1:
+        raise ValueError(f"{what}: num_splits must be >= 1, got {ns}")
+    return ns
 
 
 def _grouped_constexprs(what: str, q: torch.Tensor, ck_cache: torch.Tensor, params: NSAParams,
