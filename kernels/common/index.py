@@ -79,7 +79,7 @@ def merge_group_selections(sel: torch.Tensor, sel_src: torch.Tensor, g_start: to
 
     Example: lists [0, 3, 5] and [0, 4, 5] -> idx [0, 3, 4, 5], own [0b11, 0b01, 0b10, 0b11].
     """
-    nq, hkv, topn = sel.shape
+    _nq, hkv, topn = sel.shape
     if not 1 <= group_size <= MAX_TREE_NODES:
         raise ValueError(f"group_size must be in 1..{MAX_TREE_NODES} (int64 ownership masks), "
                          f"got {group_size}")

@@ -14,7 +14,7 @@ ancestor bits [0b1, 0b11, 0b101, 0b1011].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -27,7 +27,7 @@ def compress_blocks(blocks: torch.Tensor, weight: torch.Tensor | None = None,
     if blocks.dim() != 4:
         raise ValueError(f"compress_blocks: blocks must be [N, l, Hkv, D], got {tuple(blocks.shape)}")
     b = blocks.float()
-    n, l, hkv, dim = b.shape
+    _n, l, hkv, dim = b.shape
     if weight is None and bias is not None:
         raise ValueError("compress_blocks: bias given without weight (MEAN mode has no bias)")
     if weight is not None and tuple(weight.shape) != (hkv, l):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..fused.verify import VerifyGeometry, nsa_verify_fwd
 from ..common.params import NSAParams
+from ..fused.verify import VerifyGeometry, nsa_verify_fwd
 
 
 def dense_tree_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..common.params import NSAParams
+from ..common.tree import ancestor_mask, node_depths
 from ..compression.naive import compress_blocks, overlap_weights
 from ..selection.naive import check_topn
-from ..common.tree import ancestor_mask, node_depths
 from .naive import check_combine
 
 NEG_INF = float("-inf")
@@ -263,8 +263,8 @@ def _check_masked(q, k, v, q_pos, k_pos, kv_visible, ck, cv, c_idx, c_visible, g
         (q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == dim,
          f"q [Nq, Hq, D], k/v [Nk, Hkv, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"),
         (hq % hkv == 0, f"Hq={hq} must be a multiple of Hkv={hkv}"),
-        (q_pos.shape == (nq,) and k_pos.shape == (nk,), f"q_pos [{nq}] / k_pos [{nk}] expected, got "
-         f"{tuple(q_pos.shape)}, {tuple(k_pos.shape)}"),
+        (q_pos.shape == (nq,) and k_pos.shape == (nk,), (f"q_pos [{nq}] / k_pos [{nk}] expected, got "
+         f"{tuple(q_pos.shape)}, {tuple(k_pos.shape)}")),
         (kv_visible.shape == (nq, nk) and kv_visible.dtype == torch.bool,
          f"kv_visible must be bool [{nq}, {nk}], got {kv_visible.dtype} {tuple(kv_visible.shape)}"),
         (ck.dim() == 3 and ck.shape == cv.shape and ck.shape[1:] == k.shape[1:],

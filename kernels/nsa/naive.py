@@ -7,7 +7,6 @@ dim, t query position, n = params.topn. cw = (wk, bk, wv, bv) learned compressio
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..common.params import NSAParams

@@ -152,7 +152,7 @@ def prefill_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_warps: int | None = None, num_stages: int = 2) -> None:
     """Partial (o, lse) of every valid free entry of `index` (from `sparse_items`, same cq)."""
     skey, sidx, item_start, m = index
-    nq, hq, dim = q.shape
+    _nq, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
     g = hq // hkv
     _, nf = free_slots(params)

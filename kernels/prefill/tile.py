@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..common.launch import pow2
-from ..common.params import NSAParams
 from ..common.merge import gated_combine
+from ..common.params import NSAParams
 from ..common.tl_math import LOG2E, load_rows, merge_state
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import online_step as _online
@@ -177,7 +177,7 @@ def prefill_tile(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  num_warps: int | None = None, num_stages: int = 2, block_n: int = 64) -> None:
     """Launch the tile kernel over tiles = (g_start [NG], g_len [NG]) of at most ct rows."""
     g_start, g_len = tiles
-    nq, hq, dim = q.shape
+    _nq, hq, dim = q.shape
     _, ps, hkv, _ = k_cache.shape
     g = hq // hkv
     r = pow2(ct * g, 16)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.tl_math import dot_f32 as _dot, overlap as _overlap
+from ..common.tl_math import dot_f32 as _dot
+from ..common.tl_math import overlap as _overlap
 from ..compression.blocks import load_cmp_tile as _load_cmp
 from ..compression.blocks import num_cmp_dev
 
@@ -148,7 +149,7 @@ def _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_ls
     o_bs = tl.arange(0, BS)
     # spill of block jlo-1's tokens into block jlo (tokens owned by the previous split)
     n_cmax = tl.max(n_cr, 0)        # never load past the existing tokens (the pool is poisoned)
-    TC: tl.constexpr = 16 if RP < 16 else RP
+    TC: tl.constexpr = 16 if RP < 16 else RP  # noqa: FURB136 (a constexpr: keep it plain Python)
     o_tc = tl.arange(0, TC)
     o_cc = (jlo - 1) * R + o_tc
     m_tc = (o_tc < R) & (jlo > 0) & (o_cc < n_cmax)
@@ -183,7 +184,7 @@ def _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_ls
         b_sc = b_own + tl.where(o_bs[None, :] == 0, b_carry[:, None], b_prev)
         b_carry = tl.sum(tl.where(o_bs[None, :] == BS - 1, b_spl, 0.), 1)
         o_j = j0 + o_bs                                                            # [BS]
-        if HAS_PROV:
+        if HAS_PROV:  # noqa: SIM102 (constexpr, dropped at compile time; the inner test is run-time)
             if (j0 + BS > pmin) & (j0 <= pmax):
                 b_sc += tl.sum(b_pp2[:, :, None] * _overlap(b_pst2[:, :, None], o_j[None, None, :],
                                                             L, LS, DS), 1)
