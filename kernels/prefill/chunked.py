@@ -123,12 +123,8 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if tuple(out.shape) != (n, hq, dim) or not out.is_contiguous():
         raise ValueError(f"chunked_nsa_prefill: out must be contiguous [N={n}, Hq={hq}, D={dim}]")
     if impl == "rows":
-        sel, o_cmp, _ = score_topk(q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
-                                   params, scale, ps, with_out=params.gated, sel=sel)
-        if n:
-            _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates,
-                            out, params, scale)
-        return out, sel
+        return _rows_path(q, k_cache, v_cache, ck_cache, cv_cache, block_table, q_req, q_pos,
+                          cmp_lens, gates, out, sel, params, scale)
     if sel is None:
         sel = torch.empty(n, hkv, params.topn, dtype=torch.int32, device=q.device)
     if n == 0:
@@ -213,6 +209,17 @@ def _tile_passes(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gat
                          sel[r0:r1], params, scale, out[r0:r1], ct, part_o=part_o,
                          part_lse=part_lse, o_cmp=None if o_cmp is None else o_cmp[r0:r1],
                          gates=None if gates is None else gates[r0:r1], slots=(slo, nf))
+
+
+def _rows_path(q, k_cache, v_cache, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
+               gates, out, sel, params: NSAParams, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # impl "rows": per-row refresh (`score_topk`), then one program per (row, KV head)
+    sel, o_cmp, _ = score_topk(q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
+                               params, scale, k_cache.shape[1], with_out=params.gated, sel=sel)
+    if q.shape[0]:
+        _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates,
+                        out, params, scale)
+    return out, sel
 
 
 def _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out,
