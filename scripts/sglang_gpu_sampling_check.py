@@ -50,8 +50,8 @@ def chi2_homogeneity(a: list[int], b: list[int]) -> dict:
     return {"chi2": float(stat), "dof": int(dof), "p": float(p), "bins": len(rows[0])}
 
 
-def sample(srv, prompt, params: dict) -> list[list[int]]:
-    """REQS samples, CONCURRENCY requests in flight (SGLang batches them: the batched verify
+def sample(srv, prompt, params: dict, n: int = REQS) -> list[list[int]]:
+    """n samples, CONCURRENCY requests in flight (SGLang batches them: the batched verify
     and sampling paths are checked too)."""
     body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": NEW,
                                                      "ignore_eos": True, **params}}
@@ -63,7 +63,7 @@ def sample(srv, prompt, params: dict) -> list[list[int]]:
         return out["output_ids"]
 
     with ThreadPoolExecutor(CONCURRENCY) as ex:
-        return list(ex.map(one, range(REQS)))
+        return list(ex.map(one, range(n)))
 
 
 def main() -> None:
@@ -96,12 +96,26 @@ def main() -> None:
            "command": " ".join(sys.argv), "requests": REQS, "new_tokens": NEW, "rows": []}
     t0 = time.time()
     runs = {}
+    res["warmup_s"] = {}
     for name, args in (("nsa_ar", ["--attention-backend", "specsa"]), ("specsa", spec)):
         with launch_server(str(d), free_port(), common + args, cpu=cpu, timeout=600,
                            log_path=OUT / f"sampling_{name}.log") as srv:
-            runs[name] = {k: sample(srv, prompt, p) for k, p in SETTINGS.items()}
+            settings = dict(SETTINGS)
             if name == "specsa":
-                runs[name]["power_t0.7"] = sample(srv, prompt, {"temperature": 0.7})
+                settings["power_t0.7"] = {"temperature": 0.7}
+            # The first batch of a sampling setting can stall for a minute or more (the H100 run
+            # at da8e885: 89 s on the first top-k batch of the speculative server, a one-time
+            # compile); warm each setting up at full concurrency before counting samples.
+            for k, p in settings.items():
+                t1 = time.time()
+                sample(srv, prompt, p, CONCURRENCY)
+                res["warmup_s"][f"{name}/{k}"] = round(time.time() - t1, 1)
+                print(f"{name}: warm-up {k} {res['warmup_s'][f'{name}/{k}']} s", flush=True)
+            runs[name] = {}
+            for k, p in settings.items():
+                t1 = time.time()
+                runs[name][k] = sample(srv, prompt, p)
+                print(f"{name}: {REQS} samples of {k} in {time.time() - t1:.1f} s", flush=True)
     for setting in SETTINGS:
         for pos in range(NEW):
             a = [o[pos] for o in runs["nsa_ar"][setting]]
