@@ -171,7 +171,7 @@ def test_score_topk_grouped(params, ps, hkv, g, dim, dtype, ctx, rows, parents, 
 
 @pytest.mark.parametrize("ns", [1, 2])
 def test_plan_groups_permuted_order(ns):
-    # a verifier plan's group cuts (VerifyGeometry: BFS-like order, groups of 3, an unused slot)
+    # the group cuts of a verifier's step metadata (VerifyGeometry: BFS-like order, groups of 3, an unused slot)
     parents = [-1, 0, 0, 1, 2, 3, 3]
     args, refs = build_case(SMALL, 16, 1, 2, 64, torch.float32, [], [], parents, 97)
     order = [0, 2, 1, 4, 3, 6, 5]
