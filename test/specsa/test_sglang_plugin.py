@@ -107,9 +107,11 @@ def test_cpu_platform_only_when_selected(monkeypatch):
 def test_overlap_schedule_setting():
     from specsa.config import ConfigError
     from specsa.sglang_plugin.settings import overlap_schedule
-    assert overlap_schedule({}) is False
-    assert overlap_schedule({"SPECSA_OVERLAP": "on"}) is True
-    assert overlap_schedule({"SPECSA_OVERLAP": "off"}) is False
-    assert overlap_schedule({"SPECSA_OVERLAP": "1"}) is True
+    assert overlap_schedule("cuda", {}) is True          # auto: on with CUDA
+    assert overlap_schedule("cuda:0", {"SPECSA_OVERLAP": "auto"}) is True
+    assert overlap_schedule("cpu", {}) is False          # auto: off on the CPU harness
+    assert overlap_schedule("cpu", {"SPECSA_OVERLAP": "on"}) is True
+    assert overlap_schedule("cuda", {"SPECSA_OVERLAP": "off"}) is False
+    assert overlap_schedule("cpu", {"SPECSA_OVERLAP": "1"}) is True
     with pytest.raises(ConfigError, match="SPECSA_OVERLAP='maybe'"):
-        overlap_schedule({"SPECSA_OVERLAP": "maybe"})
+        overlap_schedule("cuda", {"SPECSA_OVERLAP": "maybe"})

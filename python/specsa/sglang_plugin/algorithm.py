@@ -144,11 +144,10 @@ def handle_specsa_server_args(sa) -> None:
     from .settings import overlap_schedule
     import torch
     device = str(sa.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not overlap_schedule() or not device.startswith("cuda"):
+    if not overlap_schedule(device):
         # SGLang's overlap scheduler prepares step N+1 on the host while the GPU runs step N;
-        # the SpecSA step needs no host sync (its metadata is built on the device), so on CUDA
-        # SPECSA_OVERLAP=on keeps it (opt-in: not yet checked on a GPU); it needs CUDA streams
-        # (not on the CPU harness)
+        # the SpecSA step needs no host sync (its metadata is built on the device), so it stays
+        # on with CUDA unless SPECSA_OVERLAP=off (settings.py)
         sa.disable_overlap_schedule = True
     if sa.enable_mixed_chunk:
         logger.warning("specsa: mixed chunked prefill is disabled for speculative decoding")

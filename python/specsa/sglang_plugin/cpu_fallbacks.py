@@ -348,3 +348,29 @@ def install(HookRegistry, HookType) -> None:
     ewc.assign_draft_cache_locs_contiguous = DraftCacheLocsLauncher()
     import sglang.srt.speculative.spec_utils as su
     su.assign_extend_cache_locs = ExtendCacheLocsLauncher()
+    # overlap_utils.py:386 (overlap scheduling) gathers the speculative extras with a Triton
+    # kernel object
+    R("sglang.srt.managers.overlap_utils.gather_spec_extras", gather_spec_extras_torch,
+      HookType.REPLACE)
+    _cpu_streams()
+
+
+def gather_spec_extras_torch(indices, topk_p_buf, topk_index_buf, output_tokens_buf,
+                             hidden_states_buf):
+    """Rows `indices` of each speculative-extras buffer (the Triton kernel's gather)."""
+    idx = indices.to(torch.long)
+    return (topk_p_buf[idx], topk_index_buf[idx], output_tokens_buf[idx],
+            None if hidden_states_buf is None else hidden_states_buf[idx])
+
+
+def _cpu_streams() -> None:
+    """SGLang's overlap scheduler records tensors on the device's current stream
+    (overlap_utils.py:376), which CPU tensors refuse; CPU streams run in order, so there is
+    nothing to record."""
+    record = torch.Tensor.record_stream
+
+    def record_stream(self, stream):
+        if isinstance(stream, torch.cpu.Stream):
+            return None
+        return record(self, stream)
+    torch.Tensor.record_stream = record_stream
