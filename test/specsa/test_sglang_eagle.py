@@ -12,7 +12,6 @@ classes). Acceptance is printed (pytest -s). Random heads (test_eagle.py) accept
 from __future__ import annotations
 
 import random
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -85,16 +84,7 @@ def _run(srv, prompts, reference):
 
 
 def _concurrent(srv, prompts, reference):
-    outs = [None] * len(prompts)
-
-    def one(i):
-        outs[i] = srv.generate(input_ids=prompts[i], max_new_tokens=NEW)["output_ids"]
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert outs == reference
+    assert srv.generate_concurrent(prompts, NEW) == reference
 
 
 @pytest.mark.slow

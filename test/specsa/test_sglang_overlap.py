@@ -11,7 +11,6 @@ One server per configuration; each start takes ~1-3 min on 2 cores.
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 
@@ -70,13 +69,4 @@ def test_overlap_greedy_equals_ar(models, prompts, reference, config):
         for i, (p, ref) in enumerate(zip(prompts, reference)):
             out = srv.generate(input_ids=p, max_new_tokens=NEW)
             assert out["output_ids"] == ref, f"{config}: prompt {i} differs from AR NSA"
-        outs = [None] * len(prompts)
-
-        def one(i):
-            outs[i] = srv.generate(input_ids=prompts[i], max_new_tokens=NEW)["output_ids"]
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert outs == reference, f"{config}: concurrent requests differ from AR NSA"
+        assert srv.generate_concurrent(prompts, NEW) == reference, f"{config}: concurrent requests differ from AR NSA"

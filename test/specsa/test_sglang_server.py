@@ -64,16 +64,7 @@ def _check_greedy(srv, prompts, reference, what):
 
 
 def _check_concurrent(srv, prompts, reference):
-    outs = [None] * len(prompts)
-
-    def one(i):
-        outs[i] = srv.generate(input_ids=prompts[i], max_new_tokens=NEW)["output_ids"]
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert outs == reference
+    assert srv.generate_concurrent(prompts, NEW) == reference
 
 
 def _check_radix(srv, prompts, reference, page):

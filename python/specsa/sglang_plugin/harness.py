@@ -77,6 +77,14 @@ class Server:
             raise ServerError(f"/generate -> {status}: {out}")
         return out
 
+    def generate_concurrent(self, prompts: list[list[int]], max_new_tokens: int = 16) -> list:
+        """Greedy output_ids of every prompt, all requests in flight at once (so the server
+        batches them); a failed request raises here."""
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max(1, len(prompts))) as ex:
+            return list(ex.map(lambda p: self.generate(input_ids=p, max_new_tokens=max_new_tokens)
+                               ["output_ids"], prompts))
+
     def generate_stream(self, *, input_ids, max_new_tokens: int, timeout: float = 1800.0,
                         **sampling) -> dict:
         """Streaming greedy /generate (ignore_eos). Returns {"arrivals": [(host seconds,
