@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -147,6 +149,15 @@ def server_command(model: str, port: int, args: list[str], *, cpu: bool) -> list
     return cmd + list(args)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the launcher gets SIGKILL when the process that started it dies (Linux).
+
+    A test run killed by a timeout never reaches `Server.stop()`; without this its servers
+    lived on (three orphaned schedulers held ~70% of a core each for an hour). SGLang's own
+    children already die with the launcher (`kill_itself_when_parent_died`)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
+
 def start_server(model: str, port: int, args: list[str] = (), *, cpu: bool = True,
                  env: dict | None = None, log_path: str | Path | None = None,
                  cwd: str | None = None) -> Server:
@@ -159,9 +170,11 @@ def start_server(model: str, port: int, args: list[str] = (), *, cpu: bool = Tru
     log_path = Path(log_path or f"/tmp/specsa_sglang_{port}.log")
     log = open(log_path, "w")
     # cwd must not hold a folder named `specsa` (a namespace package would shadow the plugin)
+    # The death signal follows the thread that forked, so only tie the server to a main thread.
+    tie = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
     proc = subprocess.Popen(server_command(model, port, list(args), cpu=cpu), env=full_env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=cwd or "/tmp")
+                            cwd=cwd or "/tmp", preexec_fn=_die_with_parent if tie else None)
     return Server(proc, port, log_path)
 
 
