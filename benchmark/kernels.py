@@ -44,7 +44,7 @@ from timing import L2Flush, bench, copy_bandwidth  # noqa: E402
 from specsa.verifier import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
-from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode  # noqa: E402
+from specsa.kernels.fused import VerifyArgs, build_geometry, decode_geometry, fused_decode  # noqa: E402
 from specsa.draft_tree import traversal_order  # noqa: E402
 from specsa.schedule import default_num_splits  # noqa: E402
 
@@ -243,10 +243,10 @@ class Bench(RefreshSections):
         nb = 2 if gated else 1
         ws = None if ns == 1 else (torch.empty(ns * nb * o.numel(), device=DEV),
                                    torch.empty(ns * nb * o.numel() // d, device=DEV))
-        fn = lambda: fused_decode(case["q"], case["k_new"], case["v_new"], case["k_cache"],
-                                  case["v_cache"], case["sel"], geo, params, d ** -0.5,
-                                  o_cmp=case.get("o_cmp"), gates=case.get("gates"), out=o, workspace=ws,
-                                  **(launch or {}))
+        a = VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
+                       geo, params, d ** -0.5, sel=case["sel"], o_cmp=case.get("o_cmp"),
+                       gates=case.get("gates"), out=o, workspace=ws)
+        fn = lambda: fused_decode(a, **(launch or {}))
         o.fill_(float("nan"))
         fn()
         ref = torch_reference(case, params, d ** -0.5, case.get("gates"), case.get("o_cmp"))

@@ -305,7 +305,7 @@ class GpuParts:
         return self._t(key, lambda: ver.run(q, kn, vn, kc, vc, sel, out=o, **kw))
 
     def decode_attn(self, ctx: int, b: int) -> float:
-        from specsa.kernels.fused import decode_geometry, fused_decode
+        from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode
         from specsa.schedule import default_num_splits
         key = f"decode_attn/ctx{ctx}/B{b}"
         if key in self.components:
@@ -324,8 +324,9 @@ class GpuParts:
         kw = {}
         if self.p.gated:
             kw = dict(o_cmp=mk(b, self.hq, self.d), gates=torch.rand(b, self.hq, 3, device="cuda", dtype=self.dt))
-        return self._t(key, lambda: fused_decode(q, kn, vn, kc, vc, sel, geo, self.p, self.d ** -0.5,
-                                                 out=o, workspace=ws, **kw))
+        a = VerifyArgs(q, kn, vn, kc, vc, geo, self.p, self.d ** -0.5, sel=sel, out=o, workspace=ws,
+                       **kw)
+        return self._t(key, lambda: fused_decode(a))
 
 
 def gpu_profile(args) -> Profile:

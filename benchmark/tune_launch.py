@@ -32,7 +32,7 @@ from specsa.verifier import NSAVerifier
 from specsa.config import Schedule
 from specsa.kernels.refresh import refresh_workspace, score_topk, score_topk_grouped
 from specsa.kernels.refresh.grouped import default_refresh_splits
-from specsa.kernels.fused import decode_geometry, fused_decode
+from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode
 from specsa.schedule import default_num_splits
 
 DEV = kb.DEV
@@ -170,9 +170,9 @@ class LaunchTuning:
             geo = decode_geometry(case["prefix_lens"], case["block_table"], params, ns)
             ws = None if ns == 1 else (torch.empty(ns * o.numel(), device=DEV),
                                        torch.empty(ns * o.numel() // d, device=DEV))
-            fn = lambda geo=geo, ws=ws, knobs=knobs: fused_decode(
-                case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"], case["sel"],
-                geo, params, d ** -0.5, out=o, workspace=ws, **knobs)
+            a = VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
+                           geo, params, d ** -0.5, sel=case["sel"], out=o, workspace=ws)
+            fn = lambda a=a, knobs=knobs: fused_decode(a, **knobs)
             try:
                 fn()
                 v = {**knobs, "splits": ns, "median_us": self.time(fn)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..common.params import NSAParams
+from ..fused.args import VerifyArgs
 from ..fused.verify import VerifyGeometry, nsa_verify_fwd
 
 
@@ -26,5 +27,7 @@ def dense_tree_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     Returns:
         out [Nq, HQ, D]. CUDA-graph safe.
     """
-    return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, NSAParams(gated=False), scale,
-                          dense=True, out=out, workspace=workspace)
+    # the dense mode uses no selection, window or gates: any ungated parameter set serves
+    a = VerifyArgs(q, k_new, v_new, k_cache, v_cache, geo, NSAParams(gated=False), scale,
+                   out=out, workspace=workspace)
+    return nsa_verify_fwd(a, dense=True)

@@ -1,7 +1,7 @@
 """Fused NSA verification / decode: selected + window branches + (gated | union) combine in one
 launch over a paged KV cache plus a contiguous draft tail, split-KV with an (o, lse) merge.
 
-One kernel serves every schedule (kernels/selection/{independent,exact_merged,shared_index}.py),
+One kernel serves every schedule (kernels/schedules/{independent,exact_merged,shared_index}.py),
 decode (T = 1) and dense tree verification (kernels/dense/): a program owns one group of C
 verifier queries x G heads of one KV head (a [R = C*G, D] Q tile, R padded to a power of two
 >= 16 for the MMA) and one split of the group's key space:
@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ..common.launch import num_sms, pow2
 from ..common.merge import gated_combine, merge_splits
-from ..common.params import NSAParams
 from ..common.tl_math import LOG2E, load_rows
+from .args import VerifyArgs, check_verify_args
 
 
 @dataclass(frozen=True)
@@ -323,67 +323,25 @@ def default_blocks_per_iter(rows: int, num_programs: int, device: torch.device) 
     return 2 if rows <= 16 or num_programs <= 2 * num_sms(device) else 1
 
 
-def check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo: VerifyGeometry,
-                        params: NSAParams, o_cmp, gates, dense: bool) -> None:
-    """Shape / dtype checks with messages naming the problem (no device syncs)."""
-    nq, hq, d = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache/v_cache must both be [num_pages, page_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    hkv = k_cache.shape[2]
-    if hq % hkv or k_cache.shape[3] != d:
-        raise ValueError(f"q [Nq, Hq={hq}, D={d}] does not fit cache Hkv={hkv}, D={k_cache.shape[3]}")
-    if k_new.shape != (nq, hkv, d) or v_new.shape != k_new.shape:
-        raise ValueError(f"k_new/v_new must be [Nq={nq}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
-    if nq != geo.num_queries:
-        raise ValueError(f"q has {nq} queries but the plan has {geo.num_queries}")
-    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if not dense:
-        if sel is None or sel.shape != (nq, hkv, params.topn) or sel.dtype != torch.int32:
-            raise ValueError(f"sel must be int32 [Nq={nq}, Hkv={hkv}, topn={params.topn}], got "
-                             f"{None if sel is None else (tuple(sel.shape), sel.dtype)}")
-        if params.gated and (o_cmp is None or gates is None):
-            raise ValueError("params.gated is True (gated combine) but o_cmp or gates is None")
-        if not params.gated and gates is not None:
-            raise ValueError("gates given but params.gated is False (union combine)")
-        if params.gated and (o_cmp.shape != q.shape or gates.shape != (nq, hq, 3)):
-            raise ValueError(f"o_cmp must be [Nq, Hq, D] and gates [Nq, Hq, 3], got "
-                             f"{tuple(o_cmp.shape)}, {tuple(gates.shape)}")
-
-
-def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, geo: VerifyGeometry,
-                   params: NSAParams, scale: float, sel: torch.Tensor | None = None,
+def nsa_verify_fwd(a: VerifyArgs,
                    union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
-                   dense: bool = False, out: torch.Tensor | None = None,
-                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   num_warps: int | None = None, num_stages: int = 3,
+                   dense: bool = False, num_warps: int | None = None, num_stages: int = 3,
                    blocks_per_iter: int | None = None) -> torch.Tensor:
-    """Launch the fused kernel (+ the split merge when geo.num_splits > 1).
+    """Launch the fused kernel (+ the split merge when a.geo.num_splits > 1).
 
     Args:
-        q (torch.Tensor): shape [Nq, HQ, D] (bf16 / fp16 / fp32), one row per verifier query.
-        k_new, v_new (torch.Tensor): shape [Nq, HKV, D], the draft tail's keys / values.
-        k_cache, v_cache (torch.Tensor): shape [num_pages, page_size, HKV, D].
-        geo (VerifyGeometry): step metadata.
-        sel (torch.Tensor): shape [Nq, HKV, topn] int32, sorted ascending, -1 padded.
+        a (VerifyArgs): the step's inputs and output buffers (a.sel may be None when dense).
         union: (idx [NG, HKV, CAP] int32, own [NG, HKV, CAP] int64, cnt [NG, HKV] int32) from
             `specsa.kernels.common.index.merge_group_selections`; needed unless geo.direct/dense.
-        o_cmp [Nq, HQ, D], gates [Nq, HQ, 3] (sigmoid values): gated combine only.
-        out (torch.Tensor | None): shape [Nq, HQ, D]  # mutable
-        workspace: (o_part [NSPLIT*NB*Nq*HQ*D] fp32, lse_part [NSPLIT*NB*Nq*HQ] fp32), fixed
-            buffers for CUDA graphs; allocated here when None.
+        dense: every committed token unmasked, no selection / window / gates (kernels/dense).
         num_warps, num_stages, blocks_per_iter (power of two): launch / tile knobs; selected
             blocks loaded per loop iteration of pass 1. None: `default_blocks_per_iter`.
     Returns:
-        out [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs; grid fixed by geo.
+        a.out (allocated when None) [Nq, HQ, D] in q's dtype. CUDA-graph safe: no host syncs;
+        grid fixed by geo.
     """
-    check_verify_inputs(q, k_new, v_new, k_cache, v_cache, sel, geo, params, o_cmp, gates, dense)
+    check_verify_args(a, dense)
+    q, k_cache, geo, params = a.q, a.k_cache, a.geo, a.params
     if blocks_per_iter is None:
         blocks_per_iter = default_blocks_per_iter(
             pow2(geo.C * (q.shape[1] // k_cache.shape[2]), 16),
@@ -395,8 +353,7 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     g = hq // hkv
     gated = params.gated and not dense
     nsplit = geo.num_splits
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q) if a.out is None else a.out
     rows = pow2(geo.C * g, 16)
     direct = geo.direct or dense
     if not direct and union is None:
@@ -405,25 +362,20 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     uidx, uown, ucnt = union if union is not None else (geo.order, geo.q_anc, geo.order)
     cap = uidx.shape[-1] if union is not None else 1
     nb = 2 if gated else 1
-    if nsplit > 1:
-        if workspace is None:
-            workspace = (torch.empty(nsplit * nb * nq * hq * d, device=q.device, dtype=torch.float32),
-                         torch.empty(nsplit * nb * nq * hq, device=q.device, dtype=torch.float32))
-        opart, lpart = workspace
-    else:
-        opart = lpart = out
+    opart, lpart = _split_buffers(a.workspace, nsplit, nb, q, out)
+    sel, o_cmp, gates = a.sel, a.o_cmp, a.gates
     dummy = q
     bd = pow2(d, 16)
     if num_warps is None:
         num_warps = 8 if rows * bd >= 128 * 128 else 4
     _nsa_verify_fwd_kernel[(geo.num_groups, hkv, nsplit)](
-        Q=q, KN=k_new, VN=v_new, KC=k_cache, VC=v_cache, BT=geo.block_table,
+        Q=q, KN=a.k_new, VN=a.v_new, KC=k_cache, VC=a.v_cache, BT=geo.block_table,
         REQ_P=geo.req_P, REQ_OFF=geo.req_off, REQ_T=geo.req_T, QPOS=geo.q_pos, QANC=geo.q_anc,
         ORDER=geo.order, SELSRC=geo.sel_src, G_REQ=geo.g_req, G_START=geo.g_start,
         G_LEN=geo.g_len, G_WINLO=geo.g_winlo, SEL=sel if sel is not None else geo.order,
         UIDX=uidx, UOWN=uown, UCNT=ucnt,
         OCMP=o_cmp if gated else dummy, GATES=gates if gated else dummy, OUT=out,
-        OPART=opart, LPART=lpart, sm_scale=float(scale), stride_bt=geo.block_table.stride(0),
+        OPART=opart, LPART=lpart, sm_scale=float(a.scale), stride_bt=geo.block_table.stride(0),
         NQ=nq, HQ=hq, HKV=hkv, G=g, D=d, BD=bd, R=rows, S=params.select,
         BS=pow2(params.select, 16), BN=64, TP=pow2(geo.t_max, 16), W=params.window,
         TOPN=params.topn if sel is not None else 1, CAP=cap, PS=ps, NSPLIT=nsplit,
@@ -434,3 +386,16 @@ def nsa_verify_fwd(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         merge_splits(opart, lpart, nsplit, nb, out, o_cmp if gated else None,
                      gates if gated else None)
     return out
+
+
+def _split_buffers(workspace, nsplit: int, nb: int, q: torch.Tensor,
+                   out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (o_part, lse_part) of the split-KV partials: the caller's fixed buffers or new ones;
+    # unsplit launches write `out` directly (the kernel never touches the partials)
+    if nsplit == 1:
+        return out, out
+    if workspace is not None:
+        return workspace
+    nq, hq, d = q.shape
+    return (torch.empty(nsplit * nb * nq * hq * d, device=q.device, dtype=torch.float32),
+            torch.empty(nsplit * nb * nq * hq, device=q.device, dtype=torch.float32))

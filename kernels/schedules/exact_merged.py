@@ -10,27 +10,24 @@ from __future__ import annotations
 import torch
 
 from ..common.index import merge_group_selections
-from ..common.params import NSAParams
-from ..fused.verify import VerifyGeometry, nsa_verify_fwd
+from ..fused.args import VerifyArgs
+from ..fused.verify import nsa_verify_fwd
 
 
-def exact_merged_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, sel: torch.Tensor,
-                        geo: VerifyGeometry, params: NSAParams, scale: float,
-                        o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
-                        out: torch.Tensor | None = None,
-                        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+def exact_merged_verify(a: VerifyArgs,
                         union_buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                         **knobs) -> torch.Tensor:
     """Grouped exact verification.
 
-    Args: as `independent_verify`; geo built with group_size C (1..64) and shared=False;
+    Args:
+        a (VerifyArgs): as `independent_verify`, geo built with group_size C (1..64) and
+            shared=False.
         union_buf: fixed (idx, own, cnt) buffers for `merge_group_selections`  # mutable
         knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter).
     Returns:
-        out [Nq, HQ, D]. Two launches (+1 merge when split): union, fused verify. Graph safe.
+        a.out [Nq, HQ, D]. Two launches (+1 merge when split): union, fused verify. Graph safe.
     """
-    union = merge_group_selections(sel, geo.sel_src, geo.g_start, geo.g_len, geo.C, out=union_buf)
-    return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, params, scale, sel=sel,
-                          union=union, o_cmp=o_cmp, gates=gates, out=out, workspace=workspace,
-                          **knobs)
+    geo = a.geo
+    union = merge_group_selections(a.sel, geo.sel_src, geo.g_start, geo.g_len, geo.C,
+                                   out=union_buf)
+    return nsa_verify_fwd(a, union=union, **knobs)

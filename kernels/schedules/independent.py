@@ -9,32 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from ..common.params import NSAParams
-from ..fused.verify import VerifyGeometry, nsa_verify_fwd
+from ..fused.args import VerifyArgs
+from ..fused.verify import nsa_verify_fwd
 
 
-def independent_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, sel: torch.Tensor,
-                       geo: VerifyGeometry, params: NSAParams, scale: float,
-                       o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None,
-                       workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       **knobs) -> torch.Tensor:
+def independent_verify(a: VerifyArgs, **knobs) -> torch.Tensor:
     """Selected + window + combine for each query on its own.
 
     Args:
-        q (torch.Tensor): [Nq, HQ, D]; k_new, v_new: [Nq, HKV, D] draft-tail KV.
-        k_cache, v_cache (torch.Tensor): [num_pages, page_size, HKV, D].
-        sel (torch.Tensor): [Nq, HKV, topn] int32 sorted ascending, -1 padded.
-        geo (VerifyGeometry): built with group_size 1.
-        o_cmp [Nq, HQ, D], gates [Nq, HQ, 3]: gated combine only.
-        out: [Nq, HQ, D]  # mutable
+        a (VerifyArgs): q [Nq, HQ, D]; k_new, v_new [Nq, HKV, D] draft-tail KV; k_cache,
+            v_cache [num_pages, page_size, HKV, D]; sel [Nq, HKV, topn] int32 sorted
+            ascending, -1 padded; geo built with group_size 1; o_cmp [Nq, HQ, D],
+            gates [Nq, HQ, 3]: gated combine only; out [Nq, HQ, D]  # mutable
         knobs: `nsa_verify_fwd` launch knobs (num_warps, num_stages, blocks_per_iter).
     Returns:
-        out. CUDA-graph safe.
+        a.out. CUDA-graph safe.
     """
-    if geo.C != 1:
-        raise ValueError(f"independent_verify needs a geometry with group_size 1, got {geo.C}")
-    return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, geo, params, scale, sel=sel,
-                          o_cmp=o_cmp, gates=gates, out=out, workspace=workspace,
-                          **knobs)
+    if a.geo.C != 1:
+        raise ValueError(f"independent_verify needs a geometry with group_size 1, got {a.geo.C}")
+    return nsa_verify_fwd(a, **knobs)

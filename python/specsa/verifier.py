@@ -25,7 +25,7 @@ import torch
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal, parse_enum
 from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.common.launch import num_sms
-from specsa.kernels.fused import build_geometry, copy_geometry_, nsa_verify_fwd
+from specsa.kernels.fused import VerifyArgs, build_geometry, copy_geometry_, nsa_verify_fwd
 from specsa.device_metadata import DeviceStepMetadata
 from specsa.metadata import VerifyMetadata
 from specsa.kernels.common.tree import MAX_TREE_NODES
@@ -200,6 +200,6 @@ class NSAVerifier:
             geo = meta.geometry
             union = merge_group_selections(sel, geo.sel_src, geo.g_start, geo.g_len,
                                            meta.group_size, out=meta.union)
-        return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, meta.geometry, self.params,
-                              self.scale, sel=sel, union=union, o_cmp=o_cmp, gates=gates,
-                              out=out, workspace=meta.workspace, **self.launch)
+        a = VerifyArgs(q, k_new, v_new, k_cache, v_cache, meta.geometry, self.params, self.scale,
+                       sel=sel, o_cmp=o_cmp, gates=gates, out=out, workspace=meta.workspace)
+        return nsa_verify_fwd(a, union=union, **self.launch)

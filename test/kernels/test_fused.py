@@ -13,7 +13,7 @@ from conftest import assert_close, poisoned
 
 from specsa.kernels.common.merge import merge_splits, merge_states_torch
 from specsa.kernels.common.params import NSAParams
-from specsa.kernels.fused import build_geometry, decode_geometry, fused_decode, naive_fused_tree
+from specsa.kernels.fused import VerifyArgs, build_geometry, decode_geometry, fused_decode, naive_fused_tree
 from specsa.kernels.selection.naive import forced_blocks
 
 from conftest import DEV  # noqa: E402
@@ -117,9 +117,9 @@ def test_fused_decode_matches_reference(g, page_size, gated, splits, nbi):
     case = make_case([37, 5, 70], [1, 1, 1], g * hkv, hkv, d, page_size, params, seed=g)
     geo = decode_geometry(case["prefix_lens"], case["block_table"], params, splits)
     out = poisoned(3, g * hkv, d, device=DEV)
-    fused_decode(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
-                 case["sel"], geo, params, 0.25, o_cmp=case["o_cmp"], gates=case["gates"], out=out,
-                 blocks_per_iter=nbi)
+    fused_decode(VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
+                            geo, params, 0.25, sel=case["sel"], o_cmp=case["o_cmp"],
+                            gates=case["gates"], out=out), blocks_per_iter=nbi)
     assert_close(out.cpu(), reference(case, params, 0.25), what="decode")
 
 

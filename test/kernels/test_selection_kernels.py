@@ -14,7 +14,7 @@ from test_fused import DEV, SMALL, make_case, reference
 
 from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.common.params import NSAParams
-from specsa.kernels.fused import build_geometry
+from specsa.kernels.fused import VerifyArgs, build_geometry
 from specsa.kernels.nsa.naive import naive_nsa_tree
 from specsa.kernels.schedules import exact_merged_verify, independent_verify, shared_index_verify
 
@@ -37,8 +37,9 @@ def _orders(parents, kind):
 def _run(fn, case, geo, params, scale, **knobs):
     nq, hq, d = case["q"].shape
     out = poisoned(nq, hq, d, dtype=case["q"].dtype, device=DEV)
-    fn(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"], case["sel"],
-       geo, params, scale, o_cmp=case["o_cmp"], gates=case["gates"], out=out, **knobs)
+    fn(VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"], geo,
+                  params, scale, sel=case["sel"], o_cmp=case["o_cmp"], gates=case["gates"], out=out),
+       **knobs)
     return out
 
 

@@ -34,7 +34,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.kernels.common.launch import num_sms
-from specsa.kernels.fused import VerifyGeometry, nsa_verify_fwd
+from specsa.kernels.fused import VerifyArgs, VerifyGeometry, nsa_verify_fwd
 from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
@@ -79,8 +79,8 @@ class DraftWindowMetadata:
             g.block_table.copy_(block_table)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, scale: float, out) -> torch.Tensor:
-        return nsa_verify_fwd(q, k_new, v_new, k_cache, v_cache, self.geo, self.params, scale,
-                              sel=self.sel, out=out, workspace=self.workspace)
+        return nsa_verify_fwd(VerifyArgs(q, k_new, v_new, k_cache, v_cache, self.geo, self.params,
+                                         scale, sel=self.sel, out=out, workspace=self.workspace))
 
 
 def branch_tables(bt: torch.Tensor, prefix: torch.Tensor, topk: int, steps: int,
