@@ -21,7 +21,7 @@ from specsa.kernels.compression import (compress, compress_paged, naive_block_sc
                                         naive_cmp_attention)
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp
 from specsa.kernels.prefill import chunked_nsa_prefill, naive_nsa_prefill_rows
-from specsa.kernels.refresh import score_topk
+from specsa.kernels.refresh import RefreshArgs, score_topk
 from specsa.kernels.selection import naive_topk
 
 DEV, DT = "cuda", torch.bfloat16
@@ -104,10 +104,10 @@ def main():
         if r:
             prov_vis[len(rows_t) + u, : len(r)] = torch.tensor(r, dtype=torch.int32)
     cmp_lens = torch.tensor([P.num_cmp(L), P.num_cmp(L - 37)], dtype=torch.int32, device=DEV)
-    sel, o_cmp, lse = score_topk(q, ckc, cvc, bt, torch.tensor(q_req, dtype=torch.int32, device=DEV),
-                                 torch.tensor(q_pos, dtype=torch.int32, device=DEV), cmp_lens, P, SCALE, PS,
-                                 prov_k=pk, prov_v=pv, prov_cidx=vis.cmp_idx.to(torch.int32), prov_vis=prov_vis,
-                                 with_out=True)
+    sel, o_cmp, lse = score_topk(RefreshArgs(
+        q, ckc, cvc, bt, torch.tensor(q_req, dtype=torch.int32, device=DEV),
+        torch.tensor(q_pos, dtype=torch.int32, device=DEV), cmp_lens, P, SCALE, PS, prov_k=pk,
+        prov_v=pv, prov_cidx=vis.cmp_idx.to(torch.int32), prov_vis=prov_vis, with_out=True))
     agree, o_err = 0, 0.0
     for r in range(nq):
         b, t = q_req[r], q_pos[r]
@@ -178,7 +178,8 @@ def main():
             qp_ = (L - T + torch.arange(T, device=DEV, dtype=torch.int32)).repeat(nb)
             qq = torch.randn(nb * T, HQ, D, device=DEV, dtype=DT)
             for wo in (False, True):
-                us = median_us(lambda: score_topk(qq, ckc, cvc, bt, qr, qp_, cl, P, SCALE, PS, with_out=wo))
+                a = RefreshArgs(qq, ckc, cvc, bt, qr, qp_, cl, P, SCALE, PS, with_out=wo)
+                us = median_us(lambda: score_topk(a))
                 floor = (cmp_bytes * (2 if wo else 1)) / bw * 1e6
                 times[f"score_topk B{nb} T{T} out={wo}"] = dict(us=us, floor_us=floor, ratio=us / floor)
         old = full - 1

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench  # noqa: E402
 
 from specsa.config import Traversal  # noqa: E402
-from specsa.kernels.refresh import refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
+from specsa.kernels.refresh import RefreshArgs, refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
 from specsa.kernels.refresh.grouped import default_refresh_splits, refresh_rows  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 
@@ -92,12 +92,13 @@ class RefreshSections:
         # the selection-block range for occupancy): INDEPENDENT's fair refresh
         ns1 = default_refresh_splits(nq * self.hkv, sel_blocks, params, nsm, refresh_rows(1, hq, self.hkv))
         ws1 = refresh_workspace(nq, hq, self.hkv, d, params, ns1, with_out, DEV) if ns1 > 1 else None
-        fns = {"old": lambda: score_topk(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo),
-               "grouped": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg,
-                                                     group_size=c, groups=groups, num_splits=num_splits,
-                                                     workspace=ws),
-               "row_split": lambda: score_topk_grouped(q, **kw, with_out=with_out, sel=sr, o_cmp=orr,
-                                                       lse=lr, group_size=1, num_splits=ns1,
+        a_old = RefreshArgs(q, **kw, with_out=with_out, sel=so, o_cmp=oo, lse=lo)
+        a_grouped = RefreshArgs(q, **kw, with_out=with_out, sel=sg, o_cmp=og, lse=lg)
+        a_split = RefreshArgs(q, **kw, with_out=with_out, sel=sr, o_cmp=orr, lse=lr)
+        fns = {"old": lambda: score_topk(a_old),
+               "grouped": lambda: score_topk_grouped(a_grouped, group_size=c, groups=groups,
+                                                     num_splits=num_splits, workspace=ws),
+               "row_split": lambda: score_topk_grouped(a_split, group_size=1, num_splits=ns1,
                                                        workspace=ws1)}
         info = {"refresh_group_size": c, "refresh_num_splits": num_splits,
                 "refresh_groups": len(g_len), "provisional_tokens": int(kw.get("prov_cidx", torch.zeros(0)).numel())}

@@ -257,7 +257,7 @@ class GpuParts:
         return self._t(f"head/n{n}", lambda: x @ w.T)
 
     def refresh(self, ctx: int, t: int, b: int) -> float:
-        from specsa.kernels.refresh import score_topk
+        from specsa.kernels.refresh import RefreshArgs, score_topk
         key = f"refresh/ctx{ctx}/T{t}/B{b}"
         if key in self.components:
             return self.components[key]
@@ -269,8 +269,9 @@ class GpuParts:
         q_pos = torch.tensor([ctx + u for u in range(len(par))] * b, **i32)
         cmp_lens = torch.full((b,), self.p.num_cmp(ctx), **i32)
         sel = torch.empty(b * t, self.hkv, self.p.topn, device="cuda", dtype=torch.int32)
-        fn = lambda: score_topk(q, ckc, cvc, bt, q_req, q_pos, cmp_lens, self.p, self.d ** -0.5,
-                                self.ps, with_out=self.p.gated, sel=sel)
+        a = RefreshArgs(q, ckc, cvc, bt, q_req, q_pos, cmp_lens, self.p, self.d ** -0.5, self.ps,
+                        with_out=self.p.gated, sel=sel)
+        fn = lambda: score_topk(a)
         return self._t(key, fn)
 
     def attn(self, ctx: int, t: int, b: int, sched: Schedule, trav: Traversal, c: int) -> float:

@@ -30,7 +30,7 @@ from timing import bench
 
 from specsa.verifier import NSAVerifier
 from specsa.config import Schedule
-from specsa.kernels.refresh import refresh_workspace, score_topk, score_topk_grouped
+from specsa.kernels.refresh import RefreshArgs, refresh_workspace, score_topk, score_topk_grouped
 from specsa.kernels.refresh.grouped import default_refresh_splits
 from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode
 from specsa.schedule import default_num_splits
@@ -77,7 +77,7 @@ class LaunchTuning:
         nsm = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 0
         sel_blocks = -(-max(case["prefix_lens"]) // params.select) + 1
         ref = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=DEV)
-        score_topk(q, **kw, with_out=False, sel=ref)
+        score_topk(RefreshArgs(q, **kw, with_out=False, sel=ref))
         rec = {"ctx": ctx, "T": t, "batch": batch, "d": d, "rows": nq, "variants": {}}
 
         c0 = max(1, 64 // (hq // hkv))
@@ -97,9 +97,10 @@ class LaunchTuning:
             ns = max(1, int(ns * mult))
             ws = refresh_workspace(nq, hq, hkv, d, params, ns, False, DEV) if ns > 1 else None
             sel = torch.full_like(ref, -7)
-            fn = (lambda sel=sel, c=c, groups=groups, ns=ns, ws=ws, knobs=knobs:
-                  score_topk_grouped(q, **kw, with_out=False, sel=sel, group_size=c, groups=groups,
-                                     num_splits=ns, workspace=ws, **knobs))
+            a = RefreshArgs(q, **kw, with_out=False, sel=sel)
+            fn = (lambda a=a, c=c, groups=groups, ns=ns, ws=ws, knobs=knobs:
+                  score_topk_grouped(a, group_size=c, groups=groups, num_splits=ns, workspace=ws,
+                                     **knobs))
             try:
                 fn()
                 v = {"group_size": c, "num_splits": ns, **knobs, "median_us": self.time(fn)}
@@ -109,7 +110,8 @@ class LaunchTuning:
                 self.res["errors"].append({"what": f"refresh {name}", "traceback": traceback.format_exc()[-2500:]})
             rec["variants"][name] = v
             print(f"refresh T={t} B={batch} {name}: {v}", flush=True)
-        per_row = lambda: score_topk(q, **kw, with_out=False, sel=ref)
+        a_row = RefreshArgs(q, **kw, with_out=False, sel=ref)
+        per_row = lambda: score_topk(a_row)
         rec["variants"]["per_row"] = {"median_us": self.time(per_row)}
         self.res["refresh"].append(rec)
 

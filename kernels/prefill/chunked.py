@@ -25,6 +25,7 @@ import triton
 from ..common.launch import pow2
 from ..common.params import NSAParams
 from ..compression.blocks import compress_paged
+from ..refresh.args import RefreshArgs
 from ..refresh.grouped import score_topk_grouped
 from ..refresh.per_row import score_topk
 from .row_attention import sel_win_attention_kernel
@@ -137,10 +138,10 @@ def chunked_nsa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     groups = row_tiles(q_req, nb, group_size)
     o_cmp = None
     if _stages & 2:
-        sel, o_cmp, _ = score_topk_grouped(q, ck_cache, cv_cache, block_table, q_req, q_pos,
-                                           cmp_lens, params, scale, ps, with_out=params.gated,
-                                           sel=sel, group_size=group_size, groups=groups,
-                                           num_splits=refresh_splits)
+        sel, o_cmp, _ = score_topk_grouped(
+            RefreshArgs(q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, params, scale,
+                        ps, with_out=params.gated, sel=sel),
+            group_size=group_size, groups=groups, num_splits=refresh_splits)
     elif params.gated:
         o_cmp = torch.zeros_like(q)
     _tile_passes(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates, out, params,
@@ -214,8 +215,9 @@ def _tile_passes(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gat
 def _rows_path(q, k_cache, v_cache, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
                gates, out, sel, params: NSAParams, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     # impl "rows": per-row refresh (`score_topk`), then one program per (row, KV head)
-    sel, o_cmp, _ = score_topk(q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
-                               params, scale, k_cache.shape[1], with_out=params.gated, sel=sel)
+    sel, o_cmp, _ = score_topk(RefreshArgs(q, ck_cache, cv_cache, block_table, q_req, q_pos,
+                                           cmp_lens, params, scale, k_cache.shape[1],
+                                           with_out=params.gated, sel=sel))
     if q.shape[0]:
         _rows_attention(q, k_cache, v_cache, block_table, q_req, q_pos, sel, o_cmp, gates,
                         out, params, scale)

@@ -50,6 +50,7 @@ from ..common.params import NSAParams
 from ..common.tl_math import LN2, LOG2E, NEG_BIG, load_rows
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tree import MAX_TREE_NODES
+from .args import RefreshArgs, check_refresh_args, prov_pointers, refresh_outputs
 from .grouped_tiles import (
     MERGE_BITONIC,
     MERGE_RANK,
@@ -61,7 +62,6 @@ from .grouped_tiles import (
     _split_range,
     _stats,
 )
-from .per_row import check_refresh_args, refresh_outputs
 
 
 @triton.jit
@@ -336,14 +336,7 @@ def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, n
             torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32))
 
 
-def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
-                       block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
-                       cmp_lens: torch.Tensor, params: NSAParams, scale: float, page_size: int,
-                       prov_k: torch.Tensor | None = None, prov_v: torch.Tensor | None = None,
-                       prov_cidx: torch.Tensor | None = None, prov_vis: torch.Tensor | None = None,
-                       with_out: bool | None = None, sel: torch.Tensor | None = None,
-                       o_cmp: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                       group_size: int = 1,
+def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
                        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                        num_splits: int | None = None,
                        workspace: tuple[torch.Tensor, ...] | None = None,
@@ -354,9 +347,8 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     results as `score_topk`, computed per group of rows sharing each compressed-key load.
 
     Args:
-        q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, params, scale, page_size,
-        prov_k, prov_v, prov_cidx, prov_vis, with_out, sel, o_cmp, lse: as `score_topk`
-            (sel int32 [Nq, Hkv, topn], o_cmp [Nq, Hq, D], lse [Nq, Hq] fp32; # mutable).
+        a (RefreshArgs): as `score_topk` (sel int32 [Nq, Hkv, topn], o_cmp [Nq, Hq, D],
+            lse [Nq, Hq] fp32; # mutable).
         group_size (int): C, the most rows in a group (1..64).
         groups: (order [Nq], g_start [NG], g_len [NG]) int32 on the device: group k is the rows
             order[g_start[k] : g_start[k] + g_len[k]] (g_len 0 = unused slot), all of one
@@ -380,38 +372,36 @@ def score_topk_grouped(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.
     Example: a T=16 draft tree, G=4, group_size 16 -> one program per (KV head, split) holds
     the 64 rows (16 queries x 4 heads) and reads each compressed key once per split.
     """
+    q = a.q
     nq, hq, _ = q.shape
-    hkv = ck_cache.shape[2]
+    hkv = a.ck_cache.shape[2]
     what = "score_topk_grouped"
-    has_prov = check_refresh_args(what, q, ck_cache, cv_cache, block_table, q_req, q_pos,
-                                  cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
-                                  prov_vis)
+    has_prov = check_refresh_args(what, a)
     if not 1 <= group_size <= MAX_TREE_NODES:
         raise ValueError(f"{what}: group_size must be in 1..{MAX_TREE_NODES}, got {group_size}")
-    with_out = params.gated if with_out is None else with_out
-    sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)
+    with_out = a.wants_out
+    sel, o_cmp, lse = refresh_outputs(a)
     if nq == 0:
         return sel, o_cmp, lse
-    order, g_start, g_len = _groups_or_default(what, q, q_req, group_size, groups)
-    ns = _num_splits(what, num_splits, g_len.shape[0] * hkv, q, block_table, params, page_size,
-                     refresh_rows(group_size, hq, hkv))
-    both, pass2 = _grouped_constexprs(what, q, ck_cache, params, page_size,
-                                      prov_vis.shape[1] if has_prov else 1, with_out,
+    order, g_start, g_len = _groups_or_default(what, q, a.q_req, group_size, groups)
+    ns = _num_splits(what, num_splits, g_len.shape[0] * hkv, q, a.block_table, a.params,
+                     a.page_size, refresh_rows(group_size, hq, hkv))
+    both, pass2 = _grouped_constexprs(what, a, a.prov_vis.shape[1] if has_prov else 1, with_out,
                                       group_size, merge, stats_tile, num_warps)
     dummy = q.new_empty(1)
-    both.update(HAS_PROV=has_prov, q=q, ck_cache=ck_cache, block_table=block_table, q_req=q_req, q_pos=q_pos,
-                cmp_lens=cmp_lens, order=order, g_start_p=g_start, g_len_p=g_len,
-                prov_k=prov_k if has_prov else dummy,
-                prov_cidx=prov_cidx if has_prov else cmp_lens,
-                prov_vis=prov_vis if has_prov else cmp_lens,
-                scale=float(scale), stride_bt=block_table.stride(0), num_stages=num_stages)
-    pass2.update(cv_cache=cv_cache, prov_v=prov_v if has_prov else dummy)
+    ptrs = prov_pointers(a, has_prov, dummy)
+    both.update(HAS_PROV=has_prov, q=q, ck_cache=a.ck_cache, block_table=a.block_table,
+                q_req=a.q_req, q_pos=a.q_pos, cmp_lens=a.cmp_lens, order=order,
+                g_start_p=g_start, g_len_p=g_len, prov_k=ptrs["prov_k"],
+                prov_cidx=ptrs["prov_cidx"], prov_vis=ptrs["prov_vis"], scale=float(a.scale),
+                stride_bt=a.block_table.stride(0), num_stages=num_stages)
+    pass2.update(cv_cache=a.cv_cache, prov_v=ptrs["prov_v"])
     outs = (sel, o_cmp if with_out else dummy, lse if with_out else dummy)
     if ns == 1:
         score_topk_grouped_fused_kernel[(g_len.shape[0], hkv)](
             **both, **pass2, sel=outs[0], o_cmp=outs[1], lse=outs[2])
     else:
-        _launch_split(what, both, pass2, ns, g_len.shape[0], outs, params, with_out, workspace)
+        _launch_split(what, both, pass2, ns, g_len.shape[0], outs, a.params, with_out, workspace)
     return sel, o_cmp, lse
 
 
@@ -446,13 +436,14 @@ def _num_splits(what: str, num_splits: int | None, num_programs: int, q: torch.T
     return ns
 
 
-def _grouped_constexprs(what: str, q: torch.Tensor, ck_cache: torch.Tensor, params: NSAParams,
-                        page_size: int, mp: int, with_out: bool, group_size: int, merge: str,
-                        stats_tile: int | None, num_warps: int | None) -> tuple[dict, dict]:
+def _grouped_constexprs(what: str, a: RefreshArgs, mp: int, with_out: bool, group_size: int,
+                        merge: str, stats_tile: int | None,
+                        num_warps: int | None) -> tuple[dict, dict]:
     """Tile sizes and launch knobs of the grouped kernels: (those of every pass, pass 2's own);
     mp: provisional tokens visible per row (1 without any)."""
+    q, params = a.q, a.params
     nq, hq, dim = q.shape
-    _, cpp, hkv, _ = ck_cache.shape
+    _, cpp, hkv, _ = a.ck_cache.shape
     g = hq // hkv
     gp = pow2(g)
     cp = max(pow2(group_size), pow2(16 // gp))         # rows CP*GP >= 16 for the MMA
@@ -472,7 +463,7 @@ def _grouped_constexprs(what: str, q: torch.Tensor, ck_cache: torch.Tensor, para
     if num_warps is None:   # H200 (stages_tune.json): 4 warps up to 64 rows, 8 from 128 rows or
         num_warps = 8 if (with_out or cp * gp >= 128) and bd >= 128 else 4   # with o_cmp (spills)
     both = {"NQ": nq, "HQ": hq, "HKV": hkv, "G": g, "GP": gp, "CP": cp, "D": dim, "BD": bd,
-            "L": params.block, "DS": params.stride, "LS": params.select, "R": r, "PS": page_size,
+            "L": params.block, "DS": params.stride, "LS": params.select, "R": r, "PS": a.page_size,
             "CPP": cpp, "TB": bs * rp, "MP": mp, "MPP": mpp,
             "F32": q.dtype == torch.float32 or q.device.type == "cpu", "TS": ts,
             "num_warps": num_warps}

@@ -30,12 +30,12 @@ import triton
 import triton.language as tl
 
 from ..common.launch import pow2
-from ..common.params import NSAParams
 from ..common.tl_math import NEG_BIG, load_q_heads
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import overlap as _overlap
 from ..compression.blocks import load_cmp_tile as _load_cmp_tile
 from ..compression.blocks import num_cmp_dev
+from .args import RefreshArgs, check_refresh_args, prov_pointers, refresh_outputs
 
 
 @triton.jit
@@ -198,91 +198,13 @@ def score_topk_kernel(
     tl.store(sel + (i_q * HKV + i_h) * TOPN + o_n, b_out.to(sel.dtype.element_ty), mask=o_n < TOPN)
 
 
-def check_refresh_args(what: str, q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens,
-                       params: NSAParams, page_size: int, prov_k, prov_v, prov_cidx,
-                       prov_vis) -> bool:
-    """Validate the refresh kernels' common arguments (shapes, contiguity, int32 row metadata,
-    NSA geometry) with errors that name the argument; returns whether provisional tokens are
-    present. Shared by `score_topk` and `score_topk_grouped`."""
-    nq, hq, dim = q.shape
-    _, cpp, hkv, _ = ck_cache.shape
-    if params.topn < params.init_blocks + params.local_blocks:
-        raise ValueError(f"{what}: topn ({params.topn}) < init_blocks + local_blocks")
-    if params.block % params.stride or params.select % params.stride or params.block > params.select:
-        raise ValueError(f"{what}: need d | l, d | l', l <= l' (got l={params.block}, "
-                         f"d={params.stride}, l'={params.select})")
-    if hq % hkv or ck_cache.shape[3] != dim or cv_cache.shape != ck_cache.shape:
-        raise ValueError(f"{what}: q [Nq, Hq, D] {tuple(q.shape)} and ck/cv [pages, CPP, Hkv, D] "
-                         f"{tuple(ck_cache.shape)} disagree (Hq must be a multiple of Hkv)")
-    if cpp != params.cmp_per_page(page_size):
-        raise ValueError(f"{what}: ck_cache has {cpp} slots per page, page_size {page_size} "
-                         f"needs {params.cmp_per_page(page_size)}")
-    for name, x in (("q", q), ("ck_cache", ck_cache), ("cv_cache", cv_cache), ("q_req", q_req),
-                    ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
-        if not x.is_contiguous():
-            raise ValueError(f"{what}: {name} must be contiguous")
-    if q_req.shape != (nq,) or q_pos.shape != (nq,) or cmp_lens.shape != block_table.shape[:1]:
-        raise ValueError(f"{what}: q_req, q_pos must be [Nq] and cmp_lens [B]")
-    for name, x in (("q_req", q_req), ("q_pos", q_pos), ("cmp_lens", cmp_lens)):
-        # int64 here makes a loop bound change type inside the kernel, which the GPU compiler
-        # rejects (the interpreter does not): say so instead of failing in the compiler
-        if x.dtype != torch.int32:
-            raise ValueError(f"{what}: {name} must be int32, got {x.dtype}")
-    if prov_k is None:
-        return False
-    np_ = prov_k.shape[0]
-    if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
-            or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
-            or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
-            or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
-        raise ValueError(f"{what}: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
-                         "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
-    return prov_vis.shape[1] > 0 and np_ > 0
-
-
-def refresh_outputs(q: torch.Tensor, hkv: int, params: NSAParams, with_out: bool, sel, o_cmp,
-                    lse) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The refresh kernels' outputs: the caller's buffers, or new ones (sel [Nq, Hkv, topn]
-    int32; with_out: o_cmp like q, lse [Nq, Hq] fp32)."""
-    nq, hq, _ = q.shape
-    if sel is None:
-        sel = torch.empty(nq, hkv, params.topn, dtype=torch.int32, device=q.device)
-    if with_out:
-        o_cmp = torch.empty_like(q) if o_cmp is None else o_cmp
-        lse = torch.empty(nq, hq, dtype=torch.float32, device=q.device) if lse is None else lse
-    return sel, o_cmp, lse
-
-
-def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
-               block_table: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor,
-               cmp_lens: torch.Tensor, params: NSAParams, scale: float, page_size: int,
-               prov_k: torch.Tensor | None = None, prov_v: torch.Tensor | None = None,
-               prov_cidx: torch.Tensor | None = None, prov_vis: torch.Tensor | None = None,
-               with_out: bool | None = None, sel: torch.Tensor | None = None,
-               o_cmp: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-               block_sel: int = 16) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def score_topk(a: RefreshArgs, block_sel: int = 16
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Selected blocks (and the compressed-branch output) of every query row, one launch.
 
     Args:
-        q (torch.Tensor): shape [Nq, Hq, D], fp32 / fp16 / bf16; rows are decode queries, tree
-            verifier queries or prefill rows, in any mix of requests.
-        ck_cache, cv_cache (torch.Tensor): shape [num_pages, CPP, Hkv, D] paged compressed cache
-            (CONTRACTS.md section 4), CPP = ceil(page_size / d).
-        block_table (torch.Tensor): shape [B, max_pages] int32/int64.
-        q_req (torch.Tensor): shape [Nq] int, request (block_table row) of each query.
-        q_pos (torch.Tensor): shape [Nq] int, absolute position t of each query.
-        cmp_lens (torch.Tensor): shape [B] int, committed compressed tokens present in the cache
-            per request. Row uses tokens 0 .. min(cmp_lens[req], num_cmp(t+1)) - 1 (so a prefill
-            chunk passes num_cmp(chunk end) and causality comes from t).
-        params (NSAParams): geometry; scale (float): softmax scale; page_size (int): KV page size.
-        prov_k, prov_v (torch.Tensor | None): shape [Np, Hkv, D] provisional compressed tokens
-            (tree nodes closing a block, `compress_gather`).
-        prov_cidx (torch.Tensor | None): shape [Np] int, their compressed index i.
-        prov_vis (torch.Tensor | None): shape [Nq, MP] int, rows of prov_k visible to each query
-            (closed by the query or an ancestor), -1 padded. MP = max visible per query.
-        with_out (bool | None): also compute o_cmp and lse (needed by the gated combine);
-            default params.gated.
-        sel, o_cmp, lse: optional output buffers; # mutable.
+        a (RefreshArgs): the rows, the compressed cache, provisional tokens and output buffers
+            (sel, o_cmp, lse; # mutable).
         block_sel (int): selection blocks per tile (power of two); both passes read
             pow2(block_sel * l'/d) compressed tokens per step.
     Returns:
@@ -294,32 +216,29 @@ def score_topk(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor,
     Example: t=40, l'=8, n=4, init=1, local=2 -> candidates 0..5, forced {0, 4, 5}; the best of
     blocks 1..3 fills the last slot (tie -> lower index), e.g. sel row [0, 1, 4, 5].
     """
+    q, params = a.q, a.params
     nq, hq, dim = q.shape
-    _, cpp, hkv, _ = ck_cache.shape
-    has_prov = check_refresh_args("score_topk", q, ck_cache, cv_cache, block_table, q_req, q_pos,
-                                  cmp_lens, params, page_size, prov_k, prov_v, prov_cidx,
-                                  prov_vis)
-    with_out = params.gated if with_out is None else with_out
+    _, cpp, hkv, _ = a.ck_cache.shape
+    has_prov = check_refresh_args("score_topk", a)
+    with_out = a.wants_out
     g = hq // hkv
-    sel, o_cmp, lse = refresh_outputs(q, hkv, params, with_out, sel, o_cmp, lse)
+    sel, o_cmp, lse = refresh_outputs(a)
     if nq == 0:
         return sel, o_cmp, lse
     dummy = q.new_empty(1)
     r = params.select // params.stride
     score_topk_kernel[(nq, hkv)](
-        q=q, ck_cache=ck_cache, cv_cache=cv_cache, block_table=block_table, q_req=q_req,
-        q_pos=q_pos, cmp_lens=cmp_lens,
-        prov_k=prov_k if has_prov else dummy, prov_v=prov_v if has_prov else dummy,
-        prov_cidx=prov_cidx if has_prov else cmp_lens, prov_vis=prov_vis if has_prov else cmp_lens,
+        q=q, ck_cache=a.ck_cache, cv_cache=a.cv_cache, block_table=a.block_table, q_req=a.q_req,
+        q_pos=a.q_pos, cmp_lens=a.cmp_lens, **prov_pointers(a, has_prov, dummy),
         sel=sel, o_cmp=o_cmp if with_out else dummy, lse=lse if with_out else dummy,
-        scale=scale, stride_bt=block_table.stride(0),
+        scale=a.scale, stride_bt=a.block_table.stride(0),
         HQ=hq, HKV=hkv, G=g, BG=pow2(g, 16), D=dim,
         BD=pow2(dim, 16), L=params.block, DS=params.stride,
-        LS=params.select, R=r, PS=page_size, CPP=cpp, TOPN=params.topn,
+        LS=params.select, R=r, PS=a.page_size, CPP=cpp, TOPN=params.topn,
         BN=pow2(params.topn, 16), INIT=params.init_blocks,
         LOCAL=params.local_blocks, BS=block_sel,
         BC=pow2(block_sel * r, 16),
-        MP=prov_vis.shape[1] if has_prov else 1,
-        BP=pow2(prov_vis.shape[1], 16) if has_prov else 16,
+        MP=a.prov_vis.shape[1] if has_prov else 1,
+        BP=pow2(a.prov_vis.shape[1], 16) if has_prov else 16,
         HAS_PROV=has_prov, WITH_OUT=with_out, F32=q.dtype == torch.float32 or q.device.type == "cpu")
     return sel, o_cmp, lse

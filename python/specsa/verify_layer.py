@@ -81,14 +81,14 @@ def verify_layer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                     prov_cidx=step.prov_cidx, prov_vis=step.prov_vis)
     sel, o_cmp = reuse_sel, None
     if refresh or params.gated:
-        args = (q, ck_cache, cv_cache, step.block_table, step.q_req, step.q_pos, step.cmp_lens,
-                params, scale, page_size)
+        args = kr.RefreshArgs(q, ck_cache, cv_cache, step.block_table, step.q_req, step.q_pos,
+                              step.cmp_lens, params, scale, page_size, with_out=params.gated,
+                              **prov)
         if step.groups is not None:
-            own, o_cmp, _ = kr.score_topk_grouped(*args, with_out=params.gated,
-                                               group_size=step.group_size, groups=step.groups,
-                                               **prov)
+            own, o_cmp, _ = kr.score_topk_grouped(args, group_size=step.group_size,
+                                                  groups=step.groups)
         else:
-            own, o_cmp, _ = kr.score_topk(*args, with_out=params.gated, **prov)
+            own, o_cmp, _ = kr.score_topk(args)
         if refresh:
             sel = own
     out = step.verifier.run(q, k_new, v_new, k_cache, v_cache, sel, o_cmp=o_cmp,

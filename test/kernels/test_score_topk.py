@@ -15,7 +15,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
-from specsa.kernels.refresh import score_topk  # noqa: E402
+from specsa.kernels.refresh import RefreshArgs, score_topk  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402
@@ -89,7 +89,7 @@ def run_and_check(args, refs, dtype, with_out=True):
     hkv, n = args["ck_cache"].shape[2], args["params"].topn
     sel = torch.full((nq, hkv, n), -7, dtype=torch.int32)
     o_cmp, lse = poisoned(nq, hq, dim, dtype=dtype), poisoned(nq, hq)
-    score_topk(**args, with_out=with_out, sel=sel, o_cmp=o_cmp, lse=lse)
+    score_topk(RefreshArgs(**args, with_out=with_out, sel=sel, o_cmp=o_cmp, lse=lse))
     ref_sel = torch.stack([r[0] for r in refs]).to(torch.int32)
     bad = (sel != ref_sel).any(-1).nonzero().tolist()
     assert not bad, f"selection differs at (row, kv head) {bad[:5]}: {sel[bad[0][0], bad[0][1]].tolist()} vs " \
@@ -128,8 +128,8 @@ def test_score_topk_ties_go_to_lower_index():
     params = NSAParams(block=8, stride=4, select=16, topn=6, window=32)
     args, refs = build_case(params, 16, 1, 3, 64, torch.float32, [260], [[259]], [-1], 20, zero_q=True)
     run_and_check(args, refs, torch.float32)
-    sel, _, _ = score_topk(**{**args, "q": args["q"][:1], "q_req": args["q_req"][:1], "q_pos": args["q_pos"][:1],
-                              "prov_vis": args["prov_vis"][:1]})
+    sel, _, _ = score_topk(RefreshArgs(**{**args, "q": args["q"][:1], "q_req": args["q_req"][:1],
+                                          "q_pos": args["q_pos"][:1], "prov_vis": args["prov_vis"][:1]}))
     assert sel[0, 0].tolist() == [0, 1, 2, 3, 15, 16]  # t=259: local blocks 15, 16
 
 
@@ -138,7 +138,7 @@ def test_score_topk_without_provisional_and_no_out():
     for key in ("prov_k", "prov_v", "prov_cidx", "prov_vis"):
         args[key] = None
     nctx = 2
-    sel, o_cmp, lse = score_topk(**{**args, "q": args["q"][:nctx], "q_req": args["q_req"][:nctx],
-                                    "q_pos": args["q_pos"][:nctx]}, with_out=False)
+    sel, o_cmp, lse = score_topk(RefreshArgs(**{**args, "q": args["q"][:nctx], "q_req": args["q_req"][:nctx],
+                                                "q_pos": args["q_pos"][:nctx]}, with_out=False))
     assert o_cmp is None and lse is None
     assert torch.equal(sel, torch.stack([r[0] for r in refs[:nctx]]).to(torch.int32))

@@ -17,7 +17,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
-from specsa.kernels.refresh import refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
+from specsa.kernels.refresh import RefreshArgs, refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
 from specsa.kernels.fused import build_geometry  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402
@@ -112,7 +112,7 @@ def check(args, refs, dtype, with_out, exact, **kw):
     sel = torch.full((nq, hkv, n), -7, dtype=torch.int32, device=DEV)
     o_cmp, lse = poisoned(nq, hq, dim, dtype=dtype, device=DEV), poisoned(nq, hq, device=DEV)
     bufs = dict(o_cmp=o_cmp, lse=lse) if with_out else {}
-    out = score_topk_grouped(**to_dev(args), with_out=with_out, sel=sel, **bufs, **kw)
+    out = score_topk_grouped(RefreshArgs(**to_dev(args), with_out=with_out, sel=sel, **bufs), **kw)
     sel = sel.cpu()
     ref_sel = torch.stack([r[0] for r in refs]).to(torch.int32)
     bad = (sel != ref_sel).any(-1).nonzero().tolist()
@@ -208,13 +208,14 @@ def test_no_provisional_default_groups_and_workspace():
 
 def test_bad_inputs_are_named():
     args, _ = build_case(SMALL, 16, 1, 2, 64, torch.float32, [40], [[39]], [-1], 10)
+    args = RefreshArgs(**args)
     with pytest.raises(ValueError, match="group_size"):
-        score_topk_grouped(**args, group_size=65)
+        score_topk_grouped(args, group_size=65)
     with pytest.raises(ValueError, match="workspace too small"):
-        score_topk_grouped(**args, num_splits=2, workspace=refresh_workspace(1, 2, 1, 64, SMALL, 1, True, "cpu"))
+        score_topk_grouped(args, num_splits=2, workspace=refresh_workspace(1, 2, 1, 64, SMALL, 1, True, "cpu"))
     with pytest.raises(ValueError, match="merge must be"):
-        score_topk_grouped(**args, merge="heap")
+        score_topk_grouped(args, merge="heap")
     with pytest.raises(ValueError, match="stats_tile"):
-        score_topk_grouped(**args, stats_tile=24)
+        score_topk_grouped(args, stats_tile=24)
     with pytest.raises(ValueError, match="groups must be"):
-        score_topk_grouped(**args, groups=(torch.zeros(5, dtype=torch.int32),) * 3)
+        score_topk_grouped(args, groups=(torch.zeros(5, dtype=torch.int32),) * 3)

@@ -275,9 +275,9 @@ class NSAAttention(nn.Module):
         cmp_lens = torch.where(lens >= p.block, (lens - p.block) // p.stride + 1, 0)
         size = 16
         _, o_cmp, _ = kr.score_topk_grouped(
-            q, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos, cmp_lens.to(torch.int32), p,
-            self.scale, page_size, with_out=True, group_size=size,
-            groups=row_tiles(fp.q_req, fp.prefix_lens.shape[0], size))
+            kr.RefreshArgs(q, ckc, cvc, fp.block_table, fp.q_req, fp.q_pos,
+                           cmp_lens.to(torch.int32), p, self.scale, page_size, with_out=True),
+            group_size=size, groups=row_tiles(fp.q_req, fp.prefix_lens.shape[0], size))
         return (of.float() + gates[..., 0:1] * o_cmp.float()).to(of.dtype)
 
     def _provisional(self, kc, vc, kb, vb, rv: RequestView) -> tuple[torch.Tensor, torch.Tensor]:
