@@ -112,56 +112,6 @@ def _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV: tl.constexp
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NQ"])
-def score_topk_grouped_fused_kernel(
-    q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
-    prov_k, prov_v, prov_cidx, prov_vis, sel, o_cmp, lse, scale, stride_bt, NQ,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
-    R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-    TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, HAS_PROV: tl.constexpr,
-    WITH_OUT: tl.constexpr, F32: tl.constexpr, MERGE: tl.constexpr, TS: tl.constexpr,
-):
-    # NSPLIT == 1: pass 1, pass 2 and the final pick in one program per (group, KV head)
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
-    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
-        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
-        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
-    if g_len == 0:
-        return
-    RR: tl.constexpr = CP * GP
-    b_m = tl.full([RR], NEG_BIG, tl.float32)
-    b_l = tl.zeros([RR], tl.float32)
-    b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
-                      b_m, b_l, HKV, D, PS, CPP, L, DS, TS, F32)
-    b_pp = tl.zeros([CP * MPP], tl.float32)
-    b_pst = tl.full([CP * MPP], -1, tl.int32)
-    if HAS_PROV:
-        b_m, b_l, b_sp, m_rp, b_prow, b_pst = _prov_stats(
-            b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d, m_d,
-            qk_scale, b_m, b_l, HKV, D, GP, CP, MP, MPP, DS, F32)
-    m_any, b_lse = _lse2(b_m, b_l)                                                 # [RR] log2
-    b_acc = tl.zeros([RR, BD], tl.float32)
-    if HAS_PROV:
-        b_p = _prov_probs(b_sp, m_rp, b_lse)
-        b_pp = tl.sum(b_p, 0)
-        if WITH_OUT:
-            b_acc = _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV, D, F32)
-    nblk = tl.max(tl.where(m_q, cur_q + 1, 0), 0)
-    b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
-                           0, nblk, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
-                           RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MERGE)
-    o_n = tl.arange(0, BS)
-    b_i = _pick(b_run, o_n, TOPN)
-    tl.store(sel + (i_qq[:, None] * HKV + i_h) * TOPN + o_n[None, :], b_i.to(sel.dtype.element_ty),
-             mask=m_q[:, None] & (o_n[None, :] < TOPN))
-    if WITH_OUT:
-        tl.store(o_cmp + o_hq[:, None] * D + o_d[None, :], b_acc.to(o_cmp.dtype.element_ty),
-                 mask=m_r[:, None] & m_d[None, :])
-        tl.store(lse + o_hq, tl.where(m_any, b_lse * LN2, float("-inf")), mask=m_r)
-
-
-@triton.jit(do_not_specialize=["stride_bt", "NQ"])
 def score_topk_grouped_stats_kernel(
     q, ck_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
     prov_k, prov_cidx, prov_vis, m_part, l_part, scale, stride_bt, NQ,
@@ -194,55 +144,90 @@ def score_topk_grouped_stats_kernel(
     tl.store(l_part + o_w, b_l, mask=m_r)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "NQ"])
-def score_topk_grouped_scores_kernel(
-    q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
-    prov_k, prov_v, prov_cidx, prov_vis, m_part, l_part, cand, o_part, lse, scale, stride_bt, NQ,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
-    R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
-    TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr,
-    NSP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr,
-    MERGE: tl.constexpr, TS: tl.constexpr,
-):
-    # pass 2 of split i_s: global lse from the partials, then the split's block scores -> its
-    # top-BS candidate keys per query; o_cmp partial (already globally normalised)
-    i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
-        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
-        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
-    if g_len == 0:
-        return
+@triton.jit
+def _split_lse(m_part, l_part, o_hq, m_r, NQ, HQ: tl.constexpr, NSPLIT: tl.constexpr,
+               NSP: tl.constexpr):
+    # merge pass 1's NSPLIT (max, sum exp2) partials of every row -> (row has a token, lse)
     o_sp = tl.arange(0, NSP)
     m_w = m_r[:, None] & (o_sp[None, :] < NSPLIT)
     o_w = o_sp[None, :] * NQ * HQ + o_hq[:, None]                                  # [RR, NSP]
     b_ms = tl.load(m_part + o_w, mask=m_w, other=NEG_BIG)
     b_ls = tl.load(l_part + o_w, mask=m_w, other=0.)
     b_m = tl.max(b_ms, 1)
-    m_any, b_lse = _lse2(b_m, tl.sum(b_ls * tl.exp2(b_ms - b_m[:, None]), 1))
+    return _lse2(b_m, tl.sum(b_ls * tl.exp2(b_ms - b_m[:, None]), 1))
+
+
+@triton.jit(do_not_specialize=["stride_bt", "NQ"])
+def score_topk_grouped_scores_kernel(
+    q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
+    prov_k, prov_v, prov_cidx, prov_vis, m_part, l_part, cand, sel, o_part, lse, scale,
+    stride_bt, NQ,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
+    R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
+    TOPN: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, INIT: tl.constexpr,
+    LOCAL: tl.constexpr, MP: tl.constexpr, MPP: tl.constexpr, NSPLIT: tl.constexpr,
+    NSP: tl.constexpr, HAS_PROV: tl.constexpr, WITH_OUT: tl.constexpr, F32: tl.constexpr,
+    MERGE: tl.constexpr, TS: tl.constexpr, FUSED: tl.constexpr,
+):
+    # pass 2 of split i_s: global lse from pass 1's partials, then the split's block scores ->
+    # its top-BS candidate keys per query (cand); o_cmp partial (o_part, already globally
+    # normalised). FUSED (NSPLIT == 1, one launch): pass 1 runs here instead, the final pick
+    # goes straight to sel and o_part is o_cmp itself. One kernel for both modes: they differ
+    # only in where the lse comes from and where the result goes.
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    g_len, m_r, n_cr, i_qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+        q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
+        i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
+    if g_len == 0:
+        return
+    b_pst = tl.full([CP * MPP], -1, tl.int32)
+    if FUSED:
+        i_s: tl.constexpr = 0   # the only split, known at compile time: no split branches
+        b_m = tl.full([CP * GP], NEG_BIG, tl.float32)
+        b_l = tl.zeros([CP * GP], tl.float32)
+        b_m, b_l = _stats(b_q, ck_cache, p_bt, i_h, o_d, m_d, n_cr, 0, tl.max(n_cr, 0), qk_scale,
+                          b_m, b_l, HKV, D, PS, CPP, L, DS, TS, F32)
+        if HAS_PROV:
+            b_m, b_l, b_sp, m_rp, b_prow, b_pst = _prov_stats(
+                b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
+                m_d, qk_scale, b_m, b_l, HKV, D, GP, CP, MP, MPP, DS, F32)
+        m_any, b_lse = _lse2(b_m, b_l)                                             # [RR] log2
+    else:
+        i_s = tl.program_id(2)
+        m_any, b_lse = _split_lse(m_part, l_part, o_hq, m_r, NQ, HQ, NSPLIT, NSP)
+        if HAS_PROV:
+            b_sp, m_rp, b_prow, b_pst = _prov_tile(
+                b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
+                m_d, qk_scale, HKV, D, GP, CP, MP, MPP, DS, F32)
     b_acc = tl.zeros([CP * GP, BD], tl.float32)
     b_pp = tl.zeros([CP * MPP], tl.float32)
-    b_pst = tl.full([CP * MPP], -1, tl.int32)
     if HAS_PROV:
-        b_sp, m_rp, b_prow, b_pst = _prov_tile(b_q, prov_k, prov_cidx, prov_vis, order, g_start_p,
-                                               i_g, g_len, m_r, i_h, o_d, m_d, qk_scale, HKV, D,
-                                               GP, CP, MP, MPP, DS, F32)
         b_p = _prov_probs(b_sp, m_rp, b_lse)
         b_pp = tl.sum(b_p, 0)
         if WITH_OUT:  # noqa: SIM102 (constexpr, dropped at compile time; i_s is run-time)
             if i_s == 0:
                 b_acc = _prov_out(b_acc, b_p, prov_v, b_prow, b_pst, i_h, o_d, m_d, HKV, D, F32)
-    jlo, jhi = _split_range(tl.max(tl.where(m_q, cur_q + 1, 0), 0), i_s, NSPLIT, BS)
+    nblk = tl.max(tl.where(m_q, cur_q + 1, 0), 0)
+    if FUSED:
+        jlo: tl.constexpr = 0
+        jhi = nblk
+    else:
+        jlo, jhi = _split_range(nblk, i_s, NSPLIT, BS)
     b_run, b_acc = _scores(b_q, ck_cache, cv_cache, p_bt, i_h, o_d, m_d, n_cr, cur_q, m_q, b_lse,
                            jlo, jhi, qk_scale, b_pp, b_pst, b_acc, HKV, D, PS, CPP, L, DS, LS, R,
                            RP, K, CP, GP, BS, TB, TOPN, INIT, LOCAL, MPP, HAS_PROV, WITH_OUT, F32, MERGE)
     o_n = tl.arange(0, BS)
-    tl.store(cand + ((i_s * NQ + i_qq[:, None]) * HKV + i_h) * BS + o_n[None, :], b_run,
-             mask=m_q[:, None])
+    if FUSED:
+        b_i = _pick(b_run, o_n, TOPN)
+        tl.store(sel + (i_qq[:, None] * HKV + i_h) * TOPN + o_n[None, :],
+                 b_i.to(sel.dtype.element_ty), mask=m_q[:, None] & (o_n[None, :] < TOPN))
+    else:
+        tl.store(cand + ((i_s * NQ + i_qq[:, None]) * HKV + i_h) * BS + o_n[None, :], b_run,
+                 mask=m_q[:, None])
     if WITH_OUT:
-        tl.store(o_part + (i_s * NQ * HQ + o_hq)[:, None] * D + o_d[None, :], b_acc,
-                 mask=m_r[:, None] & m_d[None, :])
+        tl.store(o_part + (i_s * NQ * HQ + o_hq)[:, None] * D + o_d[None, :],
+                 b_acc.to(o_part.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
         if i_s == 0:
             tl.store(lse + o_hq, tl.where(m_any, b_lse * LN2, float("-inf")), mask=m_r)
 
@@ -398,8 +383,10 @@ def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
     pass2.update(cv_cache=a.cv_cache, prov_v=ptrs["prov_v"])
     outs = (sel, o_cmp if with_out else dummy, lse if with_out else dummy)
     if ns == 1:
-        score_topk_grouped_fused_kernel[(g_len.shape[0], hkv)](
-            **both, **pass2, sel=outs[0], o_cmp=outs[1], lse=outs[2])
+        # pass 1, pass 2 and the final pick in one program per (group, KV head)
+        score_topk_grouped_scores_kernel[(g_len.shape[0], hkv, 1)](
+            **both, **pass2, m_part=dummy, l_part=dummy, cand=dummy, sel=outs[0], o_part=outs[1],
+            lse=outs[2], NSPLIT=1, NSP=1, FUSED=True)
     else:
         _launch_split(what, both, pass2, ns, g_len.shape[0], outs, a.params, with_out, workspace)
     return sel, o_cmp, lse
@@ -487,8 +474,8 @@ def _launch_split(what: str, both: dict, pass2: dict, ns: int, ng: int, outs: tu
     score_topk_grouped_stats_kernel[(ng, hkv, ns)](
         **both, m_part=m_part, l_part=l_part, NSPLIT=ns, BS=bs)
     score_topk_grouped_scores_kernel[(ng, hkv, ns)](
-        **both, **pass2, m_part=m_part, l_part=l_part, cand=cand, o_part=o_part, lse=lse,
-        NSPLIT=ns, NSP=pow2(ns))
+        **both, **pass2, m_part=m_part, l_part=l_part, cand=cand, sel=sel, o_part=o_part, lse=lse,
+        NSPLIT=ns, NSP=pow2(ns), FUSED=False)
     score_topk_grouped_merge_kernel[(nq, hkv)](
         cand=cand, o_part=o_part, sel=sel, o_cmp=o_cmp, NQ=nq, HQ=hq, HKV=hkv, G=both["G"],
         GP=both["GP"], D=dim, BD=both["BD"], TOPN=params.topn, BS=bs, NSPLIT=ns, NSP=pow2(ns),

@@ -75,13 +75,14 @@ from triton.compiler import ASTSource
 which = sys.argv[1]
 if which == "refresh":
     m = importlib.import_module("specsa.kernels.refresh.grouped")
-    fn = m.score_topk_grouped_fused_kernel
+    fn = m.score_topk_grouped_scores_kernel     # its fused (one-launch) mode
     ptr = dict(q_req="*i32", q_pos="*i32", cmp_lens="*i32", order="*i32", g_start_p="*i32",
                g_len_p="*i32", block_table="*i32", prov_cidx="*i32", prov_vis="*i32", sel="*i32",
-               lse="*fp32", scale="fp32", stride_bt="i32", NQ="i32")
+               lse="*fp32", m_part="*fp32", l_part="*fp32", cand="*i64", o_part="*bf16",
+               scale="fp32", stride_bt="i32", NQ="i32")
     const = dict(HQ=32, HKV=8, G=4, GP=4, CP=32, D=128, BD=128, L=32, DS=16, LS=64, R=4, RP=4, K=2,
-                 PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2, MP=4, MPP=4, HAS_PROV=True,
-                 WITH_OUT=False, F32=False, MERGE=2, TS=64)
+                 PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2, MP=4, MPP=4, NSPLIT=1, NSP=1,
+                 HAS_PROV=True, WITH_OUT=False, F32=False, MERGE=2, TS=64, FUSED=True)
     warps = 8
 else:
     m = importlib.import_module("specsa.kernels.fused.verify")
