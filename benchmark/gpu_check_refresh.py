@@ -21,7 +21,7 @@ from specsa.kernels.compression import (compress, compress_paged, naive_block_sc
                                         naive_cmp_attention)
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp
 from specsa.kernels.prefill import chunked_nsa_prefill, naive_nsa_prefill_rows
-from specsa.kernels.refresh import RefreshArgs, score_topk
+from specsa.kernels.refresh import ProvisionalTokens, RefreshArgs, score_topk
 from specsa.kernels.selection import naive_topk
 
 DEV, DT = "cuda", torch.bfloat16
@@ -106,8 +106,8 @@ def main():
     cmp_lens = torch.tensor([P.num_cmp(L), P.num_cmp(L - 37)], dtype=torch.int32, device=DEV)
     sel, o_cmp, lse = score_topk(RefreshArgs(
         q, ckc, cvc, bt, torch.tensor(q_req, dtype=torch.int32, device=DEV),
-        torch.tensor(q_pos, dtype=torch.int32, device=DEV), cmp_lens, P, SCALE, PS, prov_k=pk,
-        prov_v=pv, prov_cidx=vis.cmp_idx.to(torch.int32), prov_vis=prov_vis, with_out=True))
+        torch.tensor(q_pos, dtype=torch.int32, device=DEV), cmp_lens, P, SCALE, PS,
+        prov=ProvisionalTokens(pk, pv, vis.cmp_idx.to(torch.int32), prov_vis), with_out=True))
     agree, o_err = 0, 0.0
     for r in range(nq):
         b, t = q_req[r], q_pos[r]

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench  # noqa: E402
 
 from specsa.config import Traversal  # noqa: E402
-from specsa.kernels.refresh import RefreshArgs, refresh_workspace, score_topk, score_topk_grouped  # noqa: E402
+from specsa.kernels.refresh import (  # noqa: E402
+    ProvisionalTokens, RefreshArgs, refresh_workspace, score_topk, score_topk_grouped)
 from specsa.kernels.refresh.grouped import default_refresh_splits, refresh_rows  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility  # noqa: E402
 
@@ -25,7 +26,7 @@ class RefreshSections:
     """Needs the Bench attributes: args, hq, hkv, ps, flush, results, case(), caches()."""
 
     def refresh_inputs(self, case, params, d, with_prov=True):
-        """score_topk(_grouped) keyword arguments for every verifier row of `case`: random
+        """RefreshArgs keyword arguments (but q) for every verifier row of `case`: random
         compressed caches (times do not depend on values) sharing the case's block table,
         committed compressed counts, and the trees' provisional tokens (nodes closing a block)."""
         kc = case["k_cache"]
@@ -58,9 +59,10 @@ class RefreshSections:
             for i, r in enumerate(vis_rows):
                 pv[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
             npv = len(prov_cidx)
-            kw.update(prov_k=torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
-                      prov_v=torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
-                      prov_cidx=torch.tensor(prov_cidx, **i32), prov_vis=pv.to(DEV))
+            kw["prov"] = ProvisionalTokens(
+                torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
+                torch.randn(npv, self.hkv, d, device=DEV, dtype=self.args.dtype),
+                torch.tensor(prov_cidx, **i32), pv.to(DEV))
         return kw
 
     def refresh_fns(self, case, params, d, group_size=None, num_splits=None):
@@ -101,7 +103,7 @@ class RefreshSections:
                "row_split": lambda: score_topk_grouped(a_split, group_size=1, num_splits=ns1,
                                                        workspace=ws1)}
         info = {"refresh_group_size": c, "refresh_num_splits": num_splits,
-                "refresh_groups": len(g_len), "provisional_tokens": int(kw.get("prov_cidx", torch.zeros(0)).numel())}
+                "refresh_groups": len(g_len), "provisional_tokens": int(kw["prov"].cidx.numel()) if "prov" in kw else 0}
         return fns, bufs, info
 
     def refresh(self, ctx, t, batch, d):

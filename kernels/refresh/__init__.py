@@ -3,7 +3,7 @@ blocks + top-n selection of every verifier (or decode / prefill) row, in one pas
 compressed cache. `score_topk` (per_row.py): one program per (row, KV head);
 `score_topk_grouped` (grouped.py): one program per group of rows and split of the blocks.
 The fp32 specification is kernels/compression/naive.py + kernels/selection/naive.py."""
-from .args import RefreshArgs
+from .args import ProvisionalTokens, RefreshArgs
 from .grouped import (
     default_refresh_splits,
     refresh_groups,
@@ -13,5 +13,5 @@ from .grouped import (
 )
 from .per_row import score_topk
 
-__all__ = ["RefreshArgs", "default_refresh_splits", "refresh_groups", "refresh_rows", "refresh_workspace",
-           "score_topk", "score_topk_grouped"]
+__all__ = ["ProvisionalTokens", "RefreshArgs", "default_refresh_splits", "refresh_groups",
+           "refresh_rows", "refresh_workspace", "score_topk", "score_topk_grouped"]

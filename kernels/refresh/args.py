@@ -11,6 +11,23 @@ from ..common.params import NSAParams
 
 
 @dataclass(frozen=True)
+class ProvisionalTokens:
+    """Compressed tokens closed inside the draft trees (tree nodes that close a compression
+    block, `compress_gather`), not in the committed cache yet. One bundle because the kernels
+    need all four or none.
+
+    k, v [Np, Hkv, D] (the compressed cache's dtype); cidx [Np] int32, their compressed index
+    i; vis [Nq, MP] int32, the rows of k visible to each query (closed by the query or an
+    ancestor), -1 padded, MP = max visible per query.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cidx: torch.Tensor
+    vis: torch.Tensor
+
+
+@dataclass(frozen=True)
 class RefreshArgs:
     """What a refresh kernel reads and writes (frozen: the bundle, not the tensors; sel, o_cmp
     and lse are written in place).
@@ -22,11 +39,7 @@ class RefreshArgs:
     its absolute position t. cmp_lens [B] int32: committed compressed tokens in the cache per
     request; a row uses tokens 0 .. min(cmp_lens[req], num_cmp(t+1)) - 1 (so a prefill chunk
     passes num_cmp(chunk end) and causality comes from t). params: NSA geometry; scale: softmax
-    scale; page_size: KV page size.
-    Provisional compressed tokens (tree nodes closing a block, `compress_gather`; all None:
-    none): prov_k, prov_v [Np, Hkv, D]; prov_cidx [Np] int, their compressed index i;
-    prov_vis [Nq, MP] int, rows of prov_k visible to each query (closed by the query or an
-    ancestor), -1 padded, MP = max visible per query.
+    scale; page_size: KV page size; prov: the trees' provisional compressed tokens (None: none).
     with_out: also compute o_cmp and lse (needed by the gated combine); None: params.gated.
     sel [Nq, Hkv, topn] int32, o_cmp [Nq, Hq, D] like q, lse [Nq, Hq] fp32: output buffers
     (None: allocated).
@@ -42,10 +55,7 @@ class RefreshArgs:
     params: NSAParams
     scale: float
     page_size: int
-    prov_k: torch.Tensor | None = None
-    prov_v: torch.Tensor | None = None
-    prov_cidx: torch.Tensor | None = None
-    prov_vis: torch.Tensor | None = None
+    prov: ProvisionalTokens | None = None
     with_out: bool | None = None
     sel: torch.Tensor | None = None
     o_cmp: torch.Tensor | None = None
@@ -89,18 +99,19 @@ def check_refresh_args(what: str, a: RefreshArgs) -> bool:
 
 
 def _check_provisional(what: str, a: RefreshArgs, nq: int, hkv: int, dim: int) -> bool:
-    # all four provisional tensors or none; True when some token is visible to some row
-    prov_k, prov_v, prov_cidx, prov_vis = a.prov_k, a.prov_v, a.prov_cidx, a.prov_vis
-    if prov_k is None:
+    # shapes of the provisional tokens; True when some token is visible to some row
+    p = a.prov
+    if p is None:
         return False
-    np_ = prov_k.shape[0]
-    if (prov_v is None or prov_cidx is None or prov_vis is None or prov_v.shape != prov_k.shape
-            or prov_k.shape[1:] != (hkv, dim) or prov_cidx.shape != (np_,)
-            or prov_vis.dim() != 2 or prov_vis.shape[0] != nq or not prov_vis.is_contiguous()
-            or not prov_k.is_contiguous() or not prov_v.is_contiguous()):
-        raise ValueError(f"{what}: provisional tokens need prov_k/prov_v [Np, Hkv, D], "
-                         "prov_cidx [Np], prov_vis [Nq, MP] (all contiguous)")
-    return prov_vis.shape[1] > 0 and np_ > 0
+    if any(x is None for x in (p.k, p.v, p.cidx, p.vis)):
+        raise ValueError(f"{what}: provisional tokens need all of k, v, cidx and vis")
+    np_ = p.k.shape[0]
+    if (p.v.shape != p.k.shape or p.k.shape[1:] != (hkv, dim) or p.cidx.shape != (np_,)
+            or p.vis.dim() != 2 or p.vis.shape[0] != nq or not p.vis.is_contiguous()
+            or not p.k.is_contiguous() or not p.v.is_contiguous()):
+        raise ValueError(f"{what}: provisional tokens need k/v [Np, Hkv, D], cidx [Np], "
+                         "vis [Nq, MP] (all contiguous)")
+    return p.vis.shape[1] > 0 and np_ > 0
 
 
 def refresh_outputs(a: RefreshArgs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -122,6 +133,6 @@ def prov_pointers(a: RefreshArgs, has_prov: bool, dummy: torch.Tensor) -> dict:
     """The provisional-token kernel arguments; without any, placeholders the kernels never
     read (HAS_PROV is a constexpr) but that still need a pointer of a valid dtype."""
     if has_prov:
-        return {"prov_k": a.prov_k, "prov_v": a.prov_v, "prov_cidx": a.prov_cidx,
-                "prov_vis": a.prov_vis}
+        p = a.prov
+        return {"prov_k": p.k, "prov_v": p.v, "prov_cidx": p.cidx, "prov_vis": p.vis}
     return {"prov_k": dummy, "prov_v": dummy, "prov_cidx": a.cmp_lens, "prov_vis": a.cmp_lens}

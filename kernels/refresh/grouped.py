@@ -371,7 +371,7 @@ def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
     order, g_start, g_len = _groups_or_default(what, q, a.q_req, group_size, groups)
     ns = _num_splits(what, num_splits, g_len.shape[0] * hkv, q, a.block_table, a.params,
                      a.page_size, refresh_rows(group_size, hq, hkv))
-    both, pass2 = _grouped_constexprs(what, a, a.prov_vis.shape[1] if has_prov else 1, with_out,
+    both, pass2 = _grouped_constexprs(what, a, a.prov.vis.shape[1] if has_prov else 1, with_out,
                                       group_size, merge, stats_tile, num_warps)
     dummy = q.new_empty(1)
     ptrs = prov_pointers(a, has_prov, dummy)

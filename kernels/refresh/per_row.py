@@ -238,7 +238,7 @@ def score_topk(a: RefreshArgs, block_sel: int = 16
         BN=pow2(params.topn, 16), INIT=params.init_blocks,
         LOCAL=params.local_blocks, BS=block_sel,
         BC=pow2(block_sel * r, 16),
-        MP=a.prov_vis.shape[1] if has_prov else 1,
-        BP=pow2(a.prov_vis.shape[1], 16) if has_prov else 16,
+        MP=a.prov.vis.shape[1] if has_prov else 1,
+        BP=pow2(a.prov.vis.shape[1], 16) if has_prov else 16,
         HAS_PROV=has_prov, WITH_OUT=with_out, F32=q.dtype == torch.float32 or q.device.type == "cpu")
     return sel, o_cmp, lse

@@ -72,18 +72,18 @@ def verify_layer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         layers) and the provisional compressed tokens (the runtime commits them).
     """
     prov_k = prov_v = k_new.new_empty(0, *k_new.shape[1:])
-    prov = {}
+    prov = None
     refresh = reuse_sel is None
     if (refresh or params.gated or keep_provisional) and step.prov_idx is not None:
         prov_k, prov_v = kc.compress_gather(k_cache, v_cache, k_new, v_new, step.prov_idx, params,
                                          cw=cw)
-        prov = dict(prov_k=prov_k.to(ck_cache.dtype), prov_v=prov_v.to(cv_cache.dtype),
-                    prov_cidx=step.prov_cidx, prov_vis=step.prov_vis)
+        prov = kr.ProvisionalTokens(prov_k.to(ck_cache.dtype), prov_v.to(cv_cache.dtype),
+                                    step.prov_cidx, step.prov_vis)
     sel, o_cmp = reuse_sel, None
     if refresh or params.gated:
         args = kr.RefreshArgs(q, ck_cache, cv_cache, step.block_table, step.q_req, step.q_pos,
-                              step.cmp_lens, params, scale, page_size, with_out=params.gated,
-                              **prov)
+                              step.cmp_lens, params, scale, page_size, prov=prov,
+                              with_out=params.gated)
         if step.groups is not None:
             own, o_cmp, _ = kr.score_topk_grouped(args, group_size=step.group_size,
                                                   groups=step.groups)

@@ -2,6 +2,7 @@
 attention (o, lse) close, selections exactly equal (ties -> lower block index)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -15,7 +16,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
-from specsa.kernels.refresh import RefreshArgs, score_topk  # noqa: E402
+from specsa.kernels.refresh import ProvisionalTokens, RefreshArgs, score_topk  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402
 from specsa.kernels.selection import naive_topk  # noqa: E402
@@ -77,8 +78,8 @@ def build_case(params, ps, hkv, g, dim, dtype, ctx_lens, row_pos, tree_parents, 
     args = dict(q=q, ck_cache=pool["ck_cache"], cv_cache=pool["cv_cache"], block_table=pool["block_table"],
                 q_req=torch.tensor(q_req, dtype=torch.int32), q_pos=torch.tensor(q_pos, dtype=torch.int32),
                 cmp_lens=torch.tensor([params.num_cmp(n) for n in lens], dtype=torch.int32),
-                params=params, scale=scale, page_size=ps, prov_k=pk, prov_v=pv,
-                prov_cidx=vis.cmp_idx.to(torch.int32), prov_vis=prov_vis)
+                params=params, scale=scale, page_size=ps,
+                prov=ProvisionalTokens(pk, pv, vis.cmp_idx.to(torch.int32), prov_vis))
     refs = [reference_row(q[i], kp, vp, params, scale, dtype) for i, (kp, vp) in enumerate(paths)]
     return args, refs
 
@@ -128,15 +129,15 @@ def test_score_topk_ties_go_to_lower_index():
     params = NSAParams(block=8, stride=4, select=16, topn=6, window=32)
     args, refs = build_case(params, 16, 1, 3, 64, torch.float32, [260], [[259]], [-1], 20, zero_q=True)
     run_and_check(args, refs, torch.float32)
+    prov = dataclasses.replace(args["prov"], vis=args["prov"].vis[:1])
     sel, _, _ = score_topk(RefreshArgs(**{**args, "q": args["q"][:1], "q_req": args["q_req"][:1],
-                                          "q_pos": args["q_pos"][:1], "prov_vis": args["prov_vis"][:1]}))
+                                          "q_pos": args["q_pos"][:1], "prov": prov}))
     assert sel[0, 0].tolist() == [0, 1, 2, 3, 15, 16]  # t=259: local blocks 15, 16
 
 
 def test_score_topk_without_provisional_and_no_out():
     args, refs = build_case(SMALL, 16, 2, 2, 64, torch.float32, [90], [[89, 30]], [-1], 10)
-    for key in ("prov_k", "prov_v", "prov_cidx", "prov_vis"):
-        args[key] = None
+    args["prov"] = None
     nctx = 2
     sel, o_cmp, lse = score_topk(RefreshArgs(**{**args, "q": args["q"][:nctx], "q_req": args["q_req"][:nctx],
                                                 "q_pos": args["q_pos"][:nctx]}, with_out=False))

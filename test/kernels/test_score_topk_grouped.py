@@ -17,7 +17,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
-from specsa.kernels.refresh import RefreshArgs, refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
+from specsa.kernels.refresh import ProvisionalTokens, RefreshArgs, refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
 from specsa.kernels.fused import build_geometry  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
 from specsa.kernels.common.tree import tree_path  # noqa: E402
@@ -83,14 +83,18 @@ def build_case(params, ps, hkv, g, dim, dtype, ctx_lens, row_pos, tree_parents, 
     args = dict(q=q, ck_cache=pool["ck_cache"], cv_cache=pool["cv_cache"], block_table=pool["block_table"],
                 q_req=torch.tensor(q_req, **i32), q_pos=torch.tensor(q_pos, **i32),
                 cmp_lens=torch.tensor([params.num_cmp(n) for n in lens], **i32),
-                params=params, scale=scale, page_size=ps, prov_k=pk, prov_v=pv,
-                prov_cidx=vis.cmp_idx.to(torch.int32), prov_vis=prov_vis)
+                params=params, scale=scale, page_size=ps,
+                prov=ProvisionalTokens(pk, pv, vis.cmp_idx.to(torch.int32), prov_vis))
     refs = [reference_row(q[i], kp, vp, params, scale, dtype) for i, (kp, vp) in enumerate(paths)]
     return args, refs
 
 
 def to_dev(args):
-    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    def move(v):
+        if isinstance(v, ProvisionalTokens):
+            return ProvisionalTokens(*(x.to(DEV) for x in (v.k, v.v, v.cidx, v.vis)))
+        return v.to(DEV) if isinstance(v, torch.Tensor) else v
+    return {k: move(v) for k, v in args.items()}
 
 
 def near_tie(scores: torch.Tensor, t: int, params: NSAParams) -> bool:
@@ -196,8 +200,7 @@ def test_ties_go_to_lower_index_across_splits(merge):
 def test_no_provisional_default_groups_and_workspace():
     args, refs = build_case(SMALL, 16, 2, 2, 64, torch.float32, [90, 70], [[89, 30], [69]], [-1], 10)
     nctx = 3
-    for key in ("prov_k", "prov_v", "prov_cidx", "prov_vis"):
-        args[key] = None
+    args["prov"] = None
     for key in ("q", "q_req", "q_pos"):
         args[key] = args[key][:nctx]
     ws = refresh_workspace(nctx, 4, 2, 64, SMALL, 2, True, DEV)
