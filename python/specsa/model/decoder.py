@@ -37,6 +37,7 @@ from .triton_forward import (TritonForward, TritonOptions, build_triton_forward,
 from .block import BlockInput, BlockError, as_list, normalise_parents
 from .cache import BlockMeta, PagedKVCache, PendingKV
 from .config import ModelConfig
+from .placement import WeightPlacement
 from .rope import Rotary
 
 
@@ -98,7 +99,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class NSADecoder(nn.Module):
+class NSADecoder(WeightPlacement, nn.Module):
     """Parameters are named exactly as in HF checkpoints (plus the native NSA names of
     CONTRACTS.md section 5), so a state dict loads one-to-one."""
 
@@ -150,13 +151,8 @@ class NSADecoder(nn.Module):
             self.triton_options = options
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def _placement_weight(self) -> torch.Tensor:
+        return self.lm_head.weight      # always there (tied to the embedding or not)
 
     def new_cache(self, cache: CacheConfig) -> PagedKVCache:
         return PagedKVCache(num_layers=self.cfg.num_layers, num_kv_heads=self.cfg.num_kv_heads,

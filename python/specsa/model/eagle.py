@@ -36,6 +36,7 @@ from .block import BlockError, BlockInput, as_list, normalise_parents
 from .config import ModelConfig, ModelConfigError
 from .decoder import MLP, NSADecoder, RMSNorm
 from .load import LoadError, read_json, read_weights
+from .placement import WeightPlacement
 from .rope import Rotary, apply_rotary
 
 # architecture -> (kind, the base family whose geometry rules the head follows)
@@ -221,7 +222,7 @@ def _ancestors(parents: list[int]) -> torch.Tensor:
     return m
 
 
-class EagleHead(nn.Module):
+class EagleHead(WeightPlacement, nn.Module):
     """A loaded EAGLE / EAGLE-3 head bound to its target (embedding, LM head shared)."""
 
     def __init__(self, cfg: EagleConfig, target: NSADecoder):
@@ -244,13 +245,8 @@ class EagleHead(nn.Module):
         self.vocab_size = target.cfg.vocab_size
         self._target = [target]      # shared embedding / LM head; not a submodule
 
-    @property
-    def device(self) -> torch.device:
-        return self.fc.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+    def _placement_weight(self) -> torch.Tensor:
+        return self.fc.weight           # always there (the LM head may be the target's)
 
     def new_cache(self) -> HeadCache:
         m = self.cfg.model
