@@ -17,6 +17,10 @@ import dataclasses
 import pytest
 import torch
 
+from launch_record import maybe_install
+
+maybe_install()      # SPECSA_RECORD_LAUNCHES=<file>: every kernel launch's compile signature
+
 # Where kernel tests put their tensors: the GPU when there is one (compiled kernels), else the
 # CPU (interpreted kernels). References may run on either; comparisons move both to the CPU.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,10 +63,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def _to(x, dev):
+    """x with every tensor in it (also inside lists, tuples, dicts and dataclasses) on dev."""
     if isinstance(x, torch.Tensor):
         return x.to(dev)
-    if isinstance(x, (list, tuple)) and any(isinstance(y, torch.Tensor) for y in x):
-        return type(x)(_to(y, dev) for y in x)
+    if isinstance(x, (list, tuple)):
+        ys = [_to(y, dev) for y in x]
+        if all(a is b for a, b in zip(ys, x)):
+            return x
+        return type(x)(*ys) if hasattr(x, "_fields") else type(x)(ys)     # NamedTuple or not
     if isinstance(x, dict):
         return {k: _to(v, dev) for k, v in x.items()}
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -83,6 +91,9 @@ def _copy_back(src, moved):
     elif isinstance(src, dict):
         for k in src:
             _copy_back(src[k], moved[k])
+    elif dataclasses.is_dataclass(src) and not isinstance(src, type):
+        for f in dataclasses.fields(src):       # e.g. RefreshArgs.sel, VerifyArgs.out
+            _copy_back(getattr(src, f.name), getattr(moved, f.name))
 
 
 def on_device(fn):

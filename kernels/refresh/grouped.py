@@ -123,7 +123,7 @@ def score_topk_grouped_stats_kernel(
 ):
     # pass 1 of split i_s: (max, sum exp2) partials of every row over the split's tokens
     i_g, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    g_len, m_r, n_cr, _, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
+    g_len, m_r, n_cr, _qq, m_q, cur_q, qk_scale, p_bt, o_hq, b_q, o_d, m_d = _group_q(
         q, block_table, order, g_start_p, g_len_p, q_req, q_pos, cmp_lens, scale, stride_bt,
         i_g, i_h, HQ, G, GP, CP, D, BD, L, DS, LS)
     if g_len == 0:
@@ -136,7 +136,9 @@ def score_topk_grouped_stats_kernel(
                       HKV, D, PS, CPP, L, DS, TS, F32)
     if HAS_PROV:  # noqa: SIM102 (constexpr, dropped at compile time; i_s is run-time)
         if i_s == 0:
-            b_m, b_l, _, _, _, _ = _prov_stats(
+            # fresh names: a name bound before this run-time `if` (like `_`) must keep its type
+            # inside it, which the compiler checks and the interpreter does not
+            b_m, b_l, _sp, _rp, _prow, _pst = _prov_stats(
                 b_q, prov_k, prov_cidx, prov_vis, order, g_start_p, i_g, g_len, m_r, i_h, o_d,
                 m_d, qk_scale, b_m, b_l, HKV, D, GP, CP, MP, MPP, DS, F32)
     o_w = i_s * NQ * HQ + o_hq
