@@ -1,0 +1,58 @@
+#!/bin/bash
+# The GPU checks that back the README, one per device call, in the order to run them.
+#
+#   bash scripts/gpu_checks.sh suite      # kernel + package tests on the GPU (no SGLang), ~8 min cold
+#   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
+#   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~7 min
+#
+# Results go under $OUT (default /tmp/out); commit them under benchmark/results/<gpu>/ with the
+# commit. The SGLang checks first make sure the bundle imports: a half-unpacked bundle fails
+# here in a second instead of after the servers' start-up.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)
+export PYTHONUNBUFFERED=1 SPECSA_COMMIT=$COMMIT
+
+gpu_info() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || exit 2
+    echo "$COMMIT" >> "$OUT/gpu.txt"
+}
+
+stage() {   # the package from this checkout, first on the path (no install needed)
+    S=/tmp/specsa_site; rm -rf $S; mkdir -p $S
+    cp -r python/specsa $S/ && cp -r kernels $S/specsa/kernels
+    echo $S
+}
+
+need_sglang() {
+    [ -n "${SGL:-}" ] || { echo "set SGL to the unpacked SGLang bundle" >&2; exit 2; }
+    PYTHONPATH=$SGL python3 -c "import sglang, sglang.srt.entrypoints.http_server" \
+        || { echo "SGLang at $SGL does not import (both bundle parts unpacked?)" >&2; exit 2; }
+}
+
+case "${1:-}" in
+suite)
+    gpu_info; S=$(stage)
+    PYTHONPATH=$S timeout -s INT "${LIMIT:-560}" python3 -m pytest -n "${WORKERS:-16}" -v -rf \
+        --tb=short -p no:cacheprovider test/kernels test/specsa 2>&1 | tee "$OUT/pytest_gpu.log" \
+        | grep -v PASSED | tail -30
+    ;;
+e2e)
+    need_sglang; gpu_info
+    M=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    if [ "$M" -gt 100000 ]; then B=1,16; else B=1,8; fi     # 16 x 32K fits only an H200's pool
+    PYTHONPATH=$SGL timeout -s INT "${LIMIT:-540}" python3 benchmark/sglang_e2e.py --out "$OUT/e2e" \
+        --systems nsa_ar --variant "specsa_chain=specsa_chain:SPECSA_STEP_TIMING=" \
+        --variant "dense_ar=dense_ar:" \
+        --contexts "${CONTEXTS:-32768,65536}" --batches "${BATCHES:-$B}" --new-tokens 128 \
+        --budget-s "${BUDGET:-380}" 2>&1 | tee "$OUT/e2e.log" | tail -20
+    ;;
+sampling)
+    need_sglang; gpu_info
+    OUT=$OUT/sampling REQS=${REQS:-240} PYTHONPATH=$SGL timeout -s INT "${LIMIT:-560}" \
+        python3 scripts/sglang_gpu_sampling_check.py 2>&1 | tee "$OUT/sampling.log" | tail -20
+    ;;
+*)
+    sed -n 2,10p "$0"; exit 2 ;;
+esac
