@@ -26,9 +26,10 @@ def _is_constexpr(param: inspect.Parameter) -> bool:
 
 def describe(fn, args: tuple, kwargs: dict) -> dict | None:
     """The compile-time description of one launch of the @triton.jit function `fn`."""
-    params = inspect.signature(fn).parameters
+    signature = inspect.signature(fn)
+    params = signature.parameters
     options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     sig, const = {}, {}
     for name, value in bound.arguments.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,9 +70,7 @@ def test_compress_gather_launcher_converts_int64_indices():
 # page 16, default NSA): the grouped refresh (GPU default: reduce map, bitonic merge, 128 rows,
 # 8 warps) and the fused verify kernel with 2 selected blocks per iteration.
 _COMPILE_STEP = r"""
-import importlib, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib, sys
 which = sys.argv[1]
 if which == "refresh":
     m = importlib.import_module("specsa.kernels.refresh.grouped")
@@ -95,21 +94,22 @@ else:
                  CAP=256, PS=16, DIRECT=False, GATED=False, DENSE=False, FINAL=False, IEEE=False,
                  NBI=2)
     warps = 4
+sys.path.insert(0, sys.argv[2])
+from launch_record import compile_record
 sig = {a: ("constexpr" if a in const else ptr.get(a, "*bf16")) for a in fn.arg_names}
-attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
-try:
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
-except Exception as e:
-    print(repr(e)[-3000:], file=sys.stderr)
-    sys.exit(3 if "PassManager" in str(e) or "out of resource" in str(e) else 4)
+err = compile_record({"module": m.__name__, "name": fn.__name__, "signature": sig,
+                      "constexprs": const, "options": dict(num_warps=warps, num_stages=3)})
+if err:
+    print(err, file=sys.stderr)
+    sys.exit(3 if "PassManager" in err or "out of resource" in err else 4)
 """
 
 
 @pytest.mark.parametrize("which", ["refresh", "verify"])
 def test_step_kernels_compile_for_sm90(which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_STEP, which], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_STEP, which,
+                        str(Path(__file__).resolve().parents[1])], env=env, capture_output=True,
                        text=True, timeout=600)
     if r.returncode == 4 and "ptxas" not in r.stderr and "CompilationError" not in r.stderr:
         pytest.skip(f"no sm_90 compiler toolchain in this environment: {r.stderr[-300:]}")
