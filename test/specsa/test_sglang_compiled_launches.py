@@ -48,7 +48,7 @@ def test_every_server_launch_compiles_for_sm90(tmp_path):
     for args in (["--attention-backend", "specsa"], tree):
         with launch_server(str(target), free_port(), args, env=env) as srv:
             assert len(srv.generate_concurrent(prompts, 6)) == 2
-    recs = {line for line in rec.read_text().splitlines()}     # one file, several processes
+    recs = set(rec.read_text().splitlines())     # one file, several processes
     names = {json.loads(line)["name"] for line in recs}
     assert PRODUCTION <= names, f"the servers launched only {sorted(names)}"
     (tmp_path / "distinct.jsonl").write_text("\n".join(sorted(recs)) + "\n")
