@@ -2,6 +2,7 @@
 # The GPU checks that back the README, one per device call, in the order to run them.
 #
 #   bash scripts/gpu_checks.sh suite      # kernel + package tests on the GPU (no SGLang), ~8 min cold
+#                                         # (TESTS=<paths> for a part of it)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~7 min
 #
@@ -35,7 +36,7 @@ case "${1:-}" in
 suite)
     gpu_info; S=$(stage)
     PYTHONPATH=$S timeout -s INT "${LIMIT:-560}" python3 -m pytest -n "${WORKERS:-16}" -v -rf \
-        --tb=short -p no:cacheprovider test/kernels test/specsa 2>&1 | tee "$OUT/pytest_gpu.log" \
+        --tb=short -p no:cacheprovider ${TESTS:-test/kernels test/specsa} 2>&1 | tee "$OUT/pytest_gpu.log" \
         | grep -v PASSED | tail -30
     ;;
 e2e)
