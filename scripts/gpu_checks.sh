@@ -12,7 +12,9 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)
+# a `git archive` snapshot carries its commit in COMMIT (the device's copy of the repository
+# around it may sit at another commit)
+COMMIT=$(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
 export PYTHONUNBUFFERED=1 SPECSA_COMMIT=$COMMIT
 
 gpu_info() {
