@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_site import REPO, SHAPES, draft_config, gpu_name, stage_package, write_model  # noqa: E402
+from sglang_site import SHAPES, draft_config, gpu_name, stage_package, write_model  # noqa: E402
 
 SYSTEMS = ("dense_ar", "standalone_dense", "nsa_ar", "specsa_chain", "specsa_tree")
 SPEC = {"standalone_dense", "specsa_chain", "specsa_tree"}
