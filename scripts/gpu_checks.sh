@@ -6,6 +6,9 @@
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~7 min
 #
+# The sampling check takes 0.3 of the GPU's memory and only checks distributions, so it can run
+# beside a part of the suite in one call (its servers are slower then; the e2e timings cannot):
+#   SGL=... bash scripts/gpu_checks.sh sampling & TESTS=... bash scripts/gpu_checks.sh suite; wait
 # Results go under $OUT (default /tmp/out); commit them under benchmark/results/<gpu>/ with the
 # commit. The SGLang checks first make sure the bundle imports: a half-unpacked bundle fails
 # here in a second instead of after the servers' start-up.
