@@ -4,7 +4,7 @@
 #   bash scripts/gpu_checks.sh suite      # kernel + package tests on the GPU (no SGLang), ~8 min cold
 #                                         # (TESTS=<paths> for a part of it)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
-#   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~7 min
+#   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~4-7 min
 #
 # The sampling check takes 0.3 of the GPU's memory and only checks distributions, so it can run
 # beside a part of the suite in one call (its servers are slower then; the e2e timings cannot):

@@ -9,7 +9,9 @@ top-2, 6 draft tokens) answer the same 100-token prompt REQS times each (8 in fl
 SGLang's default sampling (temperature 1.0), top-k 5 and top-p 0.7 at temperature 0.9. Per
 output position the token counts of the two servers are compared with a chi-square test of
 homogeneity (rare tokens pooled); a power row compares the SpecSA server at temperature 0.7
-with the AR server at 1.0 and must reject. Writes $OUT/sglang_gpu_sampling_check.json.
+with the AR server at 1.0 and must reject. The two servers run side by side. Writes
+$OUT/sglang_gpu_sampling_check.json after every setting ("complete": true once all ran), so a
+run cut short keeps the settings it finished. `--cpu-smoke` runs it on the CPU harness.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +81,7 @@ def main() -> None:
     from safetensors.torch import load_file, save_file
 
     from specsa.model.tiny import build_tiny
-    from specsa.sglang_plugin.harness import free_port, launch_server
+    from specsa.sglang_plugin.harness import free_port, start_server
 
     d = build_tiny(Path(tempfile.mkdtemp()) / "tiny_sampling", kind="llama", seed=0,
                    hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2,
@@ -98,44 +101,59 @@ def main() -> None:
         common = ["--random-seed", "0"]
     res = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "commit": os.environ.get("SPECSA_COMMIT"), "mem_fraction_static": MEM_FRACTION,
-           "command": " ".join(sys.argv), "requests": REQS, "new_tokens": NEW, "rows": []}
+           "command": " ".join(sys.argv), "requests": REQS, "new_tokens": NEW, "rows": [],
+           "complete": False, "warmup_s": {}}
+    path = OUT / "sglang_gpu_sampling_check.json"
     t0 = time.time()
-    runs = {}
-    res["warmup_s"] = {}
-    for name, args in (("nsa_ar", ["--attention-backend", "specsa"]), ("specsa", spec)):
-        with launch_server(str(d), free_port(), common + args, cpu=cpu, timeout=600,
-                           log_path=OUT / f"sampling_{name}.log") as srv:
-            settings = dict(SETTINGS)
-            if name == "specsa":
-                settings["power_t0.7"] = {"temperature": 0.7}
-            # The first batch of a sampling setting can stall for a minute or more (the H100 run
-            # at da8e885: 89 s on the first top-k batch of the speculative server, a one-time
-            # compile); warm each setting up at full concurrency before counting samples.
-            for k, p in settings.items():
+
+    def save():
+        same = [r for r in res["rows"] if not r["setting"].startswith("power")]
+        power = [r for r in res["rows"] if r["setting"].startswith("power")]
+        if same:
+            res["min_p_same_distribution"] = min(r["p"] for r in same)
+        if power:
+            res["power_min_p"] = min(r["p"] for r in power)
+        res["wall_s"] = round(time.time() - t0, 1)
+        path.write_text(json.dumps(res, indent=1))
+
+    # Both servers run side by side (each sizes its pool from MEM_FRACTION): one start-up wait
+    # instead of two, and a cut run still leaves the settings it finished in the JSON.
+    with ExitStack() as stack:
+        srvs = {}
+        for name, args in (("nsa_ar", ["--attention-backend", "specsa"]), ("specsa", spec)):
+            srvs[name] = start_server(str(d), free_port(), common + args, cpu=cpu,
+                                      log_path=OUT / f"sampling_{name}.log")
+            stack.callback(srvs[name].stop)
+        for srv in srvs.values():
+            srv.wait_healthy(600)
+        res["start_s"] = round(time.time() - t0, 1)
+        settings = {**SETTINGS, "power_t0.7": {"temperature": 0.7}}
+        ar = {}                            # the AR server's samples per setting
+        for k, p in settings.items():
+            names = ("specsa",) if k.startswith("power") else ("nsa_ar", "specsa")
+            got = {}
+            for name in names:
+                # The first batch of a sampling setting can stall for a minute or more (the H100
+                # run at da8e885: 89 s on the first top-k batch of the speculative server, a
+                # one-time compile); warm each setting up at full concurrency before counting.
                 t1 = time.time()
-                sample(srv, prompt, p, CONCURRENCY)
+                sample(srvs[name], prompt, p, CONCURRENCY)
                 res["warmup_s"][f"{name}/{k}"] = round(time.time() - t1, 1)
-                print(f"{name}: warm-up {k} {res['warmup_s'][f'{name}/{k}']} s", flush=True)
-            runs[name] = {}
-            for k, p in settings.items():
                 t1 = time.time()
-                runs[name][k] = sample(srv, prompt, p)
-                print(f"{name}: {REQS} samples of {k} in {time.time() - t1:.1f} s", flush=True)
-    for setting in SETTINGS:
-        for pos in range(NEW):
-            a = [o[pos] for o in runs["nsa_ar"][setting]]
-            b = [o[pos] for o in runs["specsa"][setting]]
-            res["rows"].append({"setting": setting, "position": pos, **chi2_homogeneity(a, b)})
-    for pos in range(NEW):
-        a = [o[pos] for o in runs["nsa_ar"]["default"]]
-        b = [o[pos] for o in runs["specsa"]["power_t0.7"]]
-        res["rows"].append({"setting": "power: specsa t=0.7 vs ar t=1.0", "position": pos,
-                            **chi2_homogeneity(a, b)})
-    same = [r for r in res["rows"] if not r["setting"].startswith("power")]
-    res["min_p_same_distribution"] = min(r["p"] for r in same)
-    res["power_min_p"] = min(r["p"] for r in res["rows"] if r["setting"].startswith("power"))
-    res["wall_s"] = round(time.time() - t0, 1)
-    (OUT / "sglang_gpu_sampling_check.json").write_text(json.dumps(res, indent=1))
+                got[name] = sample(srvs[name], prompt, p)
+                print(f"{name}: {REQS} samples of {k} in {time.time() - t1:.1f} s "
+                      f"(warm-up {res['warmup_s'][f'{name}/{k}']} s)", flush=True)
+            if k.startswith("power"):      # SpecSA at t=0.7 against AR at the default t=1.0
+                ref, label = ar["default"], "power: specsa t=0.7 vs ar t=1.0"
+            else:
+                ref = ar[k] = got["nsa_ar"]
+                label = k
+            for pos in range(NEW):
+                res["rows"].append({"setting": label, "position": pos, **chi2_homogeneity(
+                    [o[pos] for o in ref], [o[pos] for o in got["specsa"]])})
+            save()
+    res["complete"] = True
+    save()
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
 
 
