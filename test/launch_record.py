@@ -127,6 +127,31 @@ def compile_records(recs: list[dict], full_per_kernel: int = 1) -> list[dict]:
     return bad
 
 
+def assert_records_compile(path, full_per_kernel: int = 1) -> None:
+    """Test helper: compile the distinct records of `path` in a fresh process without
+    TRITON_INTERPRET (this one may have it set); fail the test with each error, skip it when the
+    environment has no sm_90 assembler."""
+    import subprocess
+    import sys
+
+    import pytest
+    lines = sorted(set(open(path).read().splitlines()))      # several processes append
+    distinct = f"{path}.distinct"
+    with open(distinct, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    c = subprocess.run([sys.executable, os.path.abspath(__file__), distinct,
+                        str(full_per_kernel)], env=env, capture_output=True, text=True,
+                       timeout=1800, cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = json.loads(c.stdout.strip().splitlines()[-1]) if c.stdout.strip() else None
+    assert out is not None, f"compile run printed nothing:\n{c.stderr[-3000:]}"
+    bad = out["failed"]
+    if bad and all(b["full"] and "ptxas" in b["error"] for b in bad):
+        pytest.skip("no sm_90 assembler in this environment")
+    assert not bad, "\n\n".join(f"{b['name']} {b['constexprs']}:\n{b['error'][-1500:]}"
+                                for b in bad)
+
+
 if __name__ == "__main__":
     # python launch_record.py RECORDS.jsonl [FULL_PER_KERNEL]: compile the records (sm_90), print
     # {"compiled": n, "failed": [...]} and exit 1 if any failed
