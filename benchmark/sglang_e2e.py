@@ -207,6 +207,7 @@ def main() -> None:
 
     t_all = time.time()
     port = 31000
+    sweep_prof = None       # the profile the last SPECSA_PLAN=sweep server measured ("@sweep")
     for name, system, env in runs:
         for dname, ddir in (drafts.items() if system in SPEC else [(None, None)]):
             key = name if dname is None else f"{name}/{dname}"
@@ -216,6 +217,12 @@ def main() -> None:
             port += 1
             timing = out / f"timing_{key.replace('/', '_')}.json"
             env_full = dict(env)
+            if any("@sweep" in v for v in env.values()):
+                # SPECSA_PLAN=auto,profile=@sweep: the planner reads what this run measured
+                if not sweep_prof or sweep_prof.startswith("failed"):
+                    res["servers"][key] = {"skipped": f"no sweep profile ({sweep_prof})"}
+                    continue
+                env_full = {k: v.replace("@sweep", sweep_prof) for k, v in env.items()}
             # a variant may turn the step timer off (SPECSA_STEP_TIMING=): it synchronises at
             # every step end, which costs SGLang's overlap scheduling its overlap
             if system.startswith("specsa") and "SPECSA_STEP_TIMING" not in env:
@@ -224,8 +231,8 @@ def main() -> None:
                     env_full["SPECSA_TORCH_PROFILE"] = \
                         f"{out / ('prof_' + key.replace('/', '_'))},{a.torch_profile}"
             args = common + system_args(system, ddir, tree)
-            info = res["servers"][key] = {"system": system, "draft": dname, "env": env,
-                                          "args": args}
+            info = res["servers"][key] = {"system": system, "draft": dname,
+                                          "env": {k: env_full[k] for k in env}, "args": args}
             t0 = time.time()
             try:
                 with launch_server(target, port, args, cpu=a.cpu_smoke, env=env_full, timeout=600,
@@ -269,8 +276,8 @@ def main() -> None:
                 info["error"] = str(e)[-3000:]
                 print(key, "FAILED", info["error"][-1500:], flush=True)
             if env.get("SPECSA_PLAN", "").startswith("sweep") and timing.exists():
-                info["profile"] = sweep_profile(timing, out, key, ctxs, target, a.target,
-                                                dname, gpu, env, res["commit"])
+                info["profile"] = sweep_prof = sweep_profile(
+                    timing, out, key, ctxs, target, a.target, dname, gpu, env, res["commit"])
             save()
     base = {(r["context"], r["batch"]): r.get("out_head") for r in res["rows"]
             if r["system"] == "nsa_ar" and "out_head" in r}

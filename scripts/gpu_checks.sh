@@ -4,6 +4,7 @@
 #   bash scripts/gpu_checks.sh suite      # kernel + package tests on the GPU (no SGLang), ~8 min cold
 #                                         # (TESTS=<paths> for a part of it)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
+#                                         # (E2E_ARGS="--systems ... --variant ..." for other systems)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~4-7 min
 #
 # The sampling check takes 0.3 of the GPU's memory and only checks distributions, so it can run
@@ -49,8 +50,8 @@ e2e)
     M=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     if [ "$M" -gt 100000 ]; then B=1,16; else B=1,8; fi     # 16 x 32K fits only an H200's pool
     PYTHONPATH=$SGL timeout -s INT "${LIMIT:-540}" python3 benchmark/sglang_e2e.py --out "$OUT/e2e" \
-        --systems nsa_ar --variant "specsa_chain=specsa_chain:SPECSA_STEP_TIMING=" \
-        --variant "dense_ar=dense_ar:" \
+        ${E2E_ARGS:---systems nsa_ar --variant specsa_chain=specsa_chain:SPECSA_STEP_TIMING= \
+        --variant dense_ar=dense_ar:} \
         --contexts "${CONTEXTS:-32768,65536}" --batches "${BATCHES:-$B}" --new-tokens 128 \
         --budget-s "${BUDGET:-380}" 2>&1 | tee "$OUT/e2e.log" | tail -20
     ;;
