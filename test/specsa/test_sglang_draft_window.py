@@ -38,3 +38,42 @@ def test_window_draft_tree_equals_runtime(tmp_path):
     assert [o["output_ids"] for o in outs] == ref
     assert "draft attention = sink 8 + window 16 through the fused kernel" in log
     assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.5
+
+
+@pytest.mark.parametrize("built_t,spec_t,rows,expect", [
+    (1, 4, 8, 4),        # a T=1 state's backend during the draft-extend capture at T=4
+    (4, 1, 2, 1),        # the widest state's backend running an eager T=1 forward
+    (4, None, 6, 3),     # no spec_info width: T from the forward's rows
+    (3, 0, 6, 3)])       # an unset width (0) with rows that fit: T from the rows
+def test_draft_extend_takes_t_from_the_forward(built_t, spec_t, rows, expect):
+    """SGLang's adaptive mode (SPECSA_PLAN) builds one draft-extend backend per draft length
+    but captures every state's draft-extend graph at the server's widest T (a GPU-only path:
+    the CPU harness has no graphs). The metadata must follow the forward's T, or the capture
+    fails ("forward has 4 query rows, the metadata 1", seen on the H100 at 01fdc29)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from specsa.sglang_plugin.draft_backend import _WindowExtend
+    from specsa.sglang_plugin.settings import DraftWindow
+    bs, ps, width = 2, 16, 64
+    pool = SimpleNamespace(head_num=2, head_dim=8)
+    runner = SimpleNamespace(
+        model_config=SimpleNamespace(num_attention_heads=4), token_to_kv_pool=pool,
+        page_size=ps, req_to_token_pool=SimpleNamespace(
+            req_to_token=torch.arange(4 * width, dtype=torch.int32).reshape(4, width)),
+        device="cpu", tp_size=1)
+    backend = _WindowExtend()
+    backend._setup_window(runner, DraftWindow(sink=16, window=32), built_t)
+    seq_lens = torch.tensor([40, 57], dtype=torch.int32)
+    fb = SimpleNamespace(
+        batch_size=bs, seq_lens=seq_lens, req_pool_indices=torch.tensor([1, 3]),
+        out_cache_loc=torch.zeros(rows, dtype=torch.int64),
+        spec_info=None if spec_t is None else SimpleNamespace(num_tokens_per_req=spec_t))
+    backend._build_metadata(fb)
+    meta = backend.window_meta
+    assert (meta.rows, meta.t) == (bs, expect)
+    prefix = (seq_lens - expect).tolist()
+    want = [p + i for p in prefix for i in range(expect)]
+    assert meta.geo.q_pos.tolist() == want
+    assert meta.geo.req_P.tolist() == prefix

@@ -167,12 +167,24 @@ class _WindowExtend:
         self.t = num_draft_tokens
         self.window_meta: DraftWindowMetadata | None = None
 
+    def _rows_per_request(self, fb, bs: int) -> int:
+        """T of this forward. SGLang's adaptive mode (SPECSA_PLAN) builds this backend once per
+        draft length, but captures every state's draft-extend graph at the server's widest T
+        (it replays a graph only when the widths match, else runs eager): so T comes from the
+        forward (its spec_info, else its rows), not from the state the backend was built for."""
+        t = int(getattr(fb.spec_info, "num_tokens_per_req", 0) or 0)
+        if t <= 0:
+            rows = int(fb.out_cache_loc.shape[0]) if fb.out_cache_loc is not None else 0
+            t = rows // bs if bs and rows % bs == 0 and rows else self.t
+        return t
+
     def _build_metadata(self, fb) -> None:
         bs = int(fb.batch_size)
-        meta = self.metas.get(("extend", bs), bs, self.t)
+        t = self._rows_per_request(fb, bs)
+        meta = self.metas.get(("extend", bs, t), bs, t)
         # DRAFT_EXTEND_V2's seq_lens already count the T rows it writes (graph padding rows
         # carry a fill value: clamp so that they read nothing)
-        prefix = (fb.seq_lens[:bs] - self.t).clamp(min=0)
+        prefix = (fb.seq_lens[:bs] - t).clamp(min=0)
         meta.fill(prefix, self.metas.table(fb.req_pool_indices[:bs]))
         self.window_meta = meta
 
