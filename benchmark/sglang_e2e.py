@@ -106,6 +106,21 @@ def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
     return out
 
 
+def all_active_rate(outs: list[dict]) -> tuple[float | None, float]:
+    """(tokens/s, seconds) over the interval in which every request of the batch was decoding
+    (after the last one's first token, before the first one's last): the throughput at fixed
+    concurrency B, free of start and finish stagger. None when the interval is empty."""
+    lo = max(o["arrivals"][0][0] for o in outs)
+    hi = min(o["arrivals"][-1][0] for o in outs)
+    if hi <= lo:
+        return None, 0.0
+
+    def done_by(o, t):      # tokens this request had at host time t
+        return max((n for s, n in o["arrivals"] if s <= t), default=0)
+    toks = sum(done_by(o, hi) - done_by(o, lo) for o in outs)
+    return round(toks / (hi - lo), 1), round(hi - lo, 3)
+
+
 def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dict:
     rngs = [random.Random(seed * 1000003 + L * 131 + b) for b in range(B)]
     prompts = [[r.randrange(2, id_hi) for _ in range(L)] for r in rngs]
@@ -113,8 +128,10 @@ def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dic
         t = time.perf_counter()
         list(ex.map(lambda p: srv.generate(input_ids=p, max_new_tokens=1), prompts))
         prefill_s = time.perf_counter() - t
-        outs = list(ex.map(lambda p: srv.generate_stream(input_ids=p, max_new_tokens=N + 1),
-                           prompts))
+    if B == 1:
+        outs = [srv.generate_stream(input_ids=prompts[0], max_new_tokens=N + 1)]
+    else:       # one request for the batch: all B reach the scheduler together
+        outs = srv.generate_stream_batch(input_ids=prompts, max_new_tokens=N + 1)
     per_req, n_total = [], 0
     for o in outs:
         (t0, n0), (t1, n1) = o["arrivals"][0], o["arrivals"][-1]
@@ -123,11 +140,13 @@ def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dic
         per_req.append(1e3 * (t1 - t0) / (n1 - n0))
         n_total += n1 - n0
     window = max(o["arrivals"][-1][0] for o in outs) - min(o["arrivals"][0][0] for o in outs)
+    both = all_active_rate(outs)
     acc = [o["meta_info"].get("spec_accept_length") for o in outs]
     acc = [a for a in acc if a is not None]
     return {"prefill_s": round(prefill_s, 3), "ms_per_token": round(statistics.median(per_req), 3),
             "ms_per_token_max": round(max(per_req), 3),
             "tokens_per_s": round(n_total / window, 1) if window > 0 else None,
+            "tokens_per_s_all_active": both[0], "all_active_s": both[1],
             "accept_len": round(sum(acc) / len(acc), 3) if acc else None,
             "cached_tokens": outs[0]["meta_info"].get("cached_tokens"),
             "out_head": outs[0]["output_ids"][:32]}

@@ -32,3 +32,32 @@ def test_sampling_check_cpu_smoke(tmp_path):
     assert all(0.0 <= row["p"] <= 1.0 for row in res["rows"])
     assert set(res["warmup_s"]) == {f"{s}/{k}" for s in ("nsa_ar", "specsa")
                                     for k in ("default", "top_k", "top_p")} | {"specsa/power_t0.7"}
+
+
+def test_e2e_cpu_smoke_batches_and_measured_profile(tmp_path):
+    """benchmark/sglang_e2e.py on the CPU harness: NSA AR and a chain at batches 1 and 2 (the
+    batch sent as one request, so its requests decode together), then a SPECSA_PLAN=sweep
+    server whose measured profile the next server's SPECSA_PLAN=auto reads (@sweep)."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmark" / "sglang_e2e.py"), "--cpu-smoke",
+         "--out", str(tmp_path), "--systems", "nsa_ar,specsa_chain",
+         "--variant", "sweep=specsa_chain:SPECSA_PLAN=sweep,steps=0:1:3",
+         "--variant", "auto=specsa_chain:SPECSA_PLAN=auto,profile=@sweep",
+         "--contexts", "512", "--batches", "1,2", "--new-tokens", "24"],
+        capture_output=True, text=True, timeout=1500, cwd="/tmp")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "sglang_e2e.json").read_text())
+    rows = {(x["system"], x["batch"]): x for x in res["rows"]}
+    assert set(rows) == {(s, b) for s in ("nsa_ar", "specsa_chain", "sweep", "auto")
+                         for b in (1, 2)}
+    for (system, batch), row in rows.items():
+        assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0, row
+        # the batch's requests overlap for most of their decode
+        assert row["tokens_per_s_all_active"] and row["all_active_s"] > 0, row
+        if system != "nsa_ar":
+            assert row["same_head_as_nsa_ar"] is True, row
+    prof = res["servers"]["sweep/2l"]["profile"]
+    assert Path(prof).is_file(), prof
+    assert res["servers"]["auto/2l"]["env"]["SPECSA_PLAN"] == f"auto,profile={prof}"
+    # the auto server planned from it: its steps carry the planner's predicted step time
+    assert rows[("auto", 1)]["breakdown"]["predicted_step_ms"] > 0

@@ -116,6 +116,37 @@ class Server:
         return {"arrivals": arrivals, "meta_info": last.get("meta_info", {}),
                 "output_ids": last.get("output_ids", [])}
 
+    def generate_stream_batch(self, *, input_ids: list[list[int]], max_new_tokens: int,
+                              timeout: float = 1800.0, **sampling) -> list[dict]:
+        """generate_stream for B prompts in ONE /generate request (SGLang streams every
+        request's chunks tagged with its index): the requests reach the scheduler together,
+        where B separate HTTP requests of long prompts arrive up to a second apart (request
+        parsing), longer than a fast speculative decode of 128 tokens. One dict per prompt."""
+        params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
+                  **sampling}
+        body = json.dumps({"input_ids": input_ids, "sampling_params": params,
+                           "stream": True}).encode()
+        req = urllib.request.Request(self.url + "/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+        outs = [{"arrivals": [], "meta_info": {}, "output_ids": []} for _ in input_ids]
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                last = json.loads(data)
+                if "error" in last:
+                    raise ServerError(f"/generate stream error: {last['error']}")
+                o = outs[int(last.get("index", 0))]
+                o["arrivals"].append((time.perf_counter(),
+                                      int(last.get("meta_info", {}).get("completion_tokens", 0))))
+                o["meta_info"] = last.get("meta_info", {})
+                o["output_ids"] = last.get("output_ids", [])
+        return outs
+
     def wait_healthy(self, timeout: float = 600.0) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
