@@ -39,5 +39,5 @@ def test_every_interpreted_launch_compiles_for_sm90(tmp_path):
     # the kernels of every production path were launched (a recorder that saw nothing passes)
     assert {"_nsa_verify_fwd_kernel", "score_topk_kernel", "score_topk_grouped_stats_kernel",
             "score_topk_grouped_scores_kernel", "prefill_tile_kernel",
-            "compress_paged_kernel"} <= names, sorted(names)
+            "compress_paged_kernel", "stage_rows_kernel"} <= names, sorted(names)
     assert_records_compile(rec)

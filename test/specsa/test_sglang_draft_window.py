@@ -37,6 +37,7 @@ def test_window_draft_tree_equals_runtime(tmp_path):
         log = srv.log_path.read_text()
     assert [o["output_ids"] for o in outs] == ref
     assert "draft attention = sink 8 + window 16 through the fused kernel" in log
+    assert "draft K/V store fused with staging" in log
     assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.5
 
 

@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.kernels.common.launch import num_sms
 from specsa.kernels.fused import VerifyArgs, VerifyGeometry, nsa_verify_fwd
+from specsa.kernels.stage import stage_rows
 from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
@@ -117,10 +118,13 @@ class _WindowMetadataCache:
         self.width = -(-runner.req_to_token_pool.req_to_token.shape[1] // self.page_size)
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.pool, self.win, self.device = pool, win, runner.device
+        from .triton_backend import direct_store_ok
+        self.direct_store = direct_store_ok(pool)
         self._metas: dict = {}
         logging.getLogger("specsa").warning(
-            "specsa: draft attention = sink %d + window %d through the fused kernel (page %d)",
-            win.sink, win.window, self.page_size)
+            "specsa: draft attention = sink %d + window %d through the fused kernel (page %d); "
+            "draft K/V store %s", win.sink, win.window, self.page_size,
+            "fused with staging" if self.direct_store else "through the pool")
 
     def get(self, key, rows: int, t: int) -> DraftWindowMetadata:
         if key not in self._metas:
@@ -142,13 +146,23 @@ class _WindowMetadataCache:
 
 def _attend(metas: _WindowMetadataCache, meta: DraftWindowMetadata, q, k, v, layer, fb,
             save_kv_cache):
-    if save_kv_cache:
-        metas.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
     hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
-    q3 = q.reshape(-1, hq, layer.qk_head_dim).contiguous()
-    kc, vc = metas.caches(layer)
-    k3 = k.reshape(-1, hkv, layer.qk_head_dim).to(kc.dtype).contiguous()
-    v3 = v.reshape(-1, hkv, layer.v_head_dim).to(vc.dtype).contiguous()
+    q3 = q.reshape(-1, hq, layer.qk_head_dim)
+    k3 = k.reshape(-1, hkv, layer.qk_head_dim)
+    v3 = v.reshape(-1, hkv, layer.v_head_dim)
+    pool, lid = metas.pool, layer.layer_id
+    if metas.direct_store and k3.dtype == pool.dtype and v3.dtype == pool.dtype:
+        # one launch: the pool store and the contiguous rows (kernels/stage)
+        q3, k3, v3 = stage_rows(q3, k3, v3, fb.out_cache_loc if save_kv_cache else None,
+                                pool.get_key_buffer(lid), pool.get_value_buffer(lid))
+        kc, vc = metas.caches(layer)
+    else:
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
+        kc, vc = metas.caches(layer)
+        q3 = q3.contiguous()
+        k3 = k3.to(kc.dtype).contiguous()
+        v3 = v3.to(vc.dtype).contiguous()
     n = meta.rows * meta.t
     if q3.shape[0] != n:
         raise RuntimeError(f"specsa draft backend: forward has {q3.shape[0]} query rows, the "
