@@ -87,19 +87,14 @@ class Server:
             return list(ex.map(lambda p: self.generate(input_ids=p, max_new_tokens=max_new_tokens)
                                ["output_ids"], prompts))
 
-    def generate_stream(self, *, input_ids, max_new_tokens: int, timeout: float = 1800.0,
-                        **sampling) -> dict:
-        """Streaming greedy /generate (ignore_eos). Returns {"arrivals": [(host seconds,
-        completion tokens so far)] one per streamed chunk, "meta_info": the last chunk's,
-        "output_ids": all ids}. Chunk arrival times give decode time per token without the
-        prefill (what SGLang's bench_serving calls TPOT)."""
+    def _stream_chunks(self, input_ids, max_new_tokens: int, timeout: float, sampling: dict):
+        """(host seconds, chunk) for every chunk of a streaming greedy /generate (ignore_eos)."""
         params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
                   **sampling}
         body = json.dumps({"input_ids": input_ids, "sampling_params": params,
                            "stream": True}).encode()
         req = urllib.request.Request(self.url + "/generate", data=body,
                                      headers={"Content-Type": "application/json"})
-        arrivals, last = [], {}
         with urllib.request.urlopen(req, timeout=timeout) as r:
             for raw in r:
                 line = raw.decode().strip()
@@ -108,13 +103,27 @@ class Server:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                last = json.loads(data)
-                if "error" in last:
-                    raise ServerError(f"/generate stream error: {last['error']}")
-                n = int(last.get("meta_info", {}).get("completion_tokens", 0))
-                arrivals.append((time.perf_counter(), n))
-        return {"arrivals": arrivals, "meta_info": last.get("meta_info", {}),
-                "output_ids": last.get("output_ids", [])}
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ServerError(f"/generate stream error: {chunk['error']}")
+                yield time.perf_counter(), chunk
+
+    @staticmethod
+    def _add_chunk(out: dict, t: float, chunk: dict) -> None:
+        out["meta_info"] = chunk.get("meta_info", {})
+        out["output_ids"] = chunk.get("output_ids", [])
+        out["arrivals"].append((t, int(out["meta_info"].get("completion_tokens", 0))))
+
+    def generate_stream(self, *, input_ids, max_new_tokens: int, timeout: float = 1800.0,
+                        **sampling) -> dict:
+        """Streaming greedy /generate (ignore_eos). Returns {"arrivals": [(host seconds,
+        completion tokens so far)] one per streamed chunk, "meta_info": the last chunk's,
+        "output_ids": all ids}. Chunk arrival times give decode time per token without the
+        prefill (what SGLang's bench_serving calls TPOT)."""
+        out = {"arrivals": [], "meta_info": {}, "output_ids": []}
+        for t, chunk in self._stream_chunks(input_ids, max_new_tokens, timeout, sampling):
+            self._add_chunk(out, t, chunk)
+        return out
 
     def generate_stream_batch(self, *, input_ids: list[list[int]], max_new_tokens: int,
                               timeout: float = 1800.0, **sampling) -> list[dict]:
@@ -122,29 +131,9 @@ class Server:
         request's chunks tagged with its index): the requests reach the scheduler together,
         where B separate HTTP requests of long prompts arrive up to a second apart (request
         parsing), longer than a fast speculative decode of 128 tokens. One dict per prompt."""
-        params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
-                  **sampling}
-        body = json.dumps({"input_ids": input_ids, "sampling_params": params,
-                           "stream": True}).encode()
-        req = urllib.request.Request(self.url + "/generate", data=body,
-                                     headers={"Content-Type": "application/json"})
         outs = [{"arrivals": [], "meta_info": {}, "output_ids": []} for _ in input_ids]
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                last = json.loads(data)
-                if "error" in last:
-                    raise ServerError(f"/generate stream error: {last['error']}")
-                o = outs[int(last.get("index", 0))]
-                o["arrivals"].append((time.perf_counter(),
-                                      int(last.get("meta_info", {}).get("completion_tokens", 0))))
-                o["meta_info"] = last.get("meta_info", {})
-                o["output_ids"] = last.get("output_ids", [])
+        for t, chunk in self._stream_chunks(input_ids, max_new_tokens, timeout, sampling):
+            self._add_chunk(outs[int(chunk.get("index", 0))], t, chunk)
         return outs
 
     def wait_healthy(self, timeout: float = 600.0) -> None:
