@@ -78,3 +78,24 @@ def test_draft_extend_takes_t_from_the_forward(built_t, spec_t, rows, expect):
     want = [p + i for p in prefix for i in range(expect)]
     assert meta.geo.q_pos.tolist() == want
     assert meta.geo.req_P.tolist() == prefix
+
+
+def test_stage_ok_only_for_rows_it_can_store():
+    """The one-launch staging (kernels/stage) runs only where it stores exactly what the pool's
+    own store would: a pool that allows it, k / v in the pool's dtype and one slot per row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from specsa.sglang_plugin.triton_backend import direct_store_ok, stage_ok
+    pool = SimpleNamespace(dtype=torch.bfloat16)
+    q = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
+    k = torch.zeros(4, 2, 16, dtype=torch.bfloat16)
+    fb = SimpleNamespace(out_cache_loc=torch.zeros(4, dtype=torch.int64))
+    assert stage_ok(True, pool, q, k, k, fb, True)
+    assert not stage_ok(False, pool, q, k, k, fb, True)                 # pool refuses
+    assert not stage_ok(True, pool, q, k.float(), k, fb, True)           # another dtype
+    short = SimpleNamespace(out_cache_loc=torch.zeros(3, dtype=torch.int64))
+    assert not stage_ok(True, pool, q, k, k, short, True)                # slots != rows
+    assert stage_ok(True, pool, q, k, k, short, False)                   # no store: fine
+    assert not direct_store_ok(pool)                                     # not an MHA pool

@@ -40,6 +40,7 @@ from specsa.schedule import default_num_splits
 
 from .settings import DraftWindow
 from .step_metadata import block_table_from
+from .triton_backend import direct_store_ok, stage_ok
 
 
 class DraftWindowMetadata:
@@ -118,7 +119,6 @@ class _WindowMetadataCache:
         self.width = -(-runner.req_to_token_pool.req_to_token.shape[1] // self.page_size)
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.pool, self.win, self.device = pool, win, runner.device
-        from .triton_backend import direct_store_ok
         self.direct_store = direct_store_ok(pool)
         self._metas: dict = {}
         logging.getLogger("specsa").warning(
@@ -151,7 +151,7 @@ def _attend(metas: _WindowMetadataCache, meta: DraftWindowMetadata, q, k, v, lay
     k3 = k.reshape(-1, hkv, layer.qk_head_dim)
     v3 = v.reshape(-1, hkv, layer.v_head_dim)
     pool, lid = metas.pool, layer.layer_id
-    if metas.direct_store and k3.dtype == pool.dtype and v3.dtype == pool.dtype:
+    if stage_ok(metas.direct_store, pool, q3, k3, v3, fb, save_kv_cache):
         # one launch: the pool store and the contiguous rows (kernels/stage)
         q3, k3, v3 = stage_rows(q3, k3, v3, fb.out_cache_loc if save_kv_cache else None,
                                 pool.get_key_buffer(lid), pool.get_value_buffer(lid))

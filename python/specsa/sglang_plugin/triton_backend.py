@@ -55,6 +55,16 @@ def direct_store_ok(pool) -> bool:
             and getattr(pool, "v_head_dim", pool.head_dim) == pool.head_dim)
 
 
+def stage_ok(direct_store: bool, pool, q3, k3, v3, fb, save_kv_cache: bool) -> bool:
+    """Whether this forward may use `stage_rows`: a pool that allows it, k / v of the pool's
+    dtype, and (with a store) one slot per row (anything else keeps the pool's own store,
+    which handles it as before)."""
+    if not direct_store or k3.dtype != pool.dtype or v3.dtype != pool.dtype:
+        return False
+    loc = fb.out_cache_loc
+    return not save_kv_cache or (loc is not None and loc.shape == (q3.shape[0],))
+
+
 class SpecsaTritonBackend(AttentionBackend):
     """NSA target attention on the Triton kernels over SGLang's MHA token pool."""
 
@@ -231,7 +241,7 @@ class SpecsaTritonBackend(AttentionBackend):
         them (what later steps will read), after storing k / v at the forward's slots."""
         q3, k3, v3 = self._shapes(q, k, v, layer)
         lid = layer.layer_id
-        if self._direct_store and k3.dtype == self.pool.dtype and v3.dtype == self.pool.dtype:
+        if stage_ok(self._direct_store, self.pool, q3, k3, v3, fb, save_kv_cache):
             # one launch instead of SGLang's store + three copies of strided QKV views
             return stage_rows(q3, k3, v3, fb.out_cache_loc if save_kv_cache else None,
                               self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid))
