@@ -80,10 +80,9 @@ def stage_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # another pool dtype keep the pool's store
             raise ValueError(f"stage_rows: k / v {k.dtype} / {v.dtype} must have the pool's "
                              f"dtype {k_pool.dtype}")
-    dt = k.dtype
     q_out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((n, hkv, d), dtype=dt, device=q.device)
-    v_out = torch.empty((n, hkv, d), dtype=dt, device=q.device)
+    k_out = torch.empty((n, hkv, d), dtype=k.dtype, device=q.device)
+    v_out = torch.empty((n, hkv, d), dtype=v.dtype, device=q.device)
     if n == 0:
         return q_out, k_out, v_out
     stage_rows_kernel[(n, hq)](

@@ -87,7 +87,7 @@ def test_stage_ok_only_for_rows_it_can_store():
 
     import torch
 
-    from specsa.sglang_plugin.triton_backend import direct_store_ok, stage_ok
+    from specsa.sglang_plugin.kv_staging import direct_store_ok, stage_ok
     pool = SimpleNamespace(dtype=torch.bfloat16)
     q = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
     k = torch.zeros(4, 2, 16, dtype=torch.bfloat16)

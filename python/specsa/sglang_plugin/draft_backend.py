@@ -31,16 +31,14 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.kernels.common.launch import num_sms
 from specsa.kernels.fused import VerifyArgs, VerifyGeometry, nsa_verify_fwd
-from specsa.kernels.stage import stage_rows
 from specsa.schedule import default_num_splits
 
+from .kv_staging import direct_store_ok, stage_step_rows
 from .settings import DraftWindow
 from .step_metadata import block_table_from
-from .triton_backend import direct_store_ok, stage_ok
 
 
 class DraftWindowMetadata:
@@ -146,30 +144,16 @@ class _WindowMetadataCache:
 
 def _attend(metas: _WindowMetadataCache, meta: DraftWindowMetadata, q, k, v, layer, fb,
             save_kv_cache):
-    hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
-    q3 = q.reshape(-1, hq, layer.qk_head_dim)
-    k3 = k.reshape(-1, hkv, layer.qk_head_dim)
-    v3 = v.reshape(-1, hkv, layer.v_head_dim)
-    pool, lid = metas.pool, layer.layer_id
-    if stage_ok(metas.direct_store, pool, q3, k3, v3, fb, save_kv_cache):
-        # one launch: the pool store and the contiguous rows (kernels/stage)
-        q3, k3, v3 = stage_rows(q3, k3, v3, fb.out_cache_loc if save_kv_cache else None,
-                                pool.get_key_buffer(lid), pool.get_value_buffer(lid))
-        kc, vc = metas.caches(layer)
-    else:
-        if save_kv_cache:
-            pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
-        kc, vc = metas.caches(layer)
-        q3 = q3.contiguous()
-        k3 = k3.to(kc.dtype).contiguous()
-        v3 = v3.to(vc.dtype).contiguous()
+    kc, vc = metas.caches(layer)
+    q3, k3, v3 = stage_step_rows(metas.pool, metas.direct_store, layer, q, k, v, fb,
+                                 save_kv_cache)
     n = meta.rows * meta.t
     if q3.shape[0] != n:
         raise RuntimeError(f"specsa draft backend: forward has {q3.shape[0]} query rows, the "
                            f"metadata {n}")
-    out = q3.new_empty(n, hq, layer.v_head_dim)
+    out = q3.new_empty(n, q3.shape[1], layer.v_head_dim)
     meta.attend(q3, k3, v3, kc, vc, float(layer.scaling), out)
-    return out.reshape(-1, hq * layer.v_head_dim)
+    return out.reshape(-1, q3.shape[1] * layer.v_head_dim)
 
 
 class _WindowExtend:

@@ -29,40 +29,15 @@ from specsa.config import Compression, NSAConfig
 from specsa.device_metadata import parents_from_links
 from specsa.kernels.compression import compress_paged
 from specsa.kernels.prefill import chunked_nsa_prefill
-from specsa.kernels.stage import stage_rows
 from specsa.verify_layer import verify_layer
 
 from .backend import forward_geometry
 from .compressed_cache import shared_on_pool
+from .kv_staging import direct_store_ok, stage_step_rows
 from .memory import compressed_shape
 from .native_weights import layer_native
 from .settings import state_draft_tokens, verify_knobs
 from .step_metadata import StepBuffers, StepMetadataBuilder, block_table_from
-
-
-def direct_store_ok(pool) -> bool:
-    """Whether a step may store its K/V in the pool itself (`stage_rows`, fused with the
-    copies the step needs anyway) instead of through `pool.set_kv_buffer`: only SGLang's plain
-    MHA token pool with an unquantized NHD layout (one contiguous [slots, Hkv, D] buffer per
-    layer, no store hooks). Every other pool keeps its own store."""
-    try:
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-    except ImportError:
-        return False
-    return (type(pool) is MHATokenToKVPool and not pool.is_quantized_kv_cache
-            and pool.store_dtype == pool.dtype and not getattr(pool, "use_hnd", False)
-            and getattr(pool, "kv_cache_layout", "nhd") == "nhd"
-            and getattr(pool, "v_head_dim", pool.head_dim) == pool.head_dim)
-
-
-def stage_ok(direct_store: bool, pool, q3, k3, v3, fb, save_kv_cache: bool) -> bool:
-    """Whether this forward may use `stage_rows`: a pool that allows it, k / v of the pool's
-    dtype, and (with a store) one slot per row (anything else keeps the pool's own store,
-    which handles it as before)."""
-    if not direct_store or k3.dtype != pool.dtype or v3.dtype != pool.dtype:
-        return False
-    loc = fb.out_cache_loc
-    return not save_kv_cache or (loc is not None and loc.shape == (q3.shape[0],))
 
 
 class SpecsaTritonBackend(AttentionBackend):
@@ -208,14 +183,6 @@ class SpecsaTritonBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self._forward_step(q, k, v, layer, forward_batch, save_kv_cache)
 
-    def _shapes(self, q, k, v, layer):
-        """q [N, Hq, D], k / v [N, Hkv, D] views (strided: slices of the fused QKV)."""
-        hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
-        q3 = q.reshape(-1, hq, layer.qk_head_dim)
-        k3 = k.reshape(-1, hkv, layer.qk_head_dim)
-        v3 = v.reshape(-1, hkv, layer.v_head_dim)
-        return q3, k3, v3
-
     def _forward_prefill(self, q, k, v, layer, fb, save_kv_cache):
         e = self.extend
         n = int(e["q_req"].shape[0])
@@ -224,7 +191,7 @@ class SpecsaTritonBackend(AttentionBackend):
         if save_kv_cache:
             loc = fb.out_cache_loc
             self.pool.set_kv_buffer(layer, KVWriteLoc(loc), k[:loc.shape[0]], v[:loc.shape[0]])
-        q3 = self._shapes(q, k, v, layer)[0].contiguous()
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous()
         kc, vc, ck, cv = self._caches(layer)
         p = self.params
         gates, cw = self._native(layer)
@@ -236,23 +203,10 @@ class SpecsaTritonBackend(AttentionBackend):
                             out=out[:n])
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _stage(self, q, k, v, layer, fb, save_kv_cache):
-        """(q, k, v) of a step as contiguous [N, H, D] rows, k / v exactly as the pool stores
-        them (what later steps will read), after storing k / v at the forward's slots."""
-        q3, k3, v3 = self._shapes(q, k, v, layer)
-        lid = layer.layer_id
-        if stage_ok(self._direct_store, self.pool, q3, k3, v3, fb, save_kv_cache):
-            # one launch instead of SGLang's store + three copies of strided QKV views
-            return stage_rows(q3, k3, v3, fb.out_cache_loc if save_kv_cache else None,
-                              self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid))
-        if save_kv_cache:
-            self.pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc), k, v)
-        kc = self.pool.get_key_buffer(lid)
-        return q3.contiguous(), k3.to(kc.dtype).contiguous(), v3.to(kc.dtype).contiguous()
-
     def _forward_step(self, q, k, v, layer, fb, save_kv_cache):
         s = self.step
-        q3, kn, vn = self._stage(q, k, v, layer, fb, save_kv_cache)
+        q3, kn, vn = stage_step_rows(self.pool, self._direct_store, layer, q, k, v, fb,
+                                     save_kv_cache)
         kc, vc, ck, cv = self._caches(layer)
         n = s.num_tokens
         if q3.shape[0] != n:
