@@ -78,6 +78,18 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def jit_in_window(path: Path, t0: float, t1: float) -> dict:
+    """Triton compiles of the server between t0 and t1 (jit_log.py): each one stalls a step
+    for its compile time, so a measured window should hold none."""
+    from specsa.sglang_plugin.jit_log import read_jit_log
+    recs = [r for r in read_jit_log(path) if t0 <= r["t"] <= t1]
+    kernels: dict[str, int] = {}
+    for r in recs:
+        kernels[r["kernel"]] = kernels.get(r["kernel"], 0) + 1
+    return {"count": len(recs), "ms": round(sum(r["ms"] or 0 for r in recs), 1),
+            "kernels": kernels}
+
+
 def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:
     """Median per-phase times of the timed steps with batch `bs` and max length in [lo, hi]."""
     if not path.exists():
@@ -128,10 +140,17 @@ def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dic
         t = time.perf_counter()
         list(ex.map(lambda p: srv.generate(input_ids=p, max_new_tokens=1), prompts))
         prefill_s = time.perf_counter() - t
-    if B == 1:
-        outs = [srv.generate_stream(input_ids=prompts[0], max_new_tokens=N + 1)]
-    else:       # one request for the batch: all B reach the scheduler together
-        outs = srv.generate_stream_batch(input_ids=prompts, max_new_tokens=N + 1)
+    def decode(n: int) -> list[dict]:
+        if B == 1:
+            return [srv.generate_stream(input_ids=prompts[0], max_new_tokens=n + 1)]
+        # one request for the batch: all B reach the scheduler together
+        return srv.generate_stream_batch(input_ids=prompts, max_new_tokens=n + 1)
+    # warm-up at this very batch and context: kernels launched outside CUDA graphs compile
+    # per batch size / row count (SGLang's and ours), and a cold compile inside the measured
+    # window costs 0.1-0.7 s (jit_log.py); the measured pass below then reuses the cache
+    decode(max(8, N // 4))
+    t_dec = time.time()
+    outs = decode(N)
     per_req, n_total = [], 0
     for o in outs:
         (t0, n0), (t1, n1) = o["arrivals"][0], o["arrivals"][-1]
@@ -149,7 +168,7 @@ def run_point(srv, L: int, B: int, N: int, seed: int, id_hi: int = 30000) -> dic
             "tokens_per_s_all_active": both[0], "all_active_s": both[1],
             "accept_len": round(sum(acc) / len(acc), 3) if acc else None,
             "cached_tokens": outs[0]["meta_info"].get("cached_tokens"),
-            "out_head": outs[0]["output_ids"][:32]}
+            "out_head": outs[0]["output_ids"][:32], "_window": (t_dec, time.time())}
 
 
 def main() -> None:
@@ -244,6 +263,9 @@ def main() -> None:
                 env_full = {k: v.replace("@sweep", sweep_prof) for k, v in env.items()}
             # a variant may turn the step timer off (SPECSA_STEP_TIMING=): it synchronises at
             # every step end, which costs SGLang's overlap scheduling its overlap
+            jit_log = out / f"jit_{key.replace('/', '_')}.jsonl"
+            if system in ("nsa_ar",) or system.startswith("specsa"):
+                env_full["SPECSA_JIT_LOG"] = str(jit_log)    # compiles while serving
             if system.startswith("specsa") and "SPECSA_STEP_TIMING" not in env:
                 env_full["SPECSA_STEP_TIMING"] = str(timing)
                 if a.torch_profile:
@@ -279,6 +301,10 @@ def main() -> None:
                                 row.update(run_point(srv, L, B, N, a.seed, id_hi))
                             except Exception as e:  # noqa: BLE001 - record, go on
                                 row["error"] = str(e)[-1500:]
+                            window = row.pop("_window", None)
+                            # compiles inside the measured decode window (should be none)
+                            row["jit_compiles"] = jit_in_window(jit_log, *window) \
+                                if window and "SPECSA_JIT_LOG" in env_full else None
                             if row.get("accept_len") and row.get("ms_per_token"):
                                 row["step_ms"] = round(row["ms_per_token"] * row["accept_len"], 3)
                                 row["projected_ms_per_token"] = {

@@ -123,11 +123,18 @@ def overlap_schedule(device: str = "cuda", env: dict | None = None) -> bool:
 ENV_STEP_TIMING = "SPECSA_STEP_TIMING"
 # torch.profiler over a few decode steps: "<dir>[,skip[,steps]]", or unset
 ENV_TORCH_PROFILE = "SPECSA_TORCH_PROFILE"
+# every Triton JIT compile of the scheduler process, one JSON line each: a file path, or unset
+ENV_JIT_LOG = "SPECSA_JIT_LOG"
 
 
 def step_timing_path(env: dict | None = None) -> str | None:
     env = os.environ if env is None else env
     return env.get(ENV_STEP_TIMING, "").strip() or None
+
+
+def jit_log_path(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get(ENV_JIT_LOG, "").strip() or None
 
 
 def torch_profile_spec(env: dict | None = None) -> str | None:

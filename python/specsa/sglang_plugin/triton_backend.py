@@ -33,6 +33,7 @@ from specsa.verify_layer import verify_layer
 
 from .backend import forward_geometry
 from .compressed_cache import shared_on_pool
+from .jit_log import install_from_env as install_jit_log
 from .kv_staging import direct_store_ok, stage_step_rows
 from .memory import compressed_shape
 from .native_weights import layer_native
@@ -48,6 +49,7 @@ class SpecsaTritonBackend(AttentionBackend):
 
     def __init__(self, runner, nsa: NSAConfig):
         super().__init__()
+        install_jit_log()          # SPECSA_JIT_LOG: compiles during serving (jit_log.py)
         self.device = runner.device
         self.req_to_token_pool = runner.req_to_token_pool
         self.pool = runner.token_to_kv_pool
