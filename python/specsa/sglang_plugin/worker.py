@@ -19,6 +19,7 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from .algorithm import BACKEND
 from .settings import step_plan, step_timing_path, torch_profile_spec, verify_knobs
+from .jit_warmup import warm_tree_step_kernels
 from .step_timing import StepTimer, TorchProfile
 
 
@@ -40,6 +41,7 @@ class _SpecsaWorkerMixin:
             from .step_policy import make_controller
             self.adaptive_controller = make_controller(self, plan, verify_knobs())
             self.policy = self.adaptive_controller.params
+        warm_tree_step_kernels(self)    # trees: no Triton compile inside a step (jit_warmup.py)
 
     def apply_runtime_state(self, state) -> None:
         super().apply_runtime_state(state)
