@@ -5,8 +5,9 @@
 
 Legend (FLA): i_ program ids, o_ offset vectors, m_ masks, p_ pointers, b_ on-chip blocks.
 Constexprs: HKV KV heads, D head dim (BD its power-of-two tile), L compression block l
-(BL its tile), DS stride d, PS page size, CPP compressed tokens per page, NPROG programs that
-stride over one request's new compressed tokens.
+(BL its tile), DS stride d, PS page size, CPP compressed tokens per page. NPROG (programs that
+stride over one request's new compressed tokens) is a runtime int, not a constexpr: it varies
+with the prefill chunk, and every new value would compile the kernel inside a serving step.
 
 Two entry points:
 - `compress_paged`: the compressed tokens closed by newly committed tokens of each request
@@ -63,12 +64,12 @@ def _phi(b_x, b_w, p_bias, o_d, m_d, HAS_BIAS: tl.constexpr):
     return b_o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NPROG"])
 def compress_paged_kernel(
     k_cache, v_cache, ck_cache, cv_cache, block_table, old_lens, new_lens,
     wk, bk, wv, bv, stride_bt,
     HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, BL: tl.constexpr,
-    DS: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, NPROG: tl.constexpr,
+    DS: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr, NPROG,
     LEARNED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     i_b, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)

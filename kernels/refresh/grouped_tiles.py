@@ -102,7 +102,7 @@ def _head_sum(b_p, CP: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _split_range(nblk, i_s, NSPLIT: tl.constexpr, BS: tl.constexpr):
+def _split_range(nblk, i_s, NSPLIT, BS: tl.constexpr):
     ch = tl.cdiv(tl.cdiv(nblk, NSPLIT), BS) * BS
     jlo = tl.minimum(i_s * ch, nblk)
     return jlo, tl.minimum(jlo + ch, nblk)
