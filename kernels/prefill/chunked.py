@@ -24,6 +24,7 @@ import triton
 
 from ..common.launch import pow2
 from ..common.params import NSAParams
+from ..common.runs import run_starts
 from ..compression.blocks import compress_paged
 from ..refresh.args import RefreshArgs
 from ..refresh.grouped import score_topk_grouped
@@ -49,7 +50,7 @@ def row_tiles(q_req: torch.Tensor, num_req: int, size: int) -> tuple[torch.Tenso
     i = torch.arange(n, device=dev, dtype=torch.int64)
     brk = torch.ones(n, dtype=torch.bool, device=dev)
     brk[1:] = q_req[1:] != q_req[:-1]
-    run0 = torch.cummax(torch.where(brk, i, 0), 0).values
+    run0 = run_starts(brk)
     is_start = (i - run0) % size == 0
     tid = torch.cumsum(is_start.to(torch.int32), 0).to(torch.int64) - 1
     ng = -(-n // size) + num_req

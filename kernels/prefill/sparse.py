@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ..common.launch import pow2
 from ..common.params import NSAParams
+from ..common.runs import run_starts
 from ..common.tl_math import LOG2E
 from ..common.tl_math import dot_f32 as _dot
 from ..common.tl_math import online_step as _online
@@ -137,7 +138,7 @@ def sparse_items(sel: torch.Tensor, q_req: torch.Tensor, q_pos: torch.Tensor, pa
     i = torch.arange(m, device=dev, dtype=torch.int64)
     brk = torch.ones(m, dtype=torch.bool, device=dev)
     brk[1:] = skey[1:] != skey[:-1]
-    run0 = torch.cummax(torch.where(brk, i, 0), 0).values
+    run0 = run_starts(brk)
     is_start = ((i - run0) % cq == 0) & (skey != big)
     item = torch.cumsum(is_start.to(torch.int32), 0) - 1
     ni = -(-m // cq) + min(m, hkv * num_req * maxb)
