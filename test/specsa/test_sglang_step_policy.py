@@ -106,6 +106,23 @@ def test_policy_sweep_cycles_and_knobs_stay_in_class():
     assert p.ctl.strategy.refresh_period == 1
 
 
+def test_policy_predicts_for_the_batch_the_step_ran():
+    # SGLang's v2 worker reports the batch only through on_verify_complete: the prediction must
+    # use the profile's batch-8 times for a batch-8 step (the H100 run predicted batch 1's)
+    from specsa.sglang_plugin.step_policy import PlannerPolicy
+    d = profile_dict(10.5)
+    d["decode"] += [dict(e, batch=8, ms=e["ms"] + 4.0) for e in d["decode"]]
+    d["verify"] += [dict(e, batch=8, ms=e["ms"] + 4.0) for e in d["verify"]]
+    p = PlannerPolicy(StepPlan(mode="auto"), 3, VerifyKnobs(), Profile.from_dict(d))
+    for _ in range(12):
+        p.on_verify_complete([3] * 8, 8)
+    assert p.batch_size == 8 and p.current == 3
+    assert p.predicted_ms == pytest.approx(1.0 * 3 + 10.5 + 0.3 + 4.0)
+    for _ in range(12):
+        p.on_verify_complete([3], 1)
+    assert p.predicted_ms == pytest.approx(1.0 * 3 + 10.5 + 0.3)
+
+
 @pytest.fixture(scope="module")
 def model_and_ref(tmp_path_factory):
     from specsa.config import SamplingConfig

@@ -91,6 +91,9 @@ class PlannerPolicy:
         acc = [int(a) for a in num_correct_drafts_per_req]
         if not acc:
             return None
+        # the batch this step ran (SGLang's v2 worker does not call get_steps_for_batch): the
+        # profile's step time depends on it (H100, 32K: 12.1 ms at batch 1, 15.6 at batch 8)
+        self.batch_size = max(1, int(batch_size or len(acc)))
         self.chosen[self.current] += 1
         self.steps_seen += 1
         self.context_len += 1 + max(acc)
