@@ -38,6 +38,7 @@ def test_window_draft_tree_equals_runtime(tmp_path):
     assert [o["output_ids"] for o in outs] == ref
     assert "draft attention = sink 8 + window 16 through the fused kernel" in log
     assert "draft K/V store fused with staging" in log
+    assert "tree branch tail pages copied without a host sync (topk 2, page 16)" in log
     assert max(o["meta_info"]["spec_accept_length"] for o in outs) > 1.5
 
 

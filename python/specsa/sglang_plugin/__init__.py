@@ -11,6 +11,8 @@
   and the compressed cache counted in the KV pool's bytes per token (memory.py);
 - loads native NSA weights (gates, learned compression) into SGLang's Llama / Qwen2 classes
   (native_weights.py);
+- copies the prefix tail page into tree draft branches without a host sync (branch_tail.py,
+  SpecSA servers only);
 - only with SGLANG_PLATFORM=specsa_cpu: installs the torch fallbacks of cpu_fallbacks.py.
 """
 from __future__ import annotations
@@ -68,6 +70,10 @@ def register() -> None:
         HookRegistry.register(f"{cls}.load_weights", load_weights_hook, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker."
                           "_capture_cuda_graphs", _draft_graphs, HookType.AROUND)
+    from .branch_tail import duplicate_prefix_tail      # trees at page > 1: no host sync
+    HookRegistry.register("sglang.srt.speculative.eagle_worker_common."
+                          "duplicate_prefix_tail_to_draft_branches", duplicate_prefix_tail,
+                          HookType.AROUND)
     if cpu_platform_selected():
         from . import cpu_fallbacks
         cpu_fallbacks.install(HookRegistry, HookType)

@@ -42,6 +42,8 @@ class _SpecsaWorkerMixin:
             self.adaptive_controller = make_controller(self, plan, verify_knobs())
             self.policy = self.adaptive_controller.params
         warm_tree_step_kernels(self)    # trees: no Triton compile inside a step (jit_warmup.py)
+        from . import branch_tail
+        branch_tail.ACTIVE = True       # trees: sync-free branch tail copy (branch_tail.py)
 
     def apply_runtime_state(self, state) -> None:
         super().apply_runtime_state(state)
