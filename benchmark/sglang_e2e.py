@@ -192,6 +192,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-profile", default=None, metavar="SKIP,STEPS",
                     help="torch.profiler tables of STEPS decode steps after SKIP (specsa servers)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="record the host syncs inside SpecSA decode steps (SPECSA_SYNC_DEBUG; "
+                         "torch's sync debug mode warns, which slows those steps)")
     ap.add_argument("--plot", default=None, help="only plot this JSON (no GPU)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check this script on the CPU harness with a tiny model (no GPU)")
@@ -271,6 +274,9 @@ def main() -> None:
                 if a.torch_profile:
                     env_full["SPECSA_TORCH_PROFILE"] = \
                         f"{out / ('prof_' + key.replace('/', '_'))},{a.torch_profile}"
+            sync_file = out / f"syncs_{key.replace('/', '_')}.json"
+            if a.sync_debug and system.startswith("specsa"):
+                env_full["SPECSA_SYNC_DEBUG"] = str(sync_file)
             args = common + system_args(system, ddir, tree)
             info = res["servers"][key] = {"system": system, "draft": dname,
                                           "env": {k: env_full[k] for k in env}, "args": args}
@@ -320,6 +326,10 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a server that fails is a result too
                 info["error"] = str(e)[-3000:]
                 print(key, "FAILED", info["error"][-1500:], flush=True)
+            if "SPECSA_SYNC_DEBUG" in env_full and sync_file.exists():
+                syncs = json.loads(sync_file.read_text())       # where decode steps wait
+                info["host_syncs"] = {"steps": syncs["steps"], "sites": [
+                    {k: s[k] for k in ("where", "count", "message")} for s in syncs["sites"]]}
             if env.get("SPECSA_PLAN", "").startswith("sweep") and timing.exists():
                 info["profile"] = sweep_prof = sweep_profile(
                     timing, out, key, ctxs, target, a.target, dname, gpu, env, res["commit"])

@@ -103,3 +103,29 @@ def test_jit_log_records_each_compile_and_chains_hooks(tmp_path):
     finally:
         rt.jit_cache_hook, rt.jit_post_compile_hook = old
     assert read_jit_log(tmp_path / "missing.jsonl") == []
+
+
+def test_sync_debug_records_each_site_with_its_stack(tmp_path):
+    """SPECSA_SYNC_DEBUG (sync_debug.py): torch's sync warnings inside a step are recorded per
+    call site with the stack that raised them; other warnings pass through; the file holds the
+    counts. (On CUDA torch raises the warnings; here the test raises the same text.)"""
+    import warnings
+
+    from specsa.sglang_plugin.sync_debug import SyncDebug
+    dbg = SyncDebug(str(tmp_path / "s" / "syncs.json"), every_s=0.0, cuda=False)
+
+    def sync_here():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    for _ in range(3):
+        with dbg.step():
+            sync_here()
+            sync_here()
+    with pytest.warns(DeprecationWarning, match="unrelated"):
+        with dbg.step():
+            warnings.warn("unrelated", DeprecationWarning)
+    out = json.loads((tmp_path / "s" / "syncs.json").read_text())
+    assert out["steps"] == 4
+    assert len(out["sites"]) == 1 and out["sites"][0]["count"] == 6
+    assert "sync_here" in out["sites"][0]["where"]
+    assert any("test_sync_debug_records" in f for f in out["sites"][0]["stack"])

@@ -125,11 +125,18 @@ ENV_STEP_TIMING = "SPECSA_STEP_TIMING"
 ENV_TORCH_PROFILE = "SPECSA_TORCH_PROFILE"
 # every Triton JIT compile of the scheduler process, one JSON line each: a file path, or unset
 ENV_JIT_LOG = "SPECSA_JIT_LOG"
+# host syncs inside SpecSA decode steps (sync_debug.py): a JSON file path, or unset
+ENV_SYNC_DEBUG = "SPECSA_SYNC_DEBUG"
 
 
 def step_timing_path(env: dict | None = None) -> str | None:
     env = os.environ if env is None else env
     return env.get(ENV_STEP_TIMING, "").strip() or None
+
+
+def sync_debug_path(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get(ENV_SYNC_DEBUG, "").strip() or None
 
 
 def jit_log_path(env: dict | None = None) -> str | None:

@@ -18,7 +18,8 @@ from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from .algorithm import BACKEND
-from .settings import step_plan, step_timing_path, torch_profile_spec, verify_knobs
+from .settings import (step_plan, step_timing_path, sync_debug_path, torch_profile_spec,
+                       verify_knobs)
 from .jit_warmup import warm_tree_step_kernels
 from .step_timing import StepTimer, TorchProfile
 
@@ -30,6 +31,11 @@ class _SpecsaWorkerMixin:
                          target_worker=target_worker)
         path, prof = step_timing_path(), torch_profile_spec()
         self.timer = StepTimer(path) if path else None
+        sync_path = sync_debug_path()
+        self.sync_debug = None
+        if sync_path:
+            from .sync_debug import SyncDebug
+            self.sync_debug = SyncDebug(sync_path)
         self.profile = TorchProfile(prof) if prof else None
         if self.timer is not None:
             self._instrument(self.timer)
@@ -86,7 +92,8 @@ class _SpecsaWorkerMixin:
         if self.policy is not None and batch.seq_lens_cpu is not None \
                 and len(batch.seq_lens_cpu):
             self.policy.observe_context(int(batch.seq_lens_cpu.max()))
-        if not decode or (self.timer is None and self.profile is None):
+        if not decode or (self.timer is None and self.profile is None
+                          and self.sync_debug is None):
             return super().forward_batch_generation(batch, *args, **kwargs)
         if self.profile is not None:
             self.profile.step_begin()
@@ -96,7 +103,11 @@ class _SpecsaWorkerMixin:
                              steps=self.speculative_num_steps,
                              predicted_ms=None if self.policy is None
                              else self.policy.predicted_ms)
-        out = super().forward_batch_generation(batch, *args, **kwargs)
+        if self.sync_debug is not None:
+            with self.sync_debug.step():
+                out = super().forward_batch_generation(batch, *args, **kwargs)
+        else:
+            out = super().forward_batch_generation(batch, *args, **kwargs)
         if self.timer is not None:
             self.timer.end()
         if self.profile is not None:
