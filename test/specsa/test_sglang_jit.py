@@ -69,12 +69,15 @@ def test_warm_kv_move_skips_pools_without_the_tiled_kernel(pool):
 @pytest.mark.parametrize("topk,device,expect", [(2, "cuda", True), (1, "cuda", False),
                                                 (2, "cpu", False)])
 def test_tree_warmup_runs_for_trees_on_cuda_only(topk, device, expect):
-    pool = _Pool(cap=16)
+    pool, draft_pool = _Pool(cap=16), _Pool(cap=8)
     worker = SimpleNamespace(
         server_args=SimpleNamespace(speculative_eagle_topk=topk, device=device),
-        target_worker=SimpleNamespace(model_runner=SimpleNamespace(token_to_kv_pool=pool)))
+        target_worker=SimpleNamespace(model_runner=SimpleNamespace(token_to_kv_pool=pool)),
+        _draft_worker=SimpleNamespace(draft_runner=SimpleNamespace(token_to_kv_pool=draft_pool)))
     warm_tree_step_kernels(worker)
     assert bool(pool.calls) == expect
+    # the draft's pool (branch tail copies) is warmed too, with its own cap
+    assert [c[0].numel() for c in draft_pool.calls] == (move_kernel_counts(8) if expect else [])
 
 
 def test_jit_log_records_each_compile_and_chains_hooks(tmp_path):

@@ -57,8 +57,16 @@ def warm_tree_step_kernels(worker) -> None:
     if int(getattr(sa, "speculative_eagle_topk", None) or 1) <= 1 \
             or not str(getattr(sa, "device", "cuda")).startswith("cuda"):
         return
-    runner = worker.target_worker.model_runner
-    n, s = warm_kv_move(runner.token_to_kv_pool)
+    # the accepted path moves in the target's pool, the branch tail pages in the draft's; a
+    # draft of another head shape has another tile size (another variant set)
+    pools = [worker.target_worker.model_runner.token_to_kv_pool]
+    draft = getattr(getattr(worker, "_draft_worker", None), "draft_runner", None)
+    if draft is not None and draft.token_to_kv_pool is not pools[0]:
+        pools.append(draft.token_to_kv_pool)
+    n = s = 0
+    for pool in pools:
+        k, t = warm_kv_move(pool)
+        n, s = n + k, s + t
     if n:
         logger.warning("specsa: compiled SGLang's KV-move kernel for %d row-count variants "
                        "before serving (%.1f s; trees move KV rows every step)", n, s)
