@@ -371,16 +371,18 @@ def sweep_profile(timing: Path, out: Path, key: str, ctxs: list[int], target_dir
 
 
 def table(res: dict) -> str:
-    lines = ["| system | draft | context | batch | ms/token | tokens/s | accept | step ms | prefill s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | draft | context | batch | ms/token | tokens/s | accept | step ms | prefill s "
+             "| compiles in window |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "ms_per_token" not in r:
             lines.append(f"| {r['system']} | {r['draft'] or '-'} | {r['context']} | {r['batch']} "
-                         f"| {r.get('skipped') or 'error'} | | | | |")
+                         f"| {r.get('skipped') or 'error'} | | | | | |")
             continue
+        jit = r.get("jit_compiles")
         lines.append(f"| {r['system']} | {r['draft'] or '-'} | {r['context']} | {r['batch']} | "
                      f"{r['ms_per_token']} | {r['tokens_per_s']} | {r.get('accept_len') or '-'} | "
-                     f"{r.get('step_ms') or '-'} | {r['prefill_s']} |")
+                     f"{r.get('step_ms') or '-'} | {r['prefill_s']} | "
+                     f"{'-' if jit is None else jit['count']} |")
     return "\n".join(lines)
 
 
