@@ -184,6 +184,13 @@ def make_controller(worker, plan: StepPlan, knobs: VerifyKnobs) -> SpecsaAdaptiv
             find_profile(runner.model_config, _device_name(runner.device))
     policy = PlannerPolicy(plan, int(worker.speculative_num_steps), knobs, profile)
     log.warning("specsa plan: %s over draft lengths %s", plan.mode, policy.candidate_steps)
+    if profile is not None:
+        # the planner prices draft steps with the profile's first draft entry: a shipped
+        # profile measured another draft than this server's unless the user swept their own
+        log.warning("specsa plan: draft step cost %.3f ms from profile entry %r (%s); for "
+                    "another draft measure a profile with SPECSA_PLAN=sweep",
+                    profile.draft[0].step_ms, profile.draft[0].name,
+                    plan.profile or "configs/profiles, matched by GPU and model shape")
     return SpecsaAdaptive(worker, policy)
 
 
