@@ -32,6 +32,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,11 +84,8 @@ def jit_in_window(path: Path, t0: float, t1: float) -> dict:
     for its compile time, so a measured window should hold none."""
     from specsa.sglang_plugin.jit_log import read_jit_log
     recs = [r for r in read_jit_log(path) if t0 <= r["t"] <= t1]
-    kernels: dict[str, int] = {}
-    for r in recs:
-        kernels[r["kernel"]] = kernels.get(r["kernel"], 0) + 1
     return {"count": len(recs), "ms": round(sum(r["ms"] or 0 for r in recs), 1),
-            "kernels": kernels}
+            "kernels": dict(Counter(r["kernel"] for r in recs))}
 
 
 def breakdown(path: Path, bs: int, lo: int, hi: int) -> dict | None:

@@ -129,19 +129,22 @@ ENV_JIT_LOG = "SPECSA_JIT_LOG"
 ENV_SYNC_DEBUG = "SPECSA_SYNC_DEBUG"
 
 
-def step_timing_path(env: dict | None = None) -> str | None:
+def _path_setting(name: str, env: dict | None) -> str | None:
+    # the diagnostics variables hold a file path; empty or unset means off
     env = os.environ if env is None else env
-    return env.get(ENV_STEP_TIMING, "").strip() or None
+    return env.get(name, "").strip() or None
+
+
+def step_timing_path(env: dict | None = None) -> str | None:
+    return _path_setting(ENV_STEP_TIMING, env)
 
 
 def sync_debug_path(env: dict | None = None) -> str | None:
-    env = os.environ if env is None else env
-    return env.get(ENV_SYNC_DEBUG, "").strip() or None
+    return _path_setting(ENV_SYNC_DEBUG, env)
 
 
 def jit_log_path(env: dict | None = None) -> str | None:
-    env = os.environ if env is None else env
-    return env.get(ENV_JIT_LOG, "").strip() or None
+    return _path_setting(ENV_JIT_LOG, env)
 
 
 def torch_profile_spec(env: dict | None = None) -> str | None:

@@ -91,9 +91,15 @@ class StepTimer:
 
     def flush(self) -> None:
         self._flushed = time.perf_counter()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"phases": list(PHASES), "entries": self.entries}))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"phases": list(PHASES), "entries": self.entries})
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Replace `path` with obj's JSON in one rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 class TorchProfile:

@@ -15,7 +15,6 @@ warns, nothing changes in what runs.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -24,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .step_timing import write_json_atomic
 
 _SYNC_WORDS = "synchronizing CUDA operation"
 
@@ -80,7 +81,4 @@ class SyncDebug:
         return {"steps": self.steps, "sites": sites}
 
     def flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.summary()))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.summary())

@@ -13,10 +13,12 @@ wiring and, when asked (step_timing.py), times the phases of every decode step.
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 
 from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
+from . import branch_tail
 from .algorithm import BACKEND
 from .settings import (step_plan, step_timing_path, sync_debug_path, torch_profile_spec,
                        verify_knobs)
@@ -48,7 +50,6 @@ class _SpecsaWorkerMixin:
             self.adaptive_controller = make_controller(self, plan, verify_knobs())
             self.policy = self.adaptive_controller.params
         warm_tree_step_kernels(self)    # trees: no Triton compile inside a step (jit_warmup.py)
-        from . import branch_tail
         branch_tail.ACTIVE = True       # trees: sync-free branch tail copy (branch_tail.py)
 
     def apply_runtime_state(self, state) -> None:
@@ -103,10 +104,7 @@ class _SpecsaWorkerMixin:
                              steps=self.speculative_num_steps,
                              predicted_ms=None if self.policy is None
                              else self.policy.predicted_ms)
-        if self.sync_debug is not None:
-            with self.sync_debug.step():
-                out = super().forward_batch_generation(batch, *args, **kwargs)
-        else:
+        with self.sync_debug.step() if self.sync_debug is not None else nullcontext():
             out = super().forward_batch_generation(batch, *args, **kwargs)
         if self.timer is not None:
             self.timer.end()
