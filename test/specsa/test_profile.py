@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from specsa.config import Schedule, Traversal
-from specsa.orchestrator import Profile, ProfileError, load_profile, save_profile
+from specsa.orchestrator import (Profile, ProfileError, load_profile, match_profile, save_profile,
+                                 shape_key)
 
 REPO = Path(__file__).resolve().parents[2]
 CTX = (1024, 4096, 16384)
@@ -156,7 +157,9 @@ def test_missing_drafter_is_named():
 
 
 def test_shipped_profiles_load():
-    found = sorted((REPO / "configs" / "profiles").glob("*/*.json"))
+    # configs/profiles/<gpu>/<model>.json and the runtime's <gpu>/runtime/<model>.json
+    found = sorted(p for p in (REPO / "configs" / "profiles").rglob("*.json")
+                   if p.name != "schema.json")
     assert found, "configs/profiles/<gpu>/<model>.json: no profile shipped"
     for path in found:
         prof = load_profile(path)
@@ -176,3 +179,17 @@ def test_schema_file_lists_the_fields_the_loader_requires():
         {s.value for s in Schedule}
     d = copy.deepcopy(profile_dict())
     assert set(schema["required"]) <= set(d)
+
+
+def test_match_profile_by_model_shape(tmp_path):
+    d = profile_dict()
+    save_profile(Profile.from_dict(d), tmp_path / "a.json")
+    m = d["model"]
+    want = shape_key(m["num_layers"], m["hidden_size"], m["num_heads"], m["num_kv_heads"],
+                     m["head_dim"], m["vocab_size"])
+    assert match_profile(tmp_path, want).model.name == m["name"]
+    other = dict(d, model=dict(m, name="other", num_layers=m["num_layers"] + 1))
+    save_profile(Profile.from_dict(other), tmp_path / "b.json")
+    assert match_profile(tmp_path, want).model.name == m["name"]
+    assert match_profile(tmp_path, (1, 2, 3, 4, 5, 6)) is None
+    assert match_profile(tmp_path / "missing", want) is None

@@ -42,3 +42,25 @@ def test_controller_keeps_greedy_identity_and_adapts(model, p):
         assert stats.tokens_per_forward == pytest.approx(1.0)
     else:
         assert stats.tokens_per_forward > 1.5
+
+
+def test_controller_steps_report_predicted_and_measured(model):
+    """Under a controller every verify step records the planner's predicted step time and the
+    measured one, summarised in the JSON stats; a fixed plan records none."""
+    prompt = torch.randint(3, 500, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+    sampling = SamplingConfig(max_new_tokens=24)
+    ref = generate(model, [prompt], sampling)[0][0].tokens
+    drafter = OracleDrafter(0.8, TreeSpec.chain(4), model.cfg.vocab_size, seed=3)
+    drafter.set_truth(0, prompt + ref)
+    ctl = AdaptiveController(load_profile(PROFILE), PrecisionClass.STRICT)
+    res, stats = speculative_generate(model, [prompt], drafter, sampling, controller=ctl)
+    assert res[0].tokens == ref
+    assert len(stats.planned_steps) == stats.verify_steps > 0
+    assert all(p > 0 and m > 0 for p, m in stats.planned_steps)
+    summary = stats.to_dict()["planner"]
+    assert summary["steps"] == stats.verify_steps
+    assert summary["measured_over_predicted"] == pytest.approx(
+        summary["measured_ms"] / summary["predicted_ms"])
+    drafter.set_truth(0, prompt + ref)
+    _, fixed = speculative_generate(model, [prompt], drafter, sampling)
+    assert fixed.planned_steps == [] and "planner" not in fixed.to_dict()

@@ -6,10 +6,11 @@ Dependencies: specsa.config and specsa.draft_tree only (no model, runtime or ker
 from .planner import (PRECISION_RULES, AdaptiveController, Candidates, Strategy,
                       allowed, ar_strategy, expected_accepted, plan_strategy, score_strategy)
 from .profile import (PROFILES_DIR, DecodeEntry, DraftCost, ModelShape, Profile, ProfileError,
-                      VerifyEntry, gpu_folder, load_profile, save_profile)
+                      VerifyEntry, RUNTIME_SUBDIR, gpu_folder, load_profile, match_profile,
+                      save_profile, shape_key)
 from .acceptance_stats import AcceptanceStats
 
 __all__ = ["PRECISION_RULES", "PROFILES_DIR", "AcceptanceStats", "AdaptiveController", "Candidates",
            "DecodeEntry", "DraftCost", "ModelShape", "Profile", "ProfileError",
            "Strategy", "VerifyEntry", "allowed", "ar_strategy", "expected_accepted",
-           "gpu_folder", "load_profile", "plan_strategy", "save_profile", "score_strategy"]
+           "RUNTIME_SUBDIR", "gpu_folder", "load_profile", "match_profile", "shape_key", "plan_strategy", "save_profile", "score_strategy"]

@@ -45,6 +45,28 @@ def gpu_folder(device_name: str) -> str:
                 "cpu" if "cpu" in low else low.replace(" ", "_"))
 
 
+# the runtime's own step profiles live one level down (configs/profiles/<gpu>/runtime/): its
+# eager steps cost more than SGLang's graph-replayed ones for the same model shape
+RUNTIME_SUBDIR = "runtime"
+
+
+def shape_key(num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+              head_dim: int, vocab_size: int) -> tuple[int, ...]:
+    return (num_layers, hidden_size, num_heads, num_kv_heads, head_dim, vocab_size)
+
+
+def match_profile(folder: Path, want: tuple[int, ...]) -> "Profile | None":
+    """The first profile in `folder` (sorted by file name, not recursive) whose model shape
+    key (`shape_key`) is `want`; None if there is none."""
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        prof = load_profile(path)
+        m = prof.model
+        if shape_key(m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
+                     m.vocab_size) == want:
+            return prof
+    return None
+
+
 class ProfileError(ConfigError):
     """A profile file is malformed or cannot answer a query; the message names the field."""
 

@@ -22,6 +22,7 @@ the target forward applied (`NSADecoder.last_forward`).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -60,6 +61,10 @@ class SpecStats:
     knob_counts: dict = field(default_factory=dict)
     layers_refreshed: int = 0        # (forward, layer) pairs that computed their selection
     layers_reused: int = 0           # ... that took the last refresh layer's (REUSE classes)
+    # with a controller: (the planner's predicted step ms, the measured step ms) per step, so
+    # a profile can be checked against the steps it prices (the measured step also holds
+    # acceptance and commit, which the profile does not price)
+    planned_steps: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -86,7 +91,15 @@ class SpecStats:
                 "decode_s": self.decode_s, "decode_tokens_per_s": self.decode_tokens_per_s,
                 "knob_counts": self.knob_counts,
                 "selection": {"layers_refreshed": self.layers_refreshed,
-                              "layers_reused": self.layers_reused}}
+                              "layers_reused": self.layers_reused},
+                **({"planner": self.planner_summary()} if self.planned_steps else {})}
+
+    def planner_summary(self) -> dict:
+        """Median predicted vs measured step time of the controller's steps."""
+        pred = statistics.median(p for p, _ in self.planned_steps)
+        meas = statistics.median(m for _, m in self.planned_steps)
+        return {"steps": len(self.planned_steps), "predicted_ms": pred, "measured_ms": meas,
+                "measured_over_predicted": meas / pred if pred > 0 else None}
 
     def count_forward(self, model: NSADecoder, step: dict | None = None) -> None:
         """Add the last forward's selection counts; with `step` (a verify step's knob values
@@ -156,11 +169,17 @@ def speculative_generate(model: NSADecoder, prompts: Sequence[Sequence[int]], dr
             controller.start(max(cache.length(rids[i]) for i in live), len(live))
         while live:
             trav, step_knobs = traversal, knobs
+            t_step = time.perf_counter()
             if controller is not None:
                 trav, step_knobs = _apply_strategy(controller, drafter, cache,
                                                    [rids[i] for i in live], traversal)
             _step(model, cache, drafter, [(rids[i], prompts[i], out[i]) for i in live],
                   sampling, trav, acc_gen, stats, hook, controller, step_knobs)
+            if controller is not None:
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)   # the step's commit included
+                stats.planned_steps.append((controller.strategy.step_ms,
+                                            (time.perf_counter() - t_step) * 1e3))
             live = _retire(live, out, rids, reason, sampling, cache, drafter)
             if progress is not None:
                 now = sum(len(o) for o in out)

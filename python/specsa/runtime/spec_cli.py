@@ -25,8 +25,9 @@ rejects bad values before it loads anything.
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
+
+import torch
 
 from specsa.config import (CacheConfig, ConfigError, PrecisionClass, SamplingConfig, Schedule,
                            Traversal, VerifyKnobs, parse_enum, positive_int_arg)
@@ -201,19 +202,33 @@ def run_spec_from_args(args: argparse.Namespace, model, prompt_ids: list[int],
 
 
 def _controller(args: argparse.Namespace, model):
-    """AdaptiveController from --profile (default: the repo's profile for this device)."""
-    from specsa.orchestrator import PROFILES_DIR, AdaptiveController, load_profile
+    """AdaptiveController from --profile (default: the repository's profile of this device
+    and model shape: configs/profiles/cpu/ on CPU, configs/profiles/<gpu>/runtime/ on a GPU,
+    whose files price the runtime's own steps)."""
+    from specsa.orchestrator import (PROFILES_DIR, RUNTIME_SUBDIR, AdaptiveController,
+                                     gpu_folder, load_profile, match_profile, shape_key)
 
-    path = args.profile
-    if path is None:
-        dev = "cpu" if model.device.type == "cpu" else "h200"
-        found = sorted((PROFILES_DIR / dev).glob("*.json"))
-        if not found:
-            raise ConfigError(f"--plan auto: no profile under {PROFILES_DIR / dev}; pass --profile")
-        path = found[0]
-    return AdaptiveController(load_profile(path), parse_enum(PrecisionClass,
-                                                             args.precision or "strict",
-                                                             "--precision"))
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+    else:
+        dev = model.device
+        folder = PROFILES_DIR / "cpu" if dev.type == "cpu" else \
+            PROFILES_DIR / gpu_folder(torch.cuda.get_device_name(dev)) / RUNTIME_SUBDIR
+        c = model.cfg
+        want = shape_key(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                         c.vocab_size)
+        profile = match_profile(folder, want)
+        if profile is None and dev.type == "cpu":
+            # the shipped CPU profile prices the tiny model; any model on CPU may borrow it
+            found = sorted(folder.glob("*.json"))
+            profile = load_profile(found[0]) if found else None
+        if profile is None:
+            raise ConfigError(f"--plan auto: no profile for this model shape {want} (layers, "
+                              f"hidden, heads, kv heads, head_dim, vocab) under {folder}; "
+                              "measure one with benchmark/profile_runtime_steps.py and pass "
+                              "--profile")
+    return AdaptiveController(profile, parse_enum(PrecisionClass, args.precision or "strict",
+                                                  "--precision"))
 
 
 def run_specsa(req) -> dict:

@@ -38,6 +38,8 @@ from specsa.orchestrator import (
     AdaptiveController,
     gpu_folder,
     load_profile,
+    match_profile,
+    shape_key,
 )
 from specsa.orchestrator.planner import Candidates
 from specsa.orchestrator.profile import Profile
@@ -154,17 +156,14 @@ def _nearest_period(profile: Profile, period: int) -> int:
 def find_profile(model_config, device_name: str) -> Profile:
     """The profile under configs/profiles/<gpu>/ whose model shape is the target's."""
     hf = model_config.hf_config
-    want = (model_config.num_hidden_layers, hf.hidden_size, hf.num_attention_heads,
-            getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-            getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            hf.vocab_size)
+    want = shape_key(model_config.num_hidden_layers, hf.hidden_size, hf.num_attention_heads,
+                     getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+                     getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+                     hf.vocab_size)
     folder = PROFILES_DIR / gpu_folder(device_name)
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        prof = load_profile(path)
-        m = prof.model
-        if (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
-                m.vocab_size) == want:
-            return prof
+    prof = match_profile(folder, want)
+    if prof is not None:
+        return prof
     raise ConfigError(
         f"{ENV_PLAN}=auto: no latency profile for this GPU and model shape in {folder} "
         f"(layers, hidden, heads, kv heads, head_dim, vocab = {want}); measure one with "
