@@ -10,8 +10,11 @@ a deterministic tiny random checkpoint, torch reference path): verification of c
 binary-tree blocks, decode steps, and the `self:1` / `ngram` drafters. The CPU path has one
 attention implementation, so the profile lists schedule `independent`, refresh period 1 only.
 
-GPU: the model-step latency is composed from measured pieces (CUDA graphs, cold L2, median),
-because the runtime's CUDA model path is not wired to the kernels yet:
+GPU: a kernel-level view, the model-step latency composed from measured pieces (CUDA graphs,
+cold L2, median), i.e. what a step would cost without the host (a lower bound for engines
+that replay graphs). Profiles measured from whole steps are what the planners read:
+benchmark/profile_runtime_steps.py (the standalone runtime) and SPECSA_PLAN=sweep in SGLang
+(benchmark/sglang_e2e.py / sglang_profile.py).
 
     verify_ms = L * (attn(schedule, C, traversal, ctx, T, B) + ceil(L/R)/L * refresh(ctx, T, B)
                      + dense(T*B)) + head(T*B)
