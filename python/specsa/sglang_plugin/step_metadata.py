@@ -41,6 +41,18 @@ def block_table_from(rows: torch.Tensor, page_size: int, width: int) -> torch.Te
     return bt
 
 
+def qlen_only_verify_mask(max_bs: int, draft_tokens: int, device):
+    """SGLang's target-verify mask in QLEN_ONLY layout (T x T per request), marked unread: the
+    SpecSA backends take tree visibility from the draft's parent links, never from the mask,
+    and SGLang otherwise builds a FULL_MASK of bs x (context_len + T) x T bools per step."""
+    from sglang.srt.layers.attention.verify_mask import VerifyMask
+    from sglang.srt.speculative.eagle_utils import TreeMaskMode
+
+    return VerifyMask(buffer=torch.ones(max_bs * draft_tokens * draft_tokens, dtype=torch.bool,
+                                        device=device),
+                      mode=TreeMaskMode.QLEN_ONLY, max_bs=max_bs, is_read=False)
+
+
 @dataclass
 class StepBuffers:
     """The static metadata of one (mode, batch size): the device metadata and its verifier."""

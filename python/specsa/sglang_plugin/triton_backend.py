@@ -38,7 +38,8 @@ from .kv_staging import direct_store_ok, stage_step_rows
 from .memory import compressed_shape
 from .native_weights import layer_native
 from .settings import state_draft_tokens, verify_knobs
-from .step_metadata import StepBuffers, StepMetadataBuilder, block_table_from
+from .step_metadata import (StepBuffers, StepMetadataBuilder, block_table_from,
+                            qlen_only_verify_mask)
 
 
 class SpecsaTritonBackend(AttentionBackend):
@@ -85,6 +86,17 @@ class SpecsaTritonBackend(AttentionBackend):
         self.extend = None
         self._direct_store = direct_store_ok(self.pool)
         self.timer = None        # step_timing.StepTimer, set by the worker when timing is on
+        # SGLang's verify tree mask: this backend never reads it (tree visibility comes from
+        # the draft's parent links), so SGLang writes a QLEN_ONLY T x T mask per request into
+        # one fixed buffer instead of allocating and filling a FULL_MASK of bs x context_len x
+        # T bools every tree step (step_metadata.qlen_only_verify_mask)
+        self._verify_mask = qlen_only_verify_mask(
+            self.req_to_token_pool.size, self.draft_tokens, self.device) \
+            if getattr(sa, "speculative_algorithm", None) else None
+        if self._verify_mask is not None:
+            logging.getLogger("specsa").warning(
+                "specsa: verify tree mask QLEN_ONLY (%d requests x %d x %d, never read)",
+                self.req_to_token_pool.size, self.draft_tokens, self.draft_tokens)
         logging.getLogger("specsa").warning(
             "specsa: target NSA attention on the Triton kernels (%s, page %d, margin %d); "
             "compressed KV %.1f MiB for a pool of %d tokens; verify %s; step K/V store %s",
@@ -98,6 +110,10 @@ class SpecsaTritonBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         pass          # buffers are allocated per (mode, batch size) on first use
+
+    @property
+    def verify_mask(self):
+        return self._verify_mask
 
     def init_forward_metadata(self, forward_batch):
         self.init_forward_metadata_out_graph(forward_batch)
