@@ -19,6 +19,11 @@ committed context), and its page table [B, W]. Outputs, written in place into st
 The host-side reference for all of it is `specsa.provisional` + `kernels/fused/geometry.py`
 (tested against each other in test/specsa/test_device_metadata.py). Depths and ancestor sets come
 from pointer jumping: ceil(log2 T) rounds of gathers.
+
+Two builders write the same buffers: `DeviceStepMetadata.fill` (torch ops, the reference) and
+`DeviceStepMetadata.fill_from_pool` (one Triton launch, `kernels/stage/step_metadata.py`, straight
+from SGLang's seq_lens, req_to_token and EAGLE links: what serving runs before every step; tested
+bit-identical to the reference in test/specsa/test_step_metadata_kernel.py).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.common.tree import MAX_TREE_NODES, batched_depths_ancestor_bits
 from specsa.kernels.fused import VerifyGeometry
+from specsa.kernels.stage import fill_step_metadata
 from specsa.verify_layer import StepTensors
 
 
@@ -112,6 +118,25 @@ class DeviceStepMetadata:
                            prov_cidx=self.prov_cidx, prov_vis=self.prov_vis,
                            groups=(g.order, g.g_start, g.g_len), group_size=self.c,
                            verifier=verifier)
+
+    def fill_from_pool(self, seq_lens: torch.Tensor, decode: bool, req_to_token: torch.Tensor,
+                       pool_idx: torch.Tensor, window: int,
+                       links: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`fill` in one kernel launch from SGLang's tensors (device, no host sync): seq_lens
+        [>= B] (prefix = max(seq - 1, 0) for decode, seq for verification), req_to_token
+        [rows, cols] int32 slot table and pool_idx [>= B] (each request's row; block_table
+        [b, j] = req_to_token[pool_idx[b], j * PS] // PS), links = EAGLE's (next_token,
+        next_sibling) [raw <= B, T] for requests 0 .. raw - 1 (parents_from_links) or None;
+        the other requests' trees are chains. Bit-identical to `fill` on those inputs."""
+        nt, ns = links if links is not None else (None, None)
+        fill_step_metadata(
+            seq_lens, req_to_token, pool_idx, decode=decode, window=window, params=self.params,
+            page_size=self.page_size, group_size=self.c, margin=self.margin,
+            prefix=self.prefix, parents=self.parents, block_table=self.block_table,
+            q_pos=self.q_pos, q_anc=self.geo.q_anc, cmp_lens=self.cmp_lens, upd_lo=self.upd_lo,
+            prov_idx=self.prov_idx, prov_cidx=self.prov_cidx, prov_vis=self.prov_vis,
+            g_winlo=self.geo.g_winlo, sel_src=self.geo.sel_src if self.shared else None,
+            next_token=nt, next_sibling=ns)
 
     def fill(self, prefix: torch.Tensor, parents: torch.Tensor, block_table: torch.Tensor,
              window: int) -> None:

@@ -4,10 +4,11 @@ device.
 Decode and TARGET_VERIFY forwards have a fixed shape per batch size (every request carries T
 new tokens: 1 for decode, `speculative_num_draft_tokens` for verification), so everything the
 kernels read lives in buffers allocated once per (mode, batch size) and rewritten in place
-before every forward by device ops only (`specsa.device_metadata`): no host sync, so the host can
-prepare a step while the GPU still runs the previous phase, and a CUDA graph captured around
-the layers replays with the new step's metadata. Eager forwards use the very same buffers, so
-CPU tests (Triton interpreter) exercise the code the graphs run.
+before every forward by one kernel launch (`DeviceStepMetadata.fill_from_pool`,
+kernels/stage/step_metadata.py; the torch ops of `DeviceStepMetadata.fill` are its reference): no
+host sync, so the host can prepare a step while the GPU still runs the previous phase, and a
+CUDA graph captured around the layers replays with the new step's metadata. Eager forwards use
+the very same buffers, so CPU tests (Triton interpreter) exercise the code the graphs run.
 
 Inputs per step, on the device: the committed length P of each request (SGLang's seq_lens),
 the draft trees as parent arrays (a chain for decode and topk 1; recovered from the EAGLE
@@ -26,7 +27,7 @@ import torch
 
 from specsa.verifier import NSAVerifier
 from specsa.config import NSAConfig, VerifyKnobs
-from specsa.device_metadata import DeviceStepMetadata, chain_parents
+from specsa.device_metadata import DeviceStepMetadata
 from specsa.schedule import default_schedule
 from specsa.verify_layer import StepTensors
 
@@ -59,7 +60,6 @@ class StepBuffers:
 
     meta: DeviceStepMetadata
     verifier: NSAVerifier
-    chain: torch.Tensor       # [bs, T] the chain's parents (decode, topk 1, graph capture)
     tensors: StepTensors      # what verify_layer reads (views of `meta`)
 
     @property
@@ -94,15 +94,17 @@ class StepMetadataBuilder:
                 bs, t, self.width, self.page_size,
                 schedule=k.schedule or default_schedule(bs * t), precision=k.precision,
                 group_size=k.group_size, margin=self.margin)
-            self._bufs[key] = StepBuffers(meta, verifier, chain_parents(bs, t, self.device),
-                                          meta.step_tensors(verifier))
+            self._bufs[key] = StepBuffers(meta, verifier, meta.step_tensors(verifier))
         return self._bufs[key]
 
-    def fill(self, buf: StepBuffers, prefix: torch.Tensor, parents: torch.Tensor,
-             req_to_token: torch.Tensor, pool_idx: torch.Tensor) -> StepBuffers:
-        """Rewrite `buf` in place for one step (device ops only): prefix [bs] committed
-        lengths, parents [bs, T], the requests' req_to_token rows through pool_idx [bs]."""
-        rows = req_to_token.index_select(0, pool_idx.long())
-        buf.meta.fill(prefix, parents, block_table_from(rows, self.page_size, self.width),
-                      self.params.window)
+    def fill_step(self, buf: StepBuffers, seq_lens: torch.Tensor, decode: bool,
+                  req_to_token: torch.Tensor, pool_idx: torch.Tensor,
+                  links: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepBuffers:
+        """Rewrite `buf` in place for one step (one kernel launch, no host sync): SGLang's
+        seq_lens [>= bs] (decode: they count the token being decoded), the requests' rows of
+        req_to_token through pool_idx [>= bs], and EAGLE's (next_token, next_sibling) links
+        [raw <= bs, T] of the first raw requests or None (chains; the rows beyond raw are
+        CUDA-graph padding and keep the chain too)."""
+        buf.meta.fill_from_pool(seq_lens, decode, req_to_token, pool_idx, self.params.window,
+                                links)
         return buf

@@ -26,7 +26,6 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from specsa.config import Compression, NSAConfig
-from specsa.device_metadata import parents_from_links
 from specsa.kernels.compression import compress_paged
 from specsa.kernels.prefill import chunked_nsa_prefill
 from specsa.verify_layer import verify_layer
@@ -148,19 +147,17 @@ class SpecsaTritonBackend(AttentionBackend):
         bs = int(getattr(fb, "batch_size", None) or fb.req_pool_indices.shape[0])
         t = self.draft_tokens if verify else 1
         buf = self.metadata.buffers("verify" if verify else "decode", bs, t)
-        seq = fb.seq_lens[:bs].to(torch.int32)
-        # decode: seq_lens counts the token being decoded; verify: the committed prefix only
-        prefix = seq if verify else (seq - 1).clamp(min=0)
-        parents = buf.chain
+        # decode: seq_lens counts the token being decoded; verify: the committed prefix only.
+        # Trees: parents from EAGLE's links for its rows, chains for the CUDA-graph padding
+        # rows beyond them (and for decode, topk 1 and graph capture), all in one launch
+        links = None
         si = fb.spec_info
         if verify and self.topk > 1 and not in_capture and si is not None \
                 and si.retrieve_next_token is not None:
-            links = parents_from_links(si.retrieve_next_token, si.retrieve_next_sibling)
-            raw = links.shape[0]
-            # rows beyond the batch are CUDA-graph padding: they keep the chain
-            parents = links if raw == bs else torch.cat([links, buf.chain[raw:]])
-        return self.metadata.fill(buf, prefix, parents, self.req_to_token_pool.req_to_token,
-                                 fb.req_pool_indices[:bs])
+            links = (si.retrieve_next_token, si.retrieve_next_sibling)
+        return self.metadata.fill_step(buf, fb.seq_lens, not verify,
+                                       self.req_to_token_pool.req_to_token,
+                                       fb.req_pool_indices, links)
 
     def _build_extend(self, fb) -> dict:
         """An extend's (prefill) metadata from SGLang's host lists."""
