@@ -32,6 +32,8 @@ def test_every_interpreted_launch_compiles_for_sm90(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", SPECSA_RECORD_LAUNCHES=str(rec))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         "-m", "not slow", str(TEST / "kernels"),
+                        # the step-metadata kernel's tests compare against specsa.device_metadata
+                        str(TEST / "specsa" / "test_step_metadata_kernel.py"),
                         "--deselect", str(TEST / "kernels" / "test_sm90_compile.py")],
                        env=env, capture_output=True, text=True, timeout=1800, cwd=TEST.parent)
     assert r.returncode == 0, f"recording run failed:\n{r.stdout[-3000:]}"
@@ -39,5 +41,6 @@ def test_every_interpreted_launch_compiles_for_sm90(tmp_path):
     # the kernels of every production path were launched (a recorder that saw nothing passes)
     assert {"_nsa_verify_fwd_kernel", "score_topk_kernel", "score_topk_grouped_stats_kernel",
             "score_topk_grouped_scores_kernel", "prefill_tile_kernel",
-            "compress_paged_kernel", "stage_rows_kernel"} <= names, sorted(names)
+            "compress_paged_kernel", "stage_rows_kernel", "step_metadata_kernel"} <= names, \
+        sorted(names)
     assert_records_compile(rec)
