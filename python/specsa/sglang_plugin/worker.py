@@ -49,7 +49,6 @@ class _SpecsaWorkerMixin:
             from .step_policy import make_controller
             self.adaptive_controller = make_controller(self, plan, verify_knobs())
             self.policy = self.adaptive_controller.params
-        warm_tree_step_kernels(self)    # trees: no Triton compile inside a step (jit_warmup.py)
         branch_tail.ACTIVE = True       # trees: sync-free branch tail copy (branch_tail.py)
 
     def apply_runtime_state(self, state) -> None:
@@ -66,6 +65,10 @@ class _SpecsaWorkerMixin:
                              f"expected the '{BACKEND}' backend (--attention-backend {BACKEND})")
         if self.timer is not None:
             backend.timer = self.timer
+        # trees: no Triton compile inside a step (jit_warmup.py). Here, not in __init__: the
+        # scheduler creates this worker before it allocates the KV pools (0.5.17's
+        # init_model_worker: draft worker, memory pools, attention backends, CUDA graphs)
+        warm_tree_step_kernels(self)
 
     # -- timing (off unless SPECSA_STEP_TIMING / SPECSA_TORCH_PROFILE is set) ---------------
     def _instrument(self, timer: StepTimer) -> None:
