@@ -23,6 +23,7 @@ def _script():
 def test_runtime_step_profile_and_plan_check(tmp_path):
     assert _script().main(["--tiny", "--out", str(tmp_path), "--check-tokens", "20"]) == 0
     prof = load_profile(tmp_path / "cpu" / "runtime" / "tiny.json")
+    assert load_profile(tmp_path / "runtime_profile_cpu_tiny.json") == prof   # flat copy
     assert prof.model.num_layers == 4 and dict(prof.metadata)["engine"] == "runtime"
     assert {d.name for d in prof.draft} == {"oracle", "self:1"}
     # a full grid: 2 contexts x 2 batches x 2 T x 2 traversals x 2 refresh periods
@@ -39,4 +40,5 @@ def test_runtime_step_profile_and_plan_check(tmp_path):
         assert p["measured_over_predicted"] == p["measured_ms"] / p["predicted_ms"]
     # STRICT never leaves its class (no reuse) and emits the autoregressive tokens
     assert runs["strict"]["same_tokens_as_ar"] is True
+    assert runs["strict"]["first_divergence"] is None
     assert set(runs["strict"]["knob_counts"]["refresh_period"]) == {"1"}
