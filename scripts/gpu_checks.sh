@@ -6,6 +6,10 @@
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
 #                                         # (E2E_ARGS="--systems ... --variant ..." for other systems)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~4-7 min
+#   bash scripts/gpu_checks.sh runtime-profile   # the runtime's whole-step profile + planner
+#                                         # check (no SGLang), ~4 min; ship
+#                                         # $OUT/rt/runtime_profile_<gpu>_llama3-8b.json as
+#                                         # configs/profiles/<gpu>/runtime/llama3-8b.json
 #
 # The sampling check takes 0.3 of the GPU's memory and only checks distributions, so it can run
 # beside a part of the suite in one call (its servers are slower then; the e2e timings cannot):
@@ -60,6 +64,11 @@ sampling)
     OUT=$OUT/sampling REQS=${REQS:-240} PYTHONPATH=$SGL timeout -s INT "${LIMIT:-560}" \
         python3 scripts/sglang_gpu_sampling_check.py 2>&1 | tee "$OUT/sampling.log" | tail -20
     ;;
+runtime-profile)
+    gpu_info; S=$(stage)
+    PYTHONPATH=$S timeout -s INT "${LIMIT:-420}" python3 benchmark/profile_runtime_steps.py \
+        --out "$OUT/rt" --budget-s "${BUDGET:-200}" --reps 5 2>&1 | tee "$OUT/rt.log" | tail -12
+    ;;
 *)
-    sed -n 2,10p "$0"; exit 2 ;;
+    sed -n 2,14p "$0"; exit 2 ;;
 esac
