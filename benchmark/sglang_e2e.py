@@ -22,6 +22,10 @@ and `breakdown`: the median per-phase GPU / host time of the decode steps at tha
 the SpecSA worker's step timer (SPECSA_STEP_TIMING; specsa systems only). Warm-up requests
 (compile every kernel) are excluded. Writes <out>/sglang_e2e.json (gpu, commit, command, rows)
 after every point, and the server logs.
+
+A variant's env may carry DRAFT_VOCAB=N (not passed to the server): that server drafts over the
+first N token ids only (`--speculative-token-map`, sglang_plugin/draft_vocab.py), which cuts the
+draft's LM-head reads; on dummy weights its acceptance drops, so read its step_ms and projections.
 """
 from __future__ import annotations
 
@@ -276,8 +280,17 @@ def main() -> None:
             if a.sync_debug and system.startswith("specsa"):
                 env_full["SPECSA_SYNC_DEBUG"] = str(sync_file)
             args = common + system_args(system, ddir, tree)
+            if "DRAFT_VOCAB" in env_full:
+                # a variant's draft vocabulary: --speculative-token-map of the first N ids
+                # (on dummy weights this costs acceptance, so the row measures the step's cost)
+                import torch
+                n_hot = int(env_full.pop("DRAFT_VOCAB"))
+                hot_path = out / f"hot_tokens_{n_hot}.pt"
+                torch.save(list(range(n_hot)), hot_path)
+                args += ["--speculative-token-map", str(hot_path)]
             info = res["servers"][key] = {"system": system, "draft": dname,
-                                          "env": {k: env_full[k] for k in env}, "args": args}
+                                          "env": {k: env_full.get(k, v) for k, v in env.items()},
+                                          "args": args}
             t0 = time.time()
             try:
                 with launch_server(target, port, args, cpu=a.cpu_smoke, env=env_full, timeout=600,

@@ -43,13 +43,19 @@ def test_e2e_cpu_smoke_batches_and_measured_profile(tmp_path):
          "--out", str(tmp_path), "--systems", "nsa_ar,specsa_chain",
          "--variant", "sweep=specsa_chain:SPECSA_PLAN=sweep,steps=0:1:3",
          "--variant", "auto=specsa_chain:SPECSA_PLAN=auto,profile=@sweep",
+         "--variant", "hot=specsa_chain:DRAFT_VOCAB=300",
          "--contexts", "512", "--batches", "1,2", "--new-tokens", "24"],
         capture_output=True, text=True, timeout=1500, cwd="/tmp")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "sglang_e2e.json").read_text())
     rows = {(x["system"], x["batch"]): x for x in res["rows"]}
-    assert set(rows) == {(s, b) for s in ("nsa_ar", "specsa_chain", "sweep", "auto")
+    assert set(rows) == {(s, b) for s in ("nsa_ar", "specsa_chain", "sweep", "auto", "hot")
                          for b in (1, 2)}
+    # DRAFT_VOCAB: a token map of the first 300 ids reaches that server (and only it)
+    hot_args = res["servers"]["hot/2l"]["args"]
+    assert hot_args[hot_args.index("--speculative-token-map") + 1].endswith("hot_tokens_300.pt")
+    assert "--speculative-token-map" not in res["servers"]["specsa_chain/2l"]["args"]
+    assert res["servers"]["hot/2l"]["env"] == {"DRAFT_VOCAB": "300"}
     for (system, batch), row in rows.items():
         assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0, row
         # the batch's requests overlap for most of their decode

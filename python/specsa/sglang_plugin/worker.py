@@ -22,6 +22,7 @@ from . import branch_tail
 from .algorithm import BACKEND
 from .settings import (step_plan, step_timing_path, sync_debug_path, torch_profile_spec,
                        verify_knobs)
+from .draft_vocab import restrict_draft_head
 from .jit_warmup import warm_tree_step_kernels
 from .step_timing import StepTimer, TorchProfile
 
@@ -118,6 +119,16 @@ class _SpecsaWorkerMixin:
 
 class SpecsaWorker(_SpecsaWorkerMixin, StandaloneWorkerV2):
     """A separate draft model (or the target itself) drafts."""
+
+    def alloc_memory_pool(self, *args, **kwargs):
+        # the draft worker loads --speculative-token-map here but, STANDALONE, keeps its own
+        # full LM head: keep only the hot rows (draft_vocab.py; 0.5.17 would map
+        # full-vocabulary indices through the map)
+        out = super().alloc_memory_pool(*args, **kwargs)
+        dw = self._draft_worker
+        if getattr(dw, "hot_token_id", None) is not None:
+            dw.hot_token_id = restrict_draft_head(dw.draft_runner, dw.hot_token_id)
+        return out
 
 
 class SpecsaEagleWorker(_SpecsaWorkerMixin, EAGLEWorkerV2):
