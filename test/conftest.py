@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover
     pass
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -113,3 +114,22 @@ def on_device(fn):
 
     run.__name__ = getattr(fn, "__name__", "kernel")
     return run
+
+
+# draft trees as parent arrays, and SGLang's EAGLE links of them (device-metadata tests)
+def random_tree(rng: random.Random, t: int) -> list[int]:
+    return [-1] + [rng.randrange(u) for u in range(1, t)]
+
+
+def links(parents: list[int]) -> tuple[list[int], list[int]]:
+    """First-child / next-sibling links (children in index order), as SGLang builds them."""
+    t = len(parents)
+    first, sib, last = [-1] * t, [-1] * t, {}
+    for u in range(1, t):
+        p = parents[u]
+        if first[p] < 0:
+            first[p] = u
+        else:
+            sib[last[p]] = u
+        last[p] = u
+    return first, sib

@@ -8,29 +8,12 @@ import random
 
 import pytest
 import torch
+from conftest import links, random_tree
 
 from specsa.device_metadata import DeviceStepMetadata, parents_from_links
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.fused.geometry import build_geometry
 from specsa.provisional import closing_blocks, visible_rows
-
-
-def random_tree(rng: random.Random, t: int) -> list[int]:
-    return [-1] + [rng.randrange(u) for u in range(1, t)]
-
-
-def links(parents: list[int]) -> tuple[list[int], list[int]]:
-    """First-child / next-sibling links (children in index order), as SGLang builds them."""
-    t = len(parents)
-    first, sib, last = [-1] * t, [-1] * t, {}
-    for u in range(1, t):
-        p = parents[u]
-        if first[p] < 0:
-            first[p] = u
-        else:
-            sib[last[p]] = u
-        last[p] = u
-    return first, sib
 
 
 @pytest.mark.parametrize("t", [1, 2, 5, 8, 17, 64])

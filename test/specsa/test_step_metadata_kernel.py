@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 import random  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import DEV  # noqa: E402
+from conftest import DEV, links, random_tree  # noqa: E402
 
 from specsa.device_metadata import (DeviceStepMetadata, chain_parents,  # noqa: E402
                                     parents_from_links)
@@ -29,24 +29,6 @@ from specsa.sglang_plugin.step_metadata import block_table_from  # noqa: E402
 PARAMS = {"tiny": NSAParams(block=8, stride=4, select=16, topn=4, window=32),
           "default": NSAParams()}
 MARGIN = 5
-
-
-def random_tree(rng: random.Random, t: int) -> list[int]:
-    return [-1] + [rng.randrange(u) for u in range(1, t)]
-
-
-def links(parents: list[int]) -> tuple[list[int], list[int]]:
-    """First-child / next-sibling links (children in index order), as SGLang builds them."""
-    t = len(parents)
-    first, sib, last = [-1] * t, [-1] * t, {}
-    for u in range(1, t):
-        p = parents[u]
-        if first[p] < 0:
-            first[p] = u
-        else:
-            sib[last[p]] = u
-        last[p] = u
-    return first, sib
 
 
 def outputs(dm: DeviceStepMetadata) -> dict[str, torch.Tensor]:
