@@ -53,7 +53,9 @@ def _floor_div(x, n):
     return tl.where(x >= 0, x // n, -((-x - 1) // n) - 1)
 
 
-@triton.jit
+# raw (requests with links) follows the batch: as a specialised int (== 1, % 16) it would
+# compile new variants while serving
+@triton.jit(do_not_specialize=["raw"])
 def step_metadata_kernel(
     seq_lens, pool_idx, req_to_token, next_token, next_sibling,
     prefix, parents, block_table, q_pos, q_anc, cmp_lens, upd_lo,
