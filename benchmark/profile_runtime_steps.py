@@ -46,6 +46,7 @@ from specsa.draft_tree import TreeSpec  # noqa: E402
 from specsa.model import BlockInput  # noqa: E402
 from specsa.model.config import ModelConfig, RopeConfig  # noqa: E402
 from specsa.model.decoder import NSADecoder  # noqa: E402
+from specsa.model.tiny import TINY_NSA  # noqa: E402
 from specsa.orchestrator import (RUNTIME_SUBDIR, AdaptiveController, Candidates, Profile,  # noqa: E402
                                  gpu_folder, save_profile)
 from specsa.runtime.drafters import OracleDrafter  # noqa: E402
@@ -53,8 +54,6 @@ from specsa.runtime.drafters.base import DraftRequest  # noqa: E402
 from specsa.runtime.drafters.model import truncated_view  # noqa: E402
 from specsa.runtime.generate import generate  # noqa: E402
 from specsa.runtime.loop import speculative_generate  # noqa: E402
-
-TINY_NSA = NSAConfig(block=8, stride=4, select=16, topn=4, window=32)
 
 
 def build_model(preset: str, tiny: bool, device: str) -> NSADecoder:
