@@ -44,7 +44,7 @@ from timing import L2Flush, bench, copy_bandwidth  # noqa: E402
 from specsa.verifier import NSAVerifier  # noqa: E402
 from specsa.config import NSAConfig, PrecisionClass, Schedule, Traversal  # noqa: E402
 from specsa.kernels.dense import dense_tree_verify  # noqa: E402
-from specsa.kernels.fused import VerifyArgs, build_geometry, decode_geometry, fused_decode  # noqa: E402
+from specsa.kernels.fused import VerifyArgs, build_geometry, decode_geometry, fused_decode, split_workspace  # noqa: E402
 from specsa.draft_tree import traversal_order  # noqa: E402
 from specsa.schedule import default_num_splits  # noqa: E402
 
@@ -133,7 +133,7 @@ class Bench(RefreshSections):
                              case["orders"], c, params.window, ns)
         ws = None
         if ns > 1:
-            ws = (torch.empty(ns * o.numel(), device=DEV), torch.empty(ns * o.numel() // d, device=DEV))
+            ws = split_workspace(ns, 1, o.shape[0], o.shape[1], d, geo.num_groups * self.hkv, DEV)
         out["dense"] = lambda: dense_tree_verify(case["q"], case["k_new"], case["v_new"],
                                                  case["k_cache"], case["v_cache"], geo,
                                                  d ** -0.5, out=o, workspace=ws)
@@ -241,8 +241,8 @@ class Bench(RefreshSections):
         geo = decode_geometry(case["prefix_lens"], case["block_table"], params, ns)
         o = torch.empty_like(case["q"])
         nb = 2 if gated else 1
-        ws = None if ns == 1 else (torch.empty(ns * nb * o.numel(), device=DEV),
-                                   torch.empty(ns * nb * o.numel() // d, device=DEV))
+        ws = None if ns == 1 else split_workspace(ns, nb, o.shape[0], o.shape[1], d,
+                                                  geo.num_groups * self.hkv, DEV)
         a = VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
                        geo, params, d ** -0.5, sel=case["sel"], o_cmp=case.get("o_cmp"),
                        gates=case.get("gates"), out=o, workspace=ws)

@@ -309,7 +309,7 @@ class GpuParts:
         return self._t(key, lambda: ver.run(q, kn, vn, kc, vc, sel, out=o, **kw))
 
     def decode_attn(self, ctx: int, b: int) -> float:
-        from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode
+        from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode, split_workspace
         from specsa.schedule import default_num_splits
         key = f"decode_attn/ctx{ctx}/B{b}"
         if key in self.components:
@@ -323,8 +323,7 @@ class GpuParts:
         sel = torch.cat([torch.arange(self.p.topn, device="cuda", dtype=torch.int32)
                          .clamp(max=ctx // self.p.select).expand(self.hkv, -1)[None]] * b)
         nb = 2 if self.p.gated else 1
-        ws = None if ns == 1 else (torch.empty(ns * nb * o.numel(), device="cuda"),
-                                   torch.empty(ns * nb * o.numel() // self.d, device="cuda"))
+        ws = None if ns == 1 else split_workspace(ns, nb, b, self.hq, self.d, b * self.hkv, "cuda")
         kw = {}
         if self.p.gated:
             kw = dict(o_cmp=mk(b, self.hq, self.d), gates=torch.rand(b, self.hq, 3, device="cuda", dtype=self.dt))

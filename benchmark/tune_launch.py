@@ -32,7 +32,7 @@ from specsa.verifier import NSAVerifier
 from specsa.config import Schedule
 from specsa.kernels.refresh import RefreshArgs, refresh_workspace, score_topk, score_topk_grouped
 from specsa.kernels.refresh.grouped import default_refresh_splits
-from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode
+from specsa.kernels.fused import VerifyArgs, decode_geometry, fused_decode, split_workspace
 from specsa.schedule import default_num_splits
 
 DEV = kb.DEV
@@ -170,8 +170,8 @@ class LaunchTuning:
             knobs = dict(knobs)
             ns = max(1, int(ns0 * knobs.pop("mult", 1)))
             geo = decode_geometry(case["prefix_lens"], case["block_table"], params, ns)
-            ws = None if ns == 1 else (torch.empty(ns * o.numel(), device=DEV),
-                                       torch.empty(ns * o.numel() // d, device=DEV))
+            ws = None if ns == 1 else split_workspace(ns, 1, o.shape[0], o.shape[1], d,
+                                                      geo.num_groups * case["k_cache"].shape[2], DEV)
             a = VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"], case["v_cache"],
                            geo, params, d ** -0.5, sel=case["sel"], out=o, workspace=ws)
             fn = lambda a=a, knobs=knobs: fused_decode(a, **knobs)

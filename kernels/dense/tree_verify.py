@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..common.params import NSAParams
-from ..fused.args import VerifyArgs
+from ..fused.args import SplitWorkspace, VerifyArgs
 from ..fused.verify import VerifyGeometry, nsa_verify_fwd
 
 
 def dense_tree_verify(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, geo: VerifyGeometry,
                       scale: float, out: torch.Tensor | None = None,
-                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      workspace: SplitWorkspace | None = None) -> torch.Tensor:
     """Dense tree attention.
 
     Args:

@@ -6,7 +6,7 @@ wrapper."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -14,6 +14,16 @@ from ..common.params import NSAParams
 
 if TYPE_CHECKING:   # verify.py imports this module; the annotation needs only the name
     from .verify import VerifyGeometry
+
+
+class SplitWorkspace(NamedTuple):
+    """Split-KV buffers of one launch shape (`verify.split_workspace` builds them): partials
+    o_part [NSPLIT*NB*Nq*HQ*D] and lse_part [NSPLIT*NB*Nq*HQ] (fp32), and done [>= groups x
+    KV heads] int32 split counters, zero between launches."""
+
+    o_part: torch.Tensor
+    lse_part: torch.Tensor
+    done: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -26,8 +36,8 @@ class VerifyArgs:
     page_size, HKV, D]; geo the step's `VerifyGeometry`; params, scale the NSA parameters and
     softmax scale; sel [Nq, HKV, topn] int32 sorted ascending, -1 padded (None: dense);
     o_cmp [Nq, HQ, D], gates [Nq, HQ, 3] (sigmoid values): gated combine only;
-    out [Nq, HQ, D] (None: allocated); workspace (o_part [NSPLIT*NB*Nq*HQ*D] fp32,
-    lse_part [NSPLIT*NB*Nq*HQ] fp32): fixed split buffers for CUDA graphs (None: allocated).
+    out [Nq, HQ, D] (None: allocated); workspace: fixed split buffers for CUDA graphs
+    (`SplitWorkspace`; None: allocated per launch).
     """
 
     q: torch.Tensor
@@ -42,7 +52,7 @@ class VerifyArgs:
     o_cmp: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     out: torch.Tensor | None = None
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+    workspace: SplitWorkspace | None = None
 
 
 def check_verify_args(a: VerifyArgs, dense: bool) -> None:

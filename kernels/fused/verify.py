@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from ..common.launch import num_sms, pow2
-from ..common.merge import gated_combine, merge_splits
+from ..common.merge import gated_combine, merge_partials
 from ..common.tl_math import LOG2E, load_rows
-from .args import VerifyArgs, check_verify_args
+from .args import SplitWorkspace, VerifyArgs, check_verify_args
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _tail_pass(m_a, l_a, acc_a, m_w, l_w, acc_w, b_q, KN, VN, QPOS, QANC, SEL, R
 def _nsa_verify_fwd_kernel(
         Q, KN, VN, KC, VC, BT, REQ_P, REQ_OFF, REQ_T, QPOS, QANC, ORDER, SELSRC,
         G_REQ, G_START, G_LEN, G_WINLO, SEL, UIDX, UOWN, UCNT, OCMP, GATES, OUT, OPART, LPART,
-        sm_scale, stride_bt, NQ, NSPLIT,
+        DONE, sm_scale, stride_bt, NQ, NSPLIT,
         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
         TP: tl.constexpr, W: tl.constexpr, TOPN: tl.constexpr, CAP: tl.constexpr,
@@ -311,6 +311,21 @@ def _nsa_verify_fwd_kernel(
             base_w = base + NQ * HQ
             tl.store(OPART + base_w[:, None] * D + o_d[None, :], o_w, mask=m_o)
             tl.store(LPART + base_w, lse_w, mask=m_r)
+        # the split that finishes last merges the (group, head)'s partials, so a split launch
+        # needs no second (merge) launch. Every thread's partial stores are ordered before the
+        # counter by the barrier + release; the last split's loads after it by the acquire
+        # (the stream-K / split-K "fixup" pattern). The counter is reset for the next launch.
+        tl.debug_barrier()
+        p_done = DONE + i_g * HKV + i_h
+        n_done = tl.atomic_add(p_done, 1, sem="acq_rel", scope="gpu")
+        if n_done == NSPLIT - 1:
+            o_a = merge_partials(OPART, LPART, p_row, m_r, o_d, m_d, 0, NQ, NSPLIT, HQ, D, NB)
+            if GATED:
+                o_w = merge_partials(OPART, LPART, p_row, m_r, o_d, m_d, 1, NQ, NSPLIT, HQ, D, NB)
+                o_a = gated_combine(GATES, OCMP, p_row, m_r, o_d, m_o, o_a, o_w, D)
+            tl.store(OUT + p_row[:, None] * D + o_d[None, :], o_a.to(OUT.dtype.element_ty),
+                     mask=m_o)
+            tl.atomic_xchg(p_done, 0, sem="relaxed", scope="gpu")
 
 
 def default_blocks_per_iter(rows: int, num_programs: int, device: torch.device) -> int:
@@ -327,7 +342,8 @@ def nsa_verify_fwd(a: VerifyArgs,
                    union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    dense: bool = False, num_warps: int | None = None, num_stages: int = 3,
                    blocks_per_iter: int | None = None) -> torch.Tensor:
-    """Launch the fused kernel (+ the split merge when a.geo.num_splits > 1).
+    """Launch the fused kernel (one launch: with a.geo.num_splits > 1 the last split of each
+    (group, KV head) merges the partials).
 
     Args:
         a (VerifyArgs): the step's inputs and output buffers (a.sel may be None when dense).
@@ -362,7 +378,7 @@ def nsa_verify_fwd(a: VerifyArgs,
     uidx, uown, ucnt = union if union is not None else (geo.order, geo.q_anc, geo.order)
     cap = uidx.shape[-1] if union is not None else 1
     nb = 2 if gated else 1
-    opart, lpart = _split_buffers(a.workspace, nsplit, nb, q, out)
+    opart, lpart, done = _split_buffers(a.workspace, nsplit, nb, geo.num_groups * hkv, q, out)
     sel, o_cmp, gates = a.sel, a.o_cmp, a.gates
     dummy = q
     bd = pow2(d, 16)
@@ -375,27 +391,37 @@ def nsa_verify_fwd(a: VerifyArgs,
         G_LEN=geo.g_len, G_WINLO=geo.g_winlo, SEL=sel if sel is not None else geo.order,
         UIDX=uidx, UOWN=uown, UCNT=ucnt,
         OCMP=o_cmp if gated else dummy, GATES=gates if gated else dummy, OUT=out,
-        OPART=opart, LPART=lpart, sm_scale=float(a.scale), stride_bt=geo.block_table.stride(0),
+        OPART=opart, LPART=lpart, DONE=done, sm_scale=float(a.scale), stride_bt=geo.block_table.stride(0),
         NQ=nq, HQ=hq, HKV=hkv, G=g, D=d, BD=bd, R=rows, S=params.select,
         BS=pow2(params.select, 16), BN=64, TP=pow2(geo.t_max, 16), W=params.window,
         TOPN=params.topn if sel is not None else 1, CAP=cap, PS=ps, NSPLIT=nsplit,
         DIRECT=direct, GATED=gated, DENSE=dense, FINAL=nsplit == 1,
         IEEE=q.dtype == torch.float32, NBI=int(blocks_per_iter),
         num_warps=num_warps, num_stages=num_stages)
-    if nsplit > 1:
-        merge_splits(opart, lpart, nsplit, nb, out, o_cmp if gated else None,
-                     gates if gated else None)
     return out
 
 
-def _split_buffers(workspace, nsplit: int, nb: int, q: torch.Tensor,
-                   out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # (o_part, lse_part) of the split-KV partials: the caller's fixed buffers or new ones;
-    # unsplit launches write `out` directly (the kernel never touches the partials)
+def split_workspace(num_splits: int, num_branches: int, num_queries: int, q_heads: int,
+                    head_dim: int, num_programs: int, device) -> SplitWorkspace:
+    """Fixed split-KV buffers for CUDA graphs: partials (o [NSPLIT*NB*Nq*HQ*D], lse
+    [NSPLIT*NB*Nq*HQ], fp32) and the per-(group, KV head) split counters (int32, zero; the
+    kernel leaves them zero). num_programs: groups x KV heads of the largest launch."""
+    n = num_splits * num_branches * num_queries * q_heads
+    return SplitWorkspace(torch.empty(n * head_dim, device=device, dtype=torch.float32),
+                          torch.empty(n, device=device, dtype=torch.float32),
+                          torch.zeros(num_programs, device=device, dtype=torch.int32))
+
+
+def _split_buffers(workspace, nsplit: int, nb: int, num_programs: int, q: torch.Tensor,
+                   out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the caller's fixed buffers or new ones; unsplit launches write `out` directly (the
+    # kernel never touches the partials or the counters)
     if nsplit == 1:
-        return out, out
-    if workspace is not None:
-        return workspace
-    nq, hq, d = q.shape
-    return (torch.empty(nsplit * nb * nq * hq * d, device=q.device, dtype=torch.float32),
-            torch.empty(nsplit * nb * nq * hq, device=q.device, dtype=torch.float32))
+        return out, out, out
+    if workspace is None:
+        workspace = split_workspace(nsplit, nb, q.shape[0], q.shape[1], q.shape[2], num_programs,
+                                    q.device)
+    if workspace.done.numel() < num_programs:
+        raise ValueError(f"workspace has {workspace.done.numel()} split counters, the launch "
+                         f"needs {num_programs} (groups x KV heads)")
+    return workspace

@@ -29,10 +29,12 @@ Schedule (per group g, KV head h, split s of the group's candidate blocks [0, nb
           grouped_tiles.py), provisional tokens' share where they land, forced blocks -> +inf,
           then merge into a running top-BN list per query of packed keys (float bits << 24 |
           (2^24-1-j): higher score first, ties -> lower block index), see grouped_tiles.py.
-  merge:  global top-n of the NSPLIT lists (a superset: every split keeps its own top-n),
-          sorted ascending, -1 padded; o_cmp = sum of the split partials (each already
-          normalised by the global lse, so no rescaling).
-NSPLIT == 1 runs both passes and the final pick in one program (one launch). NSPLIT is a
+  merge:  by the split of (g, h) that finishes pass 2 last (an atomic counter per (g, h); no
+          merge launch): global top-n of the NSPLIT lists (a superset: every split keeps its
+          own top-n), sorted ascending, -1 padded; o_cmp = sum of the split partials (each
+          already normalised by the global lse, so no rescaling).
+NSPLIT == 1 runs both passes and the final pick in one program (one launch); NSPLIT > 1 is
+two launches (pass 1, pass 2 + merge). NSPLIT is a
 runtime int (only NSP, its power-of-two tile, is a constexpr): it follows the context length and
 the group count, and a constexpr would compile a new kernel mid-serving for each value (measured:
 0.4-2.9 s per compile on an H100 for the 8B shape).
@@ -165,8 +167,8 @@ def _split_lse(m_part, l_part, o_hq, m_r, NQ, HQ: tl.constexpr, NSPLIT,
 @triton.jit(do_not_specialize=["stride_bt", "NQ", "NSPLIT"])
 def score_topk_grouped_scores_kernel(
     q, ck_cache, cv_cache, block_table, q_req, q_pos, cmp_lens, order, g_start_p, g_len_p,
-    prov_k, prov_v, prov_cidx, prov_vis, m_part, l_part, cand, sel, o_part, lse, scale,
-    stride_bt, NQ,
+    prov_k, prov_v, prov_cidx, prov_vis, m_part, l_part, cand, sel, o_part, lse, o_cmp, done,
+    scale, stride_bt, NQ,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
     R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, PS: tl.constexpr, CPP: tl.constexpr,
@@ -235,22 +237,35 @@ def score_topk_grouped_scores_kernel(
                  b_acc.to(o_part.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
         if i_s == 0:
             tl.store(lse + o_hq, tl.where(m_any, b_lse * LN2, float("-inf")), mask=m_r)
+    if not FUSED:
+        # the split that finishes last merges the group's lists / partials, so a split refresh
+        # needs no merge launch: barrier + release order every thread's stores before the
+        # counter, the acquire orders the last split's loads after it (split-K "fixup"); the
+        # counter is reset for the next launch
+        tl.debug_barrier()
+        p_done = done + i_g * HKV + i_h
+        n_done = tl.atomic_add(p_done, 1, sem="acq_rel", scope="gpu")
+        if n_done == NSPLIT - 1:
+            g_start = tl.load(g_start_p + i_g)
+            for c in range(g_len):
+                i_q = tl.load(order + g_start + c).to(tl.int64)
+                _merge_row(cand, o_part, sel, o_cmp, i_q, i_h, NQ, HQ, HKV, G, GP, D, BD, TOPN,
+                           BS, NSPLIT, NSP, WITH_OUT)
+            tl.atomic_xchg(p_done, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["NQ", "NSPLIT"])
-def score_topk_grouped_merge_kernel(
-    cand, o_part, sel, o_cmp, NQ,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, TOPN: tl.constexpr, BS: tl.constexpr, NSPLIT,
-    NSP: tl.constexpr, WITH_OUT: tl.constexpr,
-):
-    # global top-n of one (query, KV head) from the splits' lists; o_cmp = sum of partials
-    i_q, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+@triton.jit
+def _merge_row(cand, o_part, sel, o_cmp, i_q, i_h, NQ, HQ: tl.constexpr, HKV: tl.constexpr,
+               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               TOPN: tl.constexpr, BS: tl.constexpr, NSPLIT, NSP: tl.constexpr,
+               WITH_OUT: tl.constexpr):
+    # global top-n of one (query, KV head) from the splits' lists; o_cmp = sum of partials.
+    # ".cg" loads skip L1: other SMs wrote the lists during this launch
     o_sp = tl.arange(0, NSP)
     o_n = tl.arange(0, BS)
     m_c = (o_sp[:, None] < NSPLIT) & (o_n[None, :] < TOPN)
     b_key = tl.load(cand + ((o_sp[:, None] * NQ + i_q) * HKV + i_h) * BS + o_n[None, :],
-                    mask=m_c, other=-1)
+                    mask=m_c, other=-1, cache_modifier=".cg")
     # TOPN rounds of "take the max": valid keys are unique, so each round removes one winner
     b_top = tl.full([BS], -1, tl.int64)
     for n in tl.static_range(TOPN):
@@ -266,7 +281,8 @@ def score_topk_grouped_merge_kernel(
         o_hq = i_q * HQ + i_h * G + o_g
         b_o = tl.zeros([GP, BD], tl.float32)
         for s in range(NSPLIT):
-            b_o += tl.load(o_part + (s * NQ * HQ + o_hq)[:, None] * D + o_d[None, :], mask=m_o, other=0.)
+            b_o += tl.load(o_part + (s * NQ * HQ + o_hq)[:, None] * D + o_d[None, :], mask=m_o,
+                           other=0., cache_modifier=".cg")
         tl.store(o_cmp + o_hq[:, None] * D + o_d[None, :], b_o.to(o_cmp.dtype.element_ty), mask=m_o)
 
 
@@ -316,14 +332,18 @@ def refresh_rows(group_size: int, q_heads: int, kv_heads: int) -> int:
 
 
 def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, num_splits: int,
-                      with_out: bool, device) -> tuple[torch.Tensor, ...]:
+                      with_out: bool, device, num_groups: int | None = None) -> tuple[torch.Tensor, ...]:
     """Fixed split buffers (m_part, l_part [NS*Nq*Hq] fp32, cand [NS*Nq*Hkv*BS] int64,
-    o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy) for CUDA-graph capture; BS = pow2(topn) >= 16."""
+    o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy, done [NG*Hkv] int32 split counters, zero;
+    the kernel leaves them zero) for CUDA-graph capture; BS = pow2(topn) >= 16; num_groups
+    NG defaults to Nq (one row per group)."""
     bs = pow2(params.topn, 16)
     f32 = {"dtype": torch.float32, "device": device}
+    ng = nq if num_groups is None else num_groups
     return (torch.empty(num_splits * nq * hq, **f32), torch.empty(num_splits * nq * hq, **f32),
             torch.empty(num_splits * nq * hkv * bs, dtype=torch.int64, device=device),
-            torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32))
+            torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32),
+            torch.zeros(ng * hkv, dtype=torch.int32, device=device))
 
 
 def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
@@ -391,7 +411,7 @@ def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
         # pass 1, pass 2 and the final pick in one program per (group, KV head)
         score_topk_grouped_scores_kernel[(g_len.shape[0], hkv, 1)](
             **both, **pass2, m_part=dummy, l_part=dummy, cand=dummy, sel=outs[0], o_part=outs[1],
-            lse=outs[2], NSPLIT=1, NSP=1, FUSED=True)
+            lse=outs[2], o_cmp=dummy, done=dummy, NSPLIT=1, NSP=1, FUSED=True)
     else:
         _launch_split(what, both, pass2, ns, g_len.shape[0], outs, a.params, with_out, workspace)
     return sel, o_cmp, lse
@@ -467,21 +487,20 @@ def _grouped_constexprs(what: str, a: RefreshArgs, mp: int, with_out: bool, grou
 
 def _launch_split(what: str, both: dict, pass2: dict, ns: int, ng: int, outs: tuple,
                   params: NSAParams, with_out: bool, workspace) -> None:
-    # NSPLIT > 1: pass 1 and pass 2 per split, then the merge of the splits' lists / partials
+    # NSPLIT > 1: pass 1 per split, then pass 2 per split, whose last split per (group, KV
+    # head) merges the splits' lists / partials
     nq, hq, hkv, dim, bs = both["NQ"], both["HQ"], both["HKV"], both["D"], pass2["BS"]
     if workspace is None:
-        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, both["q"].device)
-    m_part, l_part, cand, o_part = workspace
+        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, both["q"].device,
+                                      num_groups=ng)
+    m_part, l_part, cand, o_part, done = workspace
     if (m_part.numel() < ns * nq * hq or cand.numel() < ns * nq * hkv * bs
-            or (with_out and o_part.numel() < ns * nq * hq * dim)):
-        raise ValueError(f"{what}: workspace too small for {ns} splits (see refresh_workspace)")
+            or (with_out and o_part.numel() < ns * nq * hq * dim) or done.numel() < ng * hkv):
+        raise ValueError(f"{what}: workspace too small for {ns} splits and {ng} groups x {hkv} "
+                         "KV heads (see refresh_workspace)")
     sel, o_cmp, lse = outs
     score_topk_grouped_stats_kernel[(ng, hkv, ns)](
         **both, m_part=m_part, l_part=l_part, NSPLIT=ns, BS=bs)
     score_topk_grouped_scores_kernel[(ng, hkv, ns)](
         **both, **pass2, m_part=m_part, l_part=l_part, cand=cand, sel=sel, o_part=o_part, lse=lse,
-        NSPLIT=ns, NSP=pow2(ns), FUSED=False)
-    score_topk_grouped_merge_kernel[(nq, hkv)](
-        cand=cand, o_part=o_part, sel=sel, o_cmp=o_cmp, NQ=nq, HQ=hq, HKV=hkv, G=both["G"],
-        GP=both["GP"], D=dim, BD=both["BD"], TOPN=params.topn, BS=bs, NSPLIT=ns, NSP=pow2(ns),
-        WITH_OUT=with_out, num_warps=4)
+        o_cmp=o_cmp, done=done, NSPLIT=ns, NSP=pow2(ns), FUSED=False)

@@ -8,7 +8,7 @@ import torch
 
 from specsa.config import PrecisionClass, Schedule, Traversal
 from specsa.kernels.common.params import NSAParams
-from specsa.kernels.fused import VerifyGeometry
+from specsa.kernels.fused import SplitWorkspace, VerifyGeometry
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class VerifyMetadata:
     num_splits: int
     geometry: VerifyGeometry
     union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    workspace: tuple[torch.Tensor, torch.Tensor] | None
+    workspace: SplitWorkspace | None
     union_capacity: int
     sizes: tuple[int, ...]
     num_queries: int

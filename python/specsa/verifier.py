@@ -25,7 +25,8 @@ import torch
 from specsa.config import ConfigError, NSAConfig, PrecisionClass, Schedule, Traversal, parse_enum
 from specsa.kernels.common.index import merge_group_selections
 from specsa.kernels.common.launch import num_sms
-from specsa.kernels.fused import VerifyArgs, build_geometry, copy_geometry_, nsa_verify_fwd
+from specsa.kernels.fused import (VerifyArgs, build_geometry, copy_geometry_, nsa_verify_fwd,
+                                  split_workspace)
 from specsa.device_metadata import DeviceStepMetadata
 from specsa.metadata import VerifyMetadata
 from specsa.kernels.common.tree import MAX_TREE_NODES
@@ -163,9 +164,8 @@ class NSAVerifier:
                 torch.empty(ng, self.hkv, cap, dtype=torch.int64, device=self.device),
                 torch.empty(ng, self.hkv, dtype=torch.int32, device=self.device))
             nb = 2 if self.params.gated else 1
-            workspace = None if nsplit == 1 else (
-                torch.empty(nsplit * nb * nq * self.hq * self.head_dim, device=self.device),
-                torch.empty(nsplit * nb * nq * self.hq, device=self.device))
+            workspace = None if nsplit == 1 else split_workspace(
+                nsplit, nb, nq, self.hq, self.head_dim, ng * self.hkv, self.device)
         return VerifyMetadata(schedule=schedule, traversal=traversal, precision=precision,
                           params=self.params, group_size=c, num_splits=nsplit, geometry=geo,
                           union=union, workspace=workspace,
@@ -188,7 +188,7 @@ class NSAVerifier:
             o_cmp [Nq, Hq, D], gates [Nq, Hq, 3] (sigmoid values): gated combine only.
             out: [Nq, Hq, D]  # mutable
         Returns:
-            out. No host syncs; launches: union (merged schedules), fused verify, split merge.
+            out. No host syncs; launches: union (merged schedules), fused verify (its last split merges the partials).
         """
         meta = self._meta
         if meta is None:

@@ -11,9 +11,9 @@ import torch
 
 from conftest import assert_close, poisoned
 
-from specsa.kernels.common.merge import merge_splits, merge_states_torch
 from specsa.kernels.common.params import NSAParams
-from specsa.kernels.fused import VerifyArgs, build_geometry, decode_geometry, fused_decode, naive_fused_tree
+from specsa.kernels.fused import (VerifyArgs, build_geometry, decode_geometry, fused_decode,
+                                  naive_fused_tree, split_workspace)
 from specsa.kernels.selection.naive import forced_blocks
 
 from conftest import DEV  # noqa: E402
@@ -123,15 +123,37 @@ def test_fused_decode_matches_reference(g, page_size, gated, splits, nbi):
     assert_close(out.cpu(), reference(case, params, 0.25), what="decode")
 
 
-def test_merge_splits_matches_torch_merge():
-    s, nq, hq, d = 3, 2, 5, 24
-    o = torch.randn(s, 1, nq, hq, d)
-    lse = torch.randn(s, 1, nq, hq)
-    lse[1, 0, 0, 0] = float("-inf")                    # an empty split gets weight 0
-    out = poisoned(nq, hq, d, device=DEV)
-    merge_splits(o.reshape(-1).to(DEV), (lse / 0.6931471805599453).reshape(-1).to(DEV), s, 1, out)
-    ref, _ = merge_states_torch(o[:, 0], lse[:, 0])
-    assert_close(out.cpu(), ref, what="merge")
+@pytest.mark.parametrize("gated", [False, True], ids=["union", "gated"])
+def test_last_split_merges_and_resets_its_counters(gated):
+    # the kernel's last split per (row, KV head) merges the partials in place: more splits
+    # than key tiles (empty splits, lse -inf, must get weight 0), one workspace reused by two
+    # launches on different inputs (as CUDA-graph replays and the layers of a step reuse it),
+    # the counters zero after each launch
+    params = NSAParams(**{**SMALL.__dict__, "gated": gated})
+    hkv, g, d, splits = 2, 4, 16, 8
+    ws = None
+    for seed in (1, 2):
+        case = make_case([37, 5, 70], [1, 1, 1], g * hkv, hkv, d, 16, params, seed=seed)
+        geo = decode_geometry(case["prefix_lens"], case["block_table"], params, splits)
+        if ws is None:
+            ws = split_workspace(splits, 2 if gated else 1, 3, g * hkv, d, 3 * hkv, DEV)
+            ws.done.fill_(0)
+        out = poisoned(3, g * hkv, d, device=DEV)
+        fused_decode(VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"],
+                                case["v_cache"], geo, params, 0.25, sel=case["sel"],
+                                o_cmp=case["o_cmp"], gates=case["gates"], out=out, workspace=ws))
+        assert_close(out.cpu(), reference(case, params, 0.25), what=f"decode, launch {seed}")
+        assert int(ws.done.abs().sum()) == 0, ws.done
+
+
+def test_split_workspace_too_small_is_rejected():
+    params = SMALL
+    case = make_case([37, 5], [1, 1], 8, 2, 16, 16, params, seed=0)
+    geo = decode_geometry(case["prefix_lens"], case["block_table"], params, 2)
+    ws = split_workspace(2, 1, 2, 8, 16, 3, DEV)             # 4 (rows x KV heads) needed
+    with pytest.raises(ValueError, match="split counters"):
+        fused_decode(VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"],
+                                case["v_cache"], geo, params, 0.25, sel=case["sel"], workspace=ws))
 
 
 def test_geometry_rejects_bad_trees():

@@ -204,8 +204,13 @@ def test_no_provisional_default_groups_and_workspace():
     for key in ("q", "q_req", "q_pos"):
         args[key] = args[key][:nctx]
     ws = refresh_workspace(nctx, 4, 2, 64, SMALL, 2, True, DEV)
-    # group_size 2 without groups: built from q_req on the host (rows of one request only)
-    check(args, refs[:nctx], torch.float32, True, exact=True, group_size=2, num_splits=2, workspace=ws)
+    # group_size 2 without groups: built from q_req on the host (rows of one request only);
+    # the workspace serves two launches (as CUDA-graph replays do): the last split of each
+    # (group, KV head) merges, and leaves its counter zero for the next launch
+    for _ in range(2):
+        check(args, refs[:nctx], torch.float32, True, exact=True, group_size=2, num_splits=2,
+              workspace=ws)
+        assert int(ws[-1].abs().sum()) == 0, ws[-1]
     check(args, refs[:nctx], torch.float32, False, exact=True)        # defaults: rows alone
 
 

@@ -68,27 +68,33 @@ def test_compress_gather_launcher_converts_int64_indices():
 
 # The two kernels of a verification step at the benchmark's shapes (Hq 32 / Hkv 8, D 128, bf16,
 # page 16, default NSA): the grouped refresh (GPU default: reduce map, bitonic merge, 128 rows,
-# 8 warps) and the fused verify kernel with 2 selected blocks per iteration.
+# 8 warps; one launch, and split with its in-kernel merge of the splits' lists) and the fused
+# verify kernel with 2 selected blocks per iteration and its in-kernel split merge.
 _COMPILE_STEP = r"""
 import importlib, sys
 which = sys.argv[1]
-if which == "refresh":
+if which.startswith("refresh"):
     m = importlib.import_module("specsa.kernels.refresh.grouped")
-    fn = m.score_topk_grouped_scores_kernel     # its fused (one-launch) mode
+    fn = m.score_topk_grouped_scores_kernel     # fused (one-launch) or split mode (+ its merge)
+    split = which == "refresh-split"
     ptr = dict(q_req="*i32", q_pos="*i32", cmp_lens="*i32", order="*i32", g_start_p="*i32",
                g_len_p="*i32", block_table="*i32", prov_cidx="*i32", prov_vis="*i32", sel="*i32",
-               lse="*fp32", m_part="*fp32", l_part="*fp32", cand="*i64", o_part="*bf16",
-               scale="fp32", stride_bt="i32", NQ="i32")
-    const = dict(HQ=32, HKV=8, G=4, GP=4, CP=32, D=128, BD=128, L=32, DS=16, LS=64, R=4, RP=4, K=2,
-                 PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2, MP=4, MPP=4, NSPLIT=1, NSP=1,
-                 HAS_PROV=True, WITH_OUT=False, F32=False, MERGE=2, TS=64, FUSED=True)
+               lse="*fp32", m_part="*fp32", l_part="*fp32", cand="*i64",
+               o_part="*fp32" if split else "*bf16", done="*i32", scale="fp32", stride_bt="i32",
+               NQ="i32", NSPLIT="i32")
+    const = dict(HQ=32, HKV=8, G=4, GP=4, CP=4 if split else 32, D=128, BD=128, L=32, DS=16,
+                 LS=64, R=4, RP=4, K=2, PS=16, CPP=1, TOPN=16, BS=16, TB=64, INIT=1, LOCAL=2,
+                 MP=4, MPP=4, NSP=16 if split else 1, HAS_PROV=True, WITH_OUT=split, F32=False,
+                 MERGE=2, TS=64, FUSED=not split)
+    if not split:
+        const["NSPLIT"] = 1
     warps = 8
 else:
     m = importlib.import_module("specsa.kernels.fused.verify")
     fn = m._nsa_verify_fwd_kernel
     ptr = {n: "*i32" for n in ("BT", "REQ_P", "REQ_OFF", "REQ_T", "QPOS", "ORDER", "SELSRC", "G_REQ",
                                "G_START", "G_LEN", "G_WINLO", "SEL", "UIDX", "UCNT")}
-    ptr.update(QANC="*i64", UOWN="*i64", OPART="*fp32", LPART="*fp32", sm_scale="fp32",
+    ptr.update(QANC="*i64", UOWN="*i64", OPART="*fp32", LPART="*fp32", DONE="*i32", sm_scale="fp32",
                stride_bt="i32", NQ="i32", NSPLIT="i32")
     const = dict(HQ=32, HKV=8, G=4, D=128, BD=128, R=64, S=64, BS=64, BN=64, TP=16, W=512, TOPN=16,
                  CAP=256, PS=16, DIRECT=False, GATED=False, DENSE=False, FINAL=False, IEEE=False,
@@ -105,7 +111,7 @@ if err:
 """
 
 
-@pytest.mark.parametrize("which", ["refresh", "verify"])
+@pytest.mark.parametrize("which", ["refresh", "refresh-split", "verify"])
 def test_step_kernels_compile_for_sm90(which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_STEP, which,

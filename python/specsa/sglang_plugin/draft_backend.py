@@ -33,7 +33,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from specsa.kernels.common.launch import num_sms
-from specsa.kernels.fused import VerifyArgs, VerifyGeometry, nsa_verify_fwd
+from specsa.kernels.fused import VerifyArgs, VerifyGeometry, nsa_verify_fwd, split_workspace
 from specsa.schedule import default_num_splits
 
 from .kv_staging import direct_store_ok, stage_step_rows
@@ -64,9 +64,8 @@ class DraftWindowMetadata:
             g_len=torch.ones(n, **i32), g_winlo=torch.zeros(n, **i32), C=1, t_max=t,
             num_splits=nsplit, direct=True)
         self.sel = torch.zeros(n, hkv, 1, **i32)                          # block 0: the sink
-        self.workspace = None if nsplit == 1 else (
-            torch.empty(nsplit * n * hq * head_dim, device=device),
-            torch.empty(nsplit * n * hq, device=device))
+        self.workspace = None if nsplit == 1 else split_workspace(
+            nsplit, 1, n, hq, head_dim, n * hkv, device)
 
     def fill(self, prefix: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
         """prefix [rows] committed positions before each row's chain; block_table [rows, W]."""
