@@ -22,3 +22,24 @@ def num_sms(device: torch.device | str) -> int:
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device]
+
+
+_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device | str, n: int) -> torch.Tensor:
+    """n int32 split counters, zero, for a launch whose last split merges (the kernels reset
+    each counter they count, so the buffer is zero again when the launch ends). One buffer per
+    device, kept across launches: a fresh `torch.zeros` per launch would cost a fill kernel,
+    the launch the in-kernel merge saves, inside every CUDA graph. Safe because the kernels
+    that count on a device are stream-ordered (one forward stream; a launch never overlaps
+    another that counts). Grown outside graph capture only; a capture that needs more gets
+    its own buffer (allocated and zeroed inside the graph)."""
+    device = torch.device(device)
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf[:n]
+    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[device] = fresh
+    return fresh[:n]

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.launch import num_sms, pow2
+from ..common.launch import num_sms, pow2, split_counters
 from ..common.merge import gated_combine, merge_partials
 from ..common.tl_math import LOG2E, load_rows
 from .args import SplitWorkspace, VerifyArgs, check_verify_args
@@ -405,11 +405,12 @@ def split_workspace(num_splits: int, num_branches: int, num_queries: int, q_head
                     head_dim: int, num_programs: int, device) -> SplitWorkspace:
     """Fixed split-KV buffers for CUDA graphs: partials (o [NSPLIT*NB*Nq*HQ*D], lse
     [NSPLIT*NB*Nq*HQ], fp32) and the per-(group, KV head) split counters (int32, zero; the
-    kernel leaves them zero). num_programs: groups x KV heads of the largest launch."""
+    kernel leaves them zero; a view of the device's shared counters, `split_counters`).
+    num_programs: groups x KV heads of the largest launch."""
     n = num_splits * num_branches * num_queries * q_heads
     return SplitWorkspace(torch.empty(n * head_dim, device=device, dtype=torch.float32),
                           torch.empty(n, device=device, dtype=torch.float32),
-                          torch.zeros(num_programs, device=device, dtype=torch.int32))
+                          split_counters(device, num_programs))
 
 
 def _split_buffers(workspace, nsplit: int, nb: int, num_programs: int, q: torch.Tensor,

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.launch import num_sms, pow2
+from ..common.launch import num_sms, pow2, split_counters
 from ..common.params import NSAParams
 from ..common.tl_math import LN2, LOG2E, NEG_BIG, load_rows
 from ..common.tl_math import dot_f32 as _dot
@@ -335,15 +335,16 @@ def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, n
                       with_out: bool, device, num_groups: int | None = None) -> tuple[torch.Tensor, ...]:
     """Fixed split buffers (m_part, l_part [NS*Nq*Hq] fp32, cand [NS*Nq*Hkv*BS] int64,
     o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy, done [NG*Hkv] int32 split counters, zero;
-    the kernel leaves them zero) for CUDA-graph capture; BS = pow2(topn) >= 16; num_groups
-    NG defaults to Nq (one row per group)."""
+    the kernel leaves them zero; a view of the device's shared counters, `split_counters`) for
+    CUDA-graph capture; BS = pow2(topn) >= 16; num_groups NG defaults to Nq (one row per
+    group)."""
     bs = pow2(params.topn, 16)
     f32 = {"dtype": torch.float32, "device": device}
     ng = nq if num_groups is None else num_groups
     return (torch.empty(num_splits * nq * hq, **f32), torch.empty(num_splits * nq * hq, **f32),
             torch.empty(num_splits * nq * hkv * bs, dtype=torch.int64, device=device),
             torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32),
-            torch.zeros(ng * hkv, dtype=torch.int32, device=device))
+            split_counters(device, ng * hkv))
 
 
 def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
@@ -490,9 +491,11 @@ def _launch_split(what: str, both: dict, pass2: dict, ns: int, ng: int, outs: tu
     # NSPLIT > 1: pass 1 per split, then pass 2 per split, whose last split per (group, KV
     # head) merges the splits' lists / partials
     nq, hq, hkv, dim, bs = both["NQ"], both["HQ"], both["HKV"], both["D"], pass2["BS"]
+    dev = both["q"].device
     if workspace is None:
-        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, both["q"].device,
-                                      num_groups=ng)
+        # partials from the allocator, counters from the device's persistent zero buffer (a
+        # zeros() per refresh would cost a fill launch inside every CUDA graph)
+        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, dev, num_groups=ng)
     m_part, l_part, cand, o_part, done = workspace
     if (m_part.numel() < ns * nq * hq or cand.numel() < ns * nq * hkv * bs
             or (with_out and o_part.numel() < ns * nq * hq * dim) or done.numel() < ng * hkv):
