@@ -31,9 +31,10 @@ def split_counters(device: torch.device | str, n: int) -> torch.Tensor:
     """n int32 split counters, zero, for a launch whose last split merges (the kernels reset
     each counter they count, so the buffer is zero again when the launch ends). One buffer per
     device, kept across launches: a fresh `torch.zeros` per launch would cost a fill kernel,
-    the launch the in-kernel merge saves, inside every CUDA graph. Safe because the kernels
-    that count on a device are stream-ordered (one forward stream; a launch never overlaps
-    another that counts). Grown outside graph capture only; a capture that needs more gets
+    the launch the in-kernel merge saves, inside every CUDA graph. Only launches without a
+    caller workspace use it (the target's refresh and verify inside one model forward, which
+    are stream-ordered: no two overlap); a workspace (`split_workspace`, `refresh_workspace`)
+    has counters of its own. Grown outside graph capture only; a capture that needs more gets
     its own buffer (allocated and zeroed inside the graph)."""
     device = torch.device(device)
     buf = _COUNTERS.get(device)

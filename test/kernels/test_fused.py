@@ -11,6 +11,7 @@ import torch
 
 from conftest import assert_close, poisoned
 
+from specsa.kernels.common.launch import split_counters
 from specsa.kernels.common.params import NSAParams
 from specsa.kernels.fused import (VerifyArgs, build_geometry, decode_geometry, fused_decode,
                                   naive_fused_tree, split_workspace)
@@ -144,6 +145,14 @@ def test_last_split_merges_and_resets_its_counters(gated):
                                 o_cmp=case["o_cmp"], gates=case["gates"], out=out, workspace=ws))
         assert_close(out.cpu(), reference(case, params, 0.25), what=f"decode, launch {seed}")
         assert int(ws.done.abs().sum()) == 0, ws.done
+        # without a workspace: the device's shared counters, zero again after the launch
+        out = poisoned(3, g * hkv, d, device=DEV)
+        fused_decode(VerifyArgs(case["q"], case["k_new"], case["v_new"], case["k_cache"],
+                                case["v_cache"], geo, params, 0.25, sel=case["sel"],
+                                o_cmp=case["o_cmp"], gates=case["gates"], out=out))
+        assert_close(out.cpu(), reference(case, params, 0.25), what=f"decode, shared {seed}")
+        shared = split_counters(DEV, 3 * hkv)
+        assert int(shared.abs().sum()) == 0, shared
 
 
 def test_split_workspace_too_small_is_rejected():

@@ -17,6 +17,7 @@ from test_compress_kernel import DEFAULT, SMALL, make_pool  # noqa: E402
 
 from specsa.kernels.common.params import NSAParams  # noqa: E402
 from specsa.kernels.compression import compress, naive_block_scores, naive_cmp_attention  # noqa: E402
+from specsa.kernels.common.launch import split_counters  # noqa: E402
 from specsa.kernels.refresh import ProvisionalTokens, RefreshArgs, refresh_groups, refresh_workspace, score_topk_grouped  # noqa: E402
 from specsa.kernels.fused import build_geometry  # noqa: E402
 from specsa.kernels.nsa.masked import build_tree_visibility, provisional_cmp  # noqa: E402
@@ -212,6 +213,9 @@ def test_no_provisional_default_groups_and_workspace():
               workspace=ws)
         assert int(ws[-1].abs().sum()) == 0, ws[-1]
     check(args, refs[:nctx], torch.float32, False, exact=True)        # defaults: rows alone
+    # split without a workspace: the device's shared counters, zero again after the launch
+    check(args, refs[:nctx], torch.float32, True, exact=True, group_size=2, num_splits=3)
+    assert int(split_counters(DEV, 4096).abs().sum()) == 0
 
 
 def test_bad_inputs_are_named():
