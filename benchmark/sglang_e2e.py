@@ -26,6 +26,9 @@ after every point, and the server logs.
 A variant's env may carry DRAFT_VOCAB=N (not passed to the server): that server drafts over the
 first N token ids only (`--speculative-token-map`, sglang_plugin/draft_vocab.py), which cuts the
 draft's LM-head reads; on dummy weights its acceptance drops, so read its step_ms and projections.
+It may also carry PACKAGE=<checkout or `git archive` snapshot>: that server runs the SpecSA of
+that checkout instead of this one (an A/B of two commits on one machine in one run; the row's
+`package_commit` says which).
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_site import SHAPES, draft_config, gpu_name, stage_package, write_model  # noqa: E402
+from sglang_site import (SHAPES, checkout_commit, draft_config, gpu_name, stage_package,  # noqa: E402
+                         write_model)
 
 SYSTEMS = ("dense_ar", "standalone_dense", "nsa_ar", "specsa_chain", "specsa_tree")
 SPEC = {"standalone_dense", "specsa_chain", "specsa_tree"}
@@ -208,6 +212,7 @@ def main() -> None:
         raise SystemExit("--out (or $OUT) is required")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    base_path = os.environ.get("PYTHONPATH", "")     # before this checkout's site joins it
     stage_package()
     from specsa.sglang_plugin.harness import launch_server
 
@@ -288,7 +293,14 @@ def main() -> None:
                 hot_path = out / f"hot_tokens_{n_hot}.pt"
                 torch.save(list(range(n_hot)), hot_path)
                 args += ["--speculative-token-map", str(hot_path)]
-            info = res["servers"][key] = {"system": system, "draft": dname,
+            package = res.get("commit")
+            if "PACKAGE" in env_full:
+                # another commit's SpecSA for this server: its own staged site, alone on the path
+                pkg = Path(env_full.pop("PACKAGE"))
+                site = stage_package(pkg, on_path=False)
+                env_full["PYTHONPATH"] = os.pathsep.join(x for x in (base_path, str(site)) if x)
+                package = checkout_commit(pkg)
+            info = res["servers"][key] = {"system": system, "draft": dname, "package": package,
                                           "env": {k: env_full.get(k, v) for k, v in env.items()},
                                           "args": args}
             t0 = time.time()
@@ -309,7 +321,7 @@ def main() -> None:
                     for L in ctxs:
                         for B in batches:
                             row = {"system": name, "base_system": system, "draft": dname,
-                                   "context": L, "batch": B}
+                                   "package_commit": package, "context": L, "batch": B}
                             if B * (L + N + 2 * a.page_size + 64) > cap:
                                 row["skipped"] = f"KV pool holds {cap} tokens"
                                 res["rows"].append(row)

@@ -2,7 +2,8 @@
 
 `stage_package()` copies python/specsa + kernels/ (as specsa.kernels) with a dist-info that
 declares SGLang's entry points into a temporary site folder and puts it on PYTHONPATH (after
-the SGLang bundle, whose transformers 5.12.1 must win). `write_model()` writes a config-only
+the SGLang bundle, whose transformers 5.12.1 must win); `stage_package(other_checkout,
+on_path=False)` stages another commit for an A/B server in the same run. `write_model()` writes a config-only
 model folder (weights come from `--load-format dummy`) for the real shapes in SHAPES.
 """
 from __future__ import annotations
@@ -64,21 +65,40 @@ def write_model(name: str, config: dict, root: Path | None = None) -> str:
     return str(d)
 
 
-def stage_package() -> Path:
-    """specsa + specsa.kernels + a dist-info with the sglang entry points, in one folder."""
+def stage_package(repo: Path = REPO, on_path: bool = True) -> Path:
+    """specsa + specsa.kernels + a dist-info with the sglang entry points, in one folder.
+
+    repo: the checkout to stage (another one serves an A/B run: the e2e's `PACKAGE=` variant
+    key); on_path: also put it on this process's sys.path and PYTHONPATH."""
+    repo = Path(repo)
+    for part in ("python/specsa", "kernels"):
+        if not (repo / part).is_dir():
+            raise FileNotFoundError(f"stage_package: {repo} has no {part}/ (not a SpecSA checkout)")
     site = Path(tempfile.mkdtemp(prefix="specsa_site_"))
-    shutil.copytree(REPO / "python" / "specsa", site / "specsa")
-    shutil.copytree(REPO / "kernels", site / "specsa" / "kernels")
+    shutil.copytree(repo / "python" / "specsa", site / "specsa")
+    shutil.copytree(repo / "kernels", site / "specsa" / "kernels")
     dist = site / "specsa-0.1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: specsa\nVersion: 0.1.0\n")
     (dist / "entry_points.txt").write_text(
         "[sglang.srt.plugins]\nspecsa = specsa.sglang_plugin:register\n\n"
         "[sglang.srt.platforms]\nspecsa_cpu = specsa.sglang_plugin.cpu_platform:activate\n")
-    sys.path.insert(0, str(site))
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.environ.get("PYTHONPATH", ""), str(site)) if p)
+    if on_path:
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (os.environ.get("PYTHONPATH", ""), str(site)) if p)
     return site
+
+
+def checkout_commit(repo: Path) -> str:
+    """The commit of a checkout or of a `git archive` snapshot (its COMMIT file)."""
+    repo = Path(repo)
+    if (repo / "COMMIT").is_file():
+        return (repo / "COMMIT").read_text().strip()
+    import subprocess
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def gpu_name() -> tuple[str, str]:

@@ -6,6 +6,10 @@
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh e2e      # 8B shape in SGLang, ~9 min
 #                                         # (E2E_ARGS="--systems ... --variant ..." for other systems)
 #   SGL=<unpacked sglang bundle> bash scripts/gpu_checks.sh sampling # sampled SpecSA vs NSA AR, ~4-7 min
+#   SECTIONS=decode,refresh [BASELINE=<other checkout>] bash scripts/gpu_checks.sh kernels
+#                                         # benchmark/kernels.py sections (CUDA graphs, cold L2)
+#                                         # of this checkout, then of BASELINE's, same machine
+#                                         # (an A/B of two commits; ~1 min per decode section)
 #   bash scripts/gpu_checks.sh runtime-profile   # the runtime's whole-step profile + planner
 #                                         # check (no SGLang), ~4 min; ship
 #                                         # $OUT/rt/runtime_profile_<gpu>_llama3-8b.json as
@@ -30,9 +34,9 @@ gpu_info() {
     echo "$COMMIT" >> "$OUT/gpu.txt"
 }
 
-stage() {   # the package from this checkout, first on the path (no install needed)
-    S=/tmp/specsa_site; rm -rf $S; mkdir -p $S
-    cp -r python/specsa $S/ && cp -r kernels $S/specsa/kernels
+stage() {   # the package of a checkout (default this one), first on the path (no install)
+    R=${1:-.}; S=/tmp/specsa_stage_$(echo "$R" | md5sum | cut -c1-8); rm -rf $S; mkdir -p $S
+    cp -r "$R/python/specsa" $S/ && cp -r "$R/kernels" $S/specsa/kernels
     echo $S
 }
 
@@ -63,6 +67,16 @@ sampling)
     need_sglang; gpu_info
     OUT=$OUT/sampling REQS=${REQS:-240} PYTHONPATH=$SGL timeout -s INT "${LIMIT:-560}" \
         python3 scripts/sglang_gpu_sampling_check.py 2>&1 | tee "$OUT/sampling.log" | tail -20
+    ;;
+kernels)
+    gpu_info
+    for R in . ${BASELINE:-}; do
+        S=$(stage "$R"); C=$(cat "$R/COMMIT" 2>/dev/null || git -C "$R" rev-parse --short HEAD)
+        (cd "$R" && PYTHONPATH=$S SPECSA_COMMIT=$C timeout -s INT "${LIMIT:-240}" python3 \
+            benchmark/kernels.py --out "$OUT/kernels_$C" --only "${SECTIONS:-decode,refresh}" \
+            --budget-s "${BUDGET:-120}" --reps "${REPS:-15}" 2>&1 | tee "$OUT/kernels_$C.log" \
+            | grep -E "^(decode|refresh) " | cut -c1-240)
+    done
     ;;
 runtime-profile)
     gpu_info; S=$(stage)
