@@ -402,16 +402,18 @@ def nsa_verify_fwd(a: VerifyArgs,
 
 
 def split_workspace(num_splits: int, num_branches: int, num_queries: int, q_heads: int,
-                    head_dim: int, num_programs: int, device) -> SplitWorkspace:
+                    head_dim: int, num_programs: int, device,
+                    counters: torch.Tensor | None = None) -> SplitWorkspace:
     """Fixed split-KV buffers for CUDA graphs: partials (o [NSPLIT*NB*Nq*HQ*D], lse
     [NSPLIT*NB*Nq*HQ], fp32) and the per-(group, KV head) split counters (int32, zero; the
     kernel leaves them zero). The counters are the workspace's own (not the device's shared
     `split_counters`): a workspace may serve a stream of its own, e.g. the draft's.
-    num_programs: groups x KV heads of the largest launch."""
+    num_programs: groups x KV heads of the largest launch; counters: given ones instead."""
     n = num_splits * num_branches * num_queries * q_heads
+    if counters is None:
+        counters = torch.zeros(num_programs, device=device, dtype=torch.int32)
     return SplitWorkspace(torch.empty(n * head_dim, device=device, dtype=torch.float32),
-                          torch.empty(n, device=device, dtype=torch.float32),
-                          torch.zeros(num_programs, device=device, dtype=torch.int32))
+                          torch.empty(n, device=device, dtype=torch.float32), counters)
 
 
 def _split_buffers(workspace, nsplit: int, nb: int, num_programs: int, q: torch.Tensor,
@@ -423,10 +425,8 @@ def _split_buffers(workspace, nsplit: int, nb: int, num_programs: int, q: torch.
     if workspace is None:
         # partials from the allocator; counters from the device's persistent zero buffer (a
         # zeros() per launch would put a fill kernel into every CUDA graph)
-        n = nsplit * nb * q.shape[0] * q.shape[1]
-        workspace = SplitWorkspace(torch.empty(n * q.shape[2], device=q.device, dtype=torch.float32),
-                                   torch.empty(n, device=q.device, dtype=torch.float32),
-                                   split_counters(q.device, num_programs))
+        workspace = split_workspace(nsplit, nb, *q.shape, num_programs, q.device,
+                                    counters=split_counters(q.device, num_programs))
     if workspace.done.numel() < num_programs:
         raise ValueError(f"workspace has {workspace.done.numel()} split counters, the launch "
                          f"needs {num_programs} (groups x KV heads)")

@@ -332,18 +332,20 @@ def refresh_rows(group_size: int, q_heads: int, kv_heads: int) -> int:
 
 
 def refresh_workspace(nq: int, hq: int, hkv: int, dim: int, params: NSAParams, num_splits: int,
-                      with_out: bool, device, num_groups: int | None = None) -> tuple[torch.Tensor, ...]:
+                      with_out: bool, device, num_groups: int | None = None,
+                      counters: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Fixed split buffers (m_part, l_part [NS*Nq*Hq] fp32, cand [NS*Nq*Hkv*BS] int64,
     o_part [NS*Nq*Hq*D] fp32 or a 1-element dummy, done [NG*Hkv] int32 split counters, zero;
     the kernel leaves them zero) for CUDA-graph capture; BS = pow2(topn) >= 16; num_groups NG
-    defaults to Nq (one row per group)."""
+    defaults to Nq (one row per group); counters: given ones instead."""
     bs = pow2(params.topn, 16)
     f32 = {"dtype": torch.float32, "device": device}
     ng = nq if num_groups is None else num_groups
     return (torch.empty(num_splits * nq * hq, **f32), torch.empty(num_splits * nq * hq, **f32),
             torch.empty(num_splits * nq * hkv * bs, dtype=torch.int64, device=device),
             torch.empty(num_splits * nq * hq * dim if with_out else 1, **f32),
-            torch.zeros(ng * hkv, dtype=torch.int32, device=device))
+            torch.zeros(ng * hkv, dtype=torch.int32, device=device) if counters is None
+            else counters)
 
 
 def score_topk_grouped(a: RefreshArgs, group_size: int = 1,
@@ -494,8 +496,8 @@ def _launch_split(what: str, both: dict, pass2: dict, ns: int, ng: int, outs: tu
     if workspace is None:
         # partials from the allocator, counters from the device's persistent zero buffer (a
         # zeros() per refresh would cost a fill launch inside every CUDA graph)
-        workspace = (*refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, dev,
-                                        num_groups=0)[:4], split_counters(dev, ng * hkv))
+        workspace = refresh_workspace(nq, hq, hkv, dim, params, ns, with_out, dev,
+                                      counters=split_counters(dev, ng * hkv))
     m_part, l_part, cand, o_part, done = workspace
     if (m_part.numel() < ns * nq * hq or cand.numel() < ns * nq * hkv * bs
             or (with_out and o_part.numel() < ns * nq * hq * dim) or done.numel() < ng * hkv):
