@@ -29,11 +29,18 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(BIN)/python -m specsa demo
 
+# Two pytest-xdist workers (TEST_WORKERS): a file's tests stay on one worker, so its servers
+# start once (test/conftest.py). Most tests are single-threaded Python (the Triton interpreter,
+# SGLang's CPU scheduler), so two workers nearly halve the time on 2 cores. TEST_WORKERS=0 runs
+# them in this process.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(VENV)/.test
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q test
+	$(PYTEST) test
 
 test-quick: $(VENV)/.test
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" test
+	$(PYTEST) -m "not slow" test
 
 smollm2: $(VENV)/.base
 	$(BIN)/python scripts/convert_smollm2.py --out models/smollm2-135m

@@ -14,13 +14,93 @@ except ImportError:  # pragma: no cover
 
 import dataclasses
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
+import launch_record
 import pytest
 import torch
 
-from launch_record import maybe_install
+launch_record.maybe_install()   # SPECSA_RECORD_LAUNCHES=<file>: every launch's compile signature
 
-maybe_install()      # SPECSA_RECORD_LAUNCHES=<file>: every kernel launch's compile signature
+# The sm_90 compile check (test/kernels/test_compiled_launches.py) compiles every launch of the
+# kernel tests. When this session runs all of them under the interpreter, it records their
+# launches as they run (the check then compiles those) instead of running them a second time in
+# a subprocess: that rerun cost a quarter of the CI suite.
+TEST_DIR = Path(__file__).resolve().parent
+RECORDED_DIRS = ("kernels",)
+RECORDED_FILES = ("specsa/test_step_metadata_kernel.py",)   # compares against device_metadata
+NOT_RECORDED = ("kernels/test_sm90_compile.py", "kernels/test_compiled_launches.py")
+SESSION_LAUNCHES = {"path": None, "complete": True}
+if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("SPECSA_RECORD_LAUNCHES"):
+    SESSION_LAUNCHES["path"] = Path(tempfile.mkdtemp(prefix="specsa_launches_")) / "launches.jsonl"
+    launch_record.install(str(SESSION_LAUNCHES["path"]), gated=True)
+    launch_record.recording["on"] = False
+
+
+def _rel(item) -> str:
+    """The test's file relative to test/ ("" for one outside it)."""
+    try:
+        return item.path.resolve().relative_to(TEST_DIR).as_posix()
+    except ValueError:
+        return ""
+
+
+def recorded_test(item) -> bool:
+    """Whether the sm_90 compile check covers this test's launches (the kernel tests, not slow)."""
+    rel = _rel(item)
+    if not rel or rel in NOT_RECORDED or item.get_closest_marker("slow"):
+        return False
+    return rel in RECORDED_FILES or rel.split("/")[0] in RECORDED_DIRS
+
+
+def pytest_deselected(items):
+    # a filtered run (-k, -m) records only part of the kernel tests: the check reruns them
+    if any(recorded_test(i) for i in items):
+        SESSION_LAUNCHES["complete"] = False
+
+
+def _xdist_groups(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) a file's tests stay on one
+    worker (its module- and class-scoped servers start once) and every test whose launches the
+    compile check covers shares one worker with it (its records are that worker's)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "kernel-launches" if recorded_test(item) or \
+            item.path.name == "test_compiled_launches.py" else (_rel(item) or str(item.path))
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection_modifyitems(session, config, items):
+    _xdist_groups(config, items)        # before xdist's own hook reads the groups
+    yield                               # deselection (-k, -m) happens in here
+    # the compile check goes last, after the tests whose launches it compiles
+    last = [i for i in items if i.path.name == "test_compiled_launches.py"]
+    items[:] = [i for i in items if i.path.name != "test_compiled_launches.py"] + last
+    if config.getoption("lf", False) or config.getoption("collectonly", False):
+        SESSION_LAUNCHES["complete"] = False
+    covered = {_rel(i) for i in items if recorded_test(i)}
+    expected = {p.relative_to(TEST_DIR).as_posix() for d in RECORDED_DIRS
+                for p in (TEST_DIR / d).glob("test_*.py")} | set(RECORDED_FILES)
+    if not expected - set(NOT_RECORDED) <= covered:
+        SESSION_LAUNCHES["complete"] = False     # only some files were collected
+
+
+def pytest_unconfigure(config):
+    if SESSION_LAUNCHES["path"] is not None:
+        shutil.rmtree(SESSION_LAUNCHES["path"].parent, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    launch_record.recording["on"] = recorded_test(item)
+    try:
+        yield
+    finally:
+        launch_record.recording["on"] = False
 
 # Where kernel tests put their tensors: the GPU when there is one (compiled kernels), else the
 # CPU (interpreted kernels). References may run on either; comparisons move both to the CPU.

@@ -52,13 +52,21 @@ def describe(fn, args: tuple, kwargs: dict) -> dict | None:
             "options": options}
 
 
-def install(path: str) -> None:
-    """Append one JSON line per distinct launch to `path` (interpreter mode only)."""
+# install(..., gated=True) records only while this is True (conftest turns it on around the
+# tests whose launches the sm_90 check covers)
+recording = {"on": True}
+
+
+def install(path: str, gated: bool = False) -> None:
+    """Append one JSON line per distinct launch to `path` (interpreter mode only); with `gated`,
+    only while `recording["on"]`."""
     from triton.runtime.interpreter import InterpretedFunction
     seen: set[str] = set()
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
+        if gated and not recording["on"]:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
         rec = describe(self.fn, args, dict(kwargs))
         if rec is not None:
             line = json.dumps(rec, sort_keys=True)
