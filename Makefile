@@ -2,7 +2,8 @@
 #   make demo   builds the embedded tiny NSA model, generates from it autoregressively and
 #               with SpecSA, and checks that the tokens are identical (no network)
 #   make test   installs the test extras (SGLang 0.5.17 included) and runs the whole test
-#               suite (what CI runs, .ci/run; about 40-70 min on 2 CPU cores)
+#               suite on two pytest-xdist workers (what CI runs, .ci/run; about 45 min on 2
+#               CPU cores)
 # Also:
 #   make test-quick  the same install, tests not marked slow (kernels under the Triton
 #                    interpreter + unit tests, no SGLang servers; a few minutes)
