@@ -31,7 +31,8 @@ launch_record.maybe_install()   # SPECSA_RECORD_LAUNCHES=<file>: every launch's 
 TEST_DIR = Path(__file__).resolve().parent
 RECORDED_DIRS = ("kernels",)
 RECORDED_FILES = ("specsa/test_step_metadata_kernel.py",)   # compares against device_metadata
-NOT_RECORDED = ("kernels/test_sm90_compile.py", "kernels/test_compiled_launches.py")
+COMPILE_CHECK = "kernels/test_compiled_launches.py"
+NOT_RECORDED = ("kernels/test_sm90_compile.py", COMPILE_CHECK)
 SESSION_LAUNCHES = {"path": None, "complete": True}
 if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("SPECSA_RECORD_LAUNCHES"):
     SESSION_LAUNCHES["path"] = Path(tempfile.mkdtemp(prefix="specsa_launches_")) / "launches.jsonl"
@@ -68,8 +69,8 @@ def _xdist_groups(config, items):
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
-        group = "kernel-launches" if recorded_test(item) or \
-            item.path.name == "test_compiled_launches.py" else (_rel(item) or str(item.path))
+        group = "kernel-launches" if recorded_test(item) or _rel(item) == COMPILE_CHECK \
+            else (_rel(item) or str(item.path))
         item.add_marker(pytest.mark.xdist_group(group))
 
 
@@ -78,9 +79,8 @@ def pytest_collection_modifyitems(session, config, items):
     _xdist_groups(config, items)        # before xdist's own hook reads the groups
     yield                               # deselection (-k, -m) happens in here
     # the compile check goes last, after the tests whose launches it compiles
-    last = [i for i in items if i.path.name == "test_compiled_launches.py"]
-    items[:] = [i for i in items if i.path.name != "test_compiled_launches.py"] + last
-    if config.getoption("lf", False) or config.getoption("collectonly", False):
+    items.sort(key=lambda i: _rel(i) == COMPILE_CHECK)          # stable: the rest keep order
+    if config.getoption("lf", False):          # only the last failures run
         SESSION_LAUNCHES["complete"] = False
     covered = {_rel(i) for i in items if recorded_test(i)}
     expected = {p.relative_to(TEST_DIR).as_posix() for d in RECORDED_DIRS
